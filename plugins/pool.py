@@ -1,0 +1,92 @@
+"""``pool``: 2-D average pooling of the patch grid to exactly the budget."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+
+from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
+from tokenreduce.errors import InvalidInputError
+
+
+class PoolParams(ReducerParams):
+    aspect: float | None = Field(
+        default=None, gt=0, description="Pooled grid aspect (width/height); default: the token grid's."
+    )
+
+
+def _bands(h: int, w: int, t: int, aspect: float | None) -> int:
+    """Number of horizontal bands so that every band holds at most ``w`` cells."""
+    ratio = aspect if aspect is not None else w / h
+    hp = min(h, max(1, round(math.sqrt(t / ratio))))
+    while math.ceil(t / hp) > w:  # ends at hp = h at the latest, since t <= h * w
+        hp += 1
+    return hp
+
+
+class PoolReducer(Reducer):
+    """Average-pool the token grid into exactly T cells (2-D, near-uniform rectangles).
+
+    The valid tokens of a row, in order, form an ``h x w`` grid: ``context.grid`` if
+    given, else a square (``n`` must be a perfect square). The grid is cut into ``hp``
+    horizontal bands (``hp`` chosen so that cells are close to square); band ``i`` is
+    cut into ``T // hp`` or ``T // hp + 1`` cells along the width, so the cell count is
+    exactly ``T`` for any ``T`` (a perfect-square ``T`` on a square grid gives the
+    usual ``sqrt(T) x sqrt(T)`` pooling). Each cell's feature is the mean of its tokens;
+    its index is its first (top-left) token; ``sizes`` holds the cell sizes.
+    """
+
+    name = "pool"
+    stages = frozenset(Stage)
+    Params = PoolParams
+    paper = "2-D average pooling (baseline), as in LLaVA-OneVision's video pooling."
+
+    def _grid(self, n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+        if grid is not None:
+            h, w = grid
+            if h * w != n:
+                raise InvalidInputError(f"context.grid={grid} has {h * w} cells but a row has {n} valid tokens")
+            return h, w
+        side = math.isqrt(n)
+        if side * side != n:
+            raise InvalidInputError(
+                f"pool needs a square grid of valid tokens or context.grid=(h, w); got {n} tokens"
+            )
+        return side, side
+
+    def reduce(self, tokens, counts, valid, context):
+        b, n, _ = tokens.shape
+        n_valid = valid.sum(dim=1)
+        # Grid geometry per distinct (n, T) pair, computed on host: a handful of scalars.
+        pairs = {(nv, t) for nv, t in zip(n_valid.tolist(), counts.tolist())}
+        geo = {}
+        for nv, t in pairs:
+            if nv == 0:
+                geo[(nv, t)] = (1, 1, 1)
+                continue
+            h, w = self._grid(nv, context.grid)
+            geo[(nv, t)] = (h, w, _bands(h, w, t, self.params.aspect))
+        rows = [geo[(nv, t)] for nv, t in zip(n_valid.tolist(), counts.tolist())]
+        h_, w_, hp_ = (torch.tensor(c, device=tokens.device) for c in zip(*rows))
+
+        rank = valid.long().cumsum(dim=1) - 1  # position within the row's valid tokens
+        r, c = rank // w_[:, None], rank % w_[:, None]
+        band = r * hp_[:, None] // h_[:, None]
+        t = counts[:, None]
+        q, rem = t // hp_[:, None], t % hp_[:, None]
+        cells_in_band = q + (band < rem).long()
+        offset = band * q + torch.minimum(band, rem)
+        cell = offset + c * cells_in_band // w_[:, None]
+        cell = torch.where(valid, cell, torch.full_like(cell, -1))
+
+        t_max = int(counts.max())
+        sums, sizes = ops.merge_into(tokens.float(), cell, t_max, torch.ones(b, n, device=tokens.device))
+        pos = torch.arange(n, device=tokens.device).expand(b, n)
+        first = torch.full((b, t_max + 1), n, dtype=torch.long, device=tokens.device)
+        first.scatter_reduce_(1, torch.where(valid, cell, t_max), pos, reduce="amin")
+        slots = ops.slot_mask(counts, t_max)
+        indices = first[:, :t_max].masked_fill(~slots, -1)
+        features = sums / sizes.clamp_min(1).unsqueeze(-1)
+        return make_reduction(tokens, indices, slots, features=features, sizes=sizes, info={"cell": cell})

@@ -1,0 +1,61 @@
+"""Optional inputs a reducer may declare it needs, filled in by the caller or an adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from .stages import Stage
+
+
+@dataclass
+class ReductionContext:
+    """Everything beyond the tokens themselves that a reducer may use.
+
+    A reducer lists the field names it needs in ``required_context``; the call fails
+    with :class:`~tokenreduce.errors.MissingContextError` if one is ``None``. Shapes
+    use ``B`` rows (images or sequences), ``N`` tokens being reduced.
+
+    Attributes:
+        stage: the stage being run (the adapter sets it; defaults to the reducer's).
+        layer: decoder layer index at the ``llm_layer`` stage.
+        cls_token: ``(B, D_v)`` the vision tower's [CLS] output (vision width).
+        cls_attention: ``(B, N)`` attention of [CLS] to the patch tokens in the selected
+            vision layer, averaged over heads.
+        keys: ``(B, N, D_k)`` the selected vision layer's keys of the patch tokens
+            (head-averaged or concatenated), for key-similarity merging.
+        text_embeds: ``(B, L, D)`` embeddings (or hidden states) of the text tokens.
+        text_mask: ``(B, L)`` bool validity of ``text_embeds``.
+        attention: ``(B, Q, N)`` attention that Q query tokens (last token first, or
+            all text tokens) pay to the image tokens at the current decoder layer,
+            averaged over heads, softmax over the full causal row.
+        grid: ``(h, w)`` patch grid of the tokens when they form an image grid.
+        positions: ``(B, N)`` or ``(B, N, 3)`` position ids of the tokens.
+        extra: free-form additions for third-party reducers.
+    """
+
+    stage: Stage | None = None
+    layer: int | None = None
+    cls_token: torch.Tensor | None = None
+    cls_attention: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+    positions: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in fields(cls)) - {"extra", "stage", "layer"}
+
+    def select_rows(self, rows: torch.Tensor | slice) -> ReductionContext:
+        """The context of a subset of rows (tensors with a batch dim are indexed)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[rows] if isinstance(v, torch.Tensor) else v
+        return ReductionContext(**out)

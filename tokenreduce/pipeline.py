@@ -1,0 +1,112 @@
+"""A pipeline: the ordered reducer steps applied to a model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import ConfigError
+from .reducer import Reducer
+from .stages import Stage
+
+Positions = Literal["compact", "original"]
+VideoBudget = Literal["per_frame", "per_video"]
+
+
+@dataclass
+class Step:
+    """One reducer at one stage (and, for ``llm_layer``, one decoder layer)."""
+
+    stage: Stage
+    reducer: Reducer
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        self.stage = type(self.reducer)._check_stage(self.stage)
+        if self.reducer.stage is None:
+            self.reducer.stage = self.stage
+        elif self.reducer.stage != self.stage:
+            raise ConfigError(
+                f"reducer {self.reducer.name!r} was built for stage {self.reducer.stage.value!r} "
+                f"but the step is at stage {self.stage.value!r}"
+            )
+        if self.reducer.budget is None:
+            raise ConfigError(f"step {self.reducer.name!r} at {self.stage.value} has no budget")
+        if self.stage is Stage.LLM_LAYER:
+            if self.layer is None or self.layer < 0:
+                raise ConfigError(f"an llm_layer step needs layer >= 0, got layer={self.layer!r}")
+        elif self.layer is not None:
+            raise ConfigError(f"layer={self.layer} is only allowed at stage llm_layer, not {self.stage.value}")
+
+
+@dataclass
+class Pipeline:
+    """Ordered steps plus model-level options.
+
+    Attributes:
+        steps: the reducer steps. At most one step per encoder-side stage; any number
+            of ``llm_layer`` steps at distinct, increasing layers (a PyramidDrop-style
+            schedule).
+        positions: ``compact`` renumbers the shortened sequence, ``original`` keeps the
+            kept tokens' original position ids; ``None`` means the adapter's default
+            (``compact`` for LLaVA models, ``original`` for Qwen).
+        video_budget: for videos, whether a step's budget is per frame or per video.
+    """
+
+    steps: list[Step] = field(default_factory=list)
+    positions: Positions | None = None
+    video_budget: VideoBudget = "per_frame"
+
+    def __post_init__(self) -> None:
+        seen: set[Stage] = set()
+        last_layer = -1
+        for step in self.steps:
+            if step.stage is Stage.LLM_LAYER:
+                assert step.layer is not None
+                if step.layer <= last_layer:
+                    raise ConfigError(
+                        f"llm_layer steps must have increasing layers; got layer {step.layer} after {last_layer}"
+                    )
+                last_layer = step.layer
+            elif step.stage in seen:
+                raise ConfigError(f"stage {step.stage.value!r} appears twice; use one step per encoder-side stage")
+            seen.add(step.stage)
+
+    def __iter__(self) -> Iterator[Step]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def at(self, stage: Stage | str) -> list[Step]:
+        stage = Stage(stage)
+        return [s for s in self.steps if s.stage is stage]
+
+    @classmethod
+    def coerce(cls, obj: object) -> Pipeline:
+        """Build a pipeline from a YAML path, a Pipeline, a Step, a reducer, or a list of those.
+
+        A bare reducer becomes one step at its own ``stage`` (or its default stage).
+        """
+        from .config import load_config
+
+        if isinstance(obj, Pipeline):
+            return obj
+        if isinstance(obj, (str,)) or hasattr(obj, "__fspath__"):
+            return load_config(obj)  # type: ignore[arg-type]
+        items = obj if isinstance(obj, (list, tuple)) else [obj]
+        steps = []
+        for item in items:
+            if isinstance(item, Step):
+                steps.append(item)
+            elif isinstance(item, Reducer):
+                stage = item.stage or item._default_stage()
+                if stage is Stage.LLM_LAYER:
+                    raise ConfigError(
+                        f"reducer {item.name!r} at llm_layer needs a layer: wrap it as Step('llm_layer', reducer, layer=K)"
+                    )
+                steps.append(Step(stage, item))
+            else:
+                raise ConfigError(f"cannot build a pipeline step from {item!r}")
+        return cls(steps)

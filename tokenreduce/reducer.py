@@ -1,0 +1,274 @@
+"""The reducer interface and the two bases most methods build on.
+
+A reducer maps ``(B, N, D)`` tokens (+ validity mask + context) to a
+:class:`~tokenreduce.reduction.Reduction`. Most methods only score tokens
+(:class:`ScoringReducer`: keep the top-T) or score and then merge the rest into
+what they kept (:class:`MergingReducer`).
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from typing import Any, ClassVar
+
+import torch
+
+from . import ops
+from .budget import Budget, check_budget, resolve_budgets
+from .context import ReductionContext
+from .errors import InvalidInputError, MissingContextError, StageError
+from .params import ReducerParams, build_params
+from .reduction import Reduction
+from .stages import ALL_STAGES, Stage
+from .validation import check_mask, check_tokens
+
+
+class Reducer(abc.ABC):
+    """Base class of all reducers.
+
+    Subclasses declare:
+
+    * ``name``: the registry name (lower case, ``[a-z0-9_-]``).
+    * ``stages``: the :class:`Stage` s it supports.
+    * ``Params``: a :class:`ReducerParams` subclass (validated, documented fields).
+    * ``required_context``: names of :class:`ReductionContext` fields it needs.
+    * ``paper``: the citation shown by ``tokenreduce list`` and the docs.
+
+    and implement :meth:`reduce`. Construct with ``Reducer(budget, stage=..., **params)``
+    or ``tokenreduce.create(name, budget=..., **params)``; call with tokens.
+    """
+
+    name: ClassVar[str] = ""
+    stages: ClassVar[frozenset[Stage]] = ALL_STAGES
+    Params: ClassVar[type[ReducerParams]] = ReducerParams
+    required_context: ClassVar[frozenset[str]] = frozenset()
+    paper: ClassVar[str] = ""
+
+    def __init__(self, budget: Budget | None = None, *, stage: Stage | str | None = None, **params: Any):
+        self.budget = None if budget is None else check_budget(budget)
+        self.stage = None if stage is None else self._check_stage(stage)
+        self.params = build_params(self.Params, params, self.name)
+
+    # -- description -------------------------------------------------------------------
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring."""
+        doc = inspect.getdoc(cls) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    @classmethod
+    def supports(cls, stage: Stage | str) -> bool:
+        return Stage(stage) in cls.stages
+
+    @classmethod
+    def _check_stage(cls, stage: Stage | str) -> Stage:
+        try:
+            st = Stage(stage)
+        except ValueError:
+            allowed = ", ".join(s.value for s in Stage)
+            raise StageError(f"stage={stage!r} is not a stage; allowed: {allowed}") from None
+        if st not in cls.stages:
+            allowed = ", ".join(sorted(s.value for s in cls.stages))
+            raise StageError(f"reducer {cls.name!r} does not support stage {st.value!r}; it supports: {allowed}")
+        return st
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        stage = f", stage={self.stage.value!r}" if self.stage else ""
+        return f"{type(self).__name__}(budget={self.budget!r}{stage}{', ' if params else ''}{params})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(other) is type(self)
+            and self.budget == other.budget  # type: ignore[attr-defined]
+            and self.stage == other.stage  # type: ignore[attr-defined]
+            and self.params == other.params  # type: ignore[attr-defined]
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable budget/stage: not hashable
+
+    # -- calling -----------------------------------------------------------------------
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        budget: Budget | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        context: ReductionContext | None = None,
+    ) -> Reduction:
+        """Reduce ``tokens (B, N, D)`` to at most ``budget`` tokens per row.
+
+        Args:
+            tokens: features to reduce; float32, float16 or bfloat16, finite.
+            budget: overrides the budget given at construction.
+            mask: optional ``(B, N)`` validity mask; invalid (padded) tokens are never
+                kept nor merged into others.
+            context: extra inputs listed in ``required_context``.
+        """
+        tokens = check_tokens(tokens)
+        valid = check_mask(mask, tokens)
+        budget = self.budget if budget is None else check_budget(budget)
+        if budget is None:
+            raise InvalidInputError(f"reducer {self.name!r} has no budget: pass budget= to the constructor or the call")
+        context = context if context is not None else ReductionContext()
+        if context.stage is None:
+            context.stage = self.stage or self._default_stage()
+        missing = sorted(f for f in self.required_context if getattr(context, f, None) is None)
+        if missing:
+            raise MissingContextError(
+                f"reducer {self.name!r} needs context {', '.join(missing)}; pass "
+                f"context=ReductionContext({', '.join(f'{m}=...' for m in missing)}) or run it through an adapter"
+            )
+        valid_counts = valid.sum(dim=1)
+        counts = resolve_budgets(budget, valid_counts)
+        if bool((counts == valid_counts).all()):
+            return identity_reduction(tokens, valid)
+        return self.reduce(tokens, counts, valid, context)
+
+    def _default_stage(self) -> Stage:
+        # The encoder-side default is the common case for direct tensor calls.
+        for st in (Stage.PROJECTOR, Stage.VISION_ENCODER, Stage.LLM_LAYER):
+            if st in self.stages:
+                return st
+        raise StageError(f"reducer {self.name!r} declares no stages")
+
+    @abc.abstractmethod
+    def reduce(
+        self, tokens: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor, context: ReductionContext
+    ) -> Reduction:
+        """Keep ``counts[b]`` of the valid tokens of each row.
+
+        Called with checked inputs: ``tokens (B, N, D)`` finite, ``valid (B, N)`` bool,
+        ``counts (B,)`` int64 with ``1 <= counts[b] <= valid[b].sum()`` (or 0 for an
+        all-padding row), at least one row actually reduced, and the required context present.
+        """
+
+
+def make_reduction(
+    tokens: torch.Tensor,
+    indices: torch.Tensor,
+    slots: torch.Tensor,
+    *,
+    features: torch.Tensor | None = None,
+    sizes: torch.Tensor | None = None,
+    info: dict[str, Any] | None = None,
+) -> Reduction:
+    """Assemble a :class:`Reduction` from ascending kept ``indices`` and their ``slots``.
+
+    ``features`` defaults to the gathered input tokens; it is cast to the input dtype
+    and zeroed at padded slots.
+    """
+    if features is None:
+        features = ops.gather_rows(tokens, indices)
+    features = features.to(tokens.dtype).masked_fill(~slots.unsqueeze(-1), 0)
+    if sizes is not None:
+        sizes = sizes.float().masked_fill(~slots, 0)
+    return Reduction(
+        tokens=features,
+        indices=indices,
+        keep_mask=ops.keep_mask_from(indices, slots, tokens.shape[1]),
+        valid=slots,
+        sizes=sizes,
+        info=info or {},
+    )
+
+
+def identity_reduction(tokens: torch.Tensor, valid: torch.Tensor) -> Reduction:
+    """Every valid token kept, features unchanged (budget >= valid count)."""
+    counts = valid.sum(dim=1)
+    n = tokens.shape[1]
+    pos = torch.arange(n, device=tokens.device).expand_as(valid)
+    order = torch.where(valid, pos, torch.full_like(pos, n))
+    indices = torch.sort(order, dim=1).values[:, : int(counts.max()) if counts.numel() else 0]
+    slots = ops.slot_mask(counts, indices.shape[1])
+    indices = indices.masked_fill(~slots, -1)
+    return make_reduction(tokens, indices, slots, sizes=slots.float(), info={"identity": True})
+
+
+class ScoringReducer(Reducer):
+    """Keep the ``T`` highest-scoring tokens of each row. Implement :meth:`score`.
+
+    Ties are broken towards the lower index. Scores are reported in ``info["scores"]``.
+    """
+
+    @abc.abstractmethod
+    def score(self, tokens: torch.Tensor, valid: torch.Tensor, context: ReductionContext) -> torch.Tensor:
+        """``(B, N)`` importance of each token; higher is kept first. Padded entries are ignored."""
+
+    def select(
+        self, tokens: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor, context: ReductionContext
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Ascending kept indices ``(B, T)``, their slot mask and diagnostics."""
+        scores = self.score(tokens, valid, context).float()
+        order, slots = ops.topk_per_row(scores, counts, valid)
+        return ops.ascending(order, slots), slots, {"scores": scores}
+
+    def reduce(self, tokens, counts, valid, context):  # noqa: D102 - documented on Reducer
+        indices, slots, info = self.select(tokens, counts, valid, context)
+        return make_reduction(tokens, indices, slots, sizes=slots.float(), info=info)
+
+
+class MergingReducer(ScoringReducer):
+    """Keep the top-T by :meth:`score`, then merge every dropped token into its most
+    cosine-similar kept token (size-weighted average). Kept features are averaged with
+    the tokens merged into them; ``sizes`` count them.
+    """
+
+    def reduce(self, tokens, counts, valid, context):  # noqa: D102
+        indices, slots, info = self.select(tokens, counts, valid, context)
+        features, sizes, assign = merge_nearest(tokens, indices, slots, valid)
+        info["assignment"] = assign
+        return make_reduction(tokens, indices, slots, features=features, sizes=sizes, info=info)
+
+
+def merge_nearest(
+    tokens: torch.Tensor,
+    indices: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    targets: torch.Tensor | None = None,
+    kept_features: torch.Tensor | None = None,
+    kept_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Average each dropped valid token into its most cosine-similar target slot.
+
+    Args:
+        tokens: ``(B, N, D)`` input.
+        indices, slots: ascending kept indices ``(B, T)`` and their validity.
+        valid: ``(B, N)`` input validity; invalid tokens are never merged.
+        targets: ``(B, T)`` bool, slots allowed to receive merges (default: all real slots).
+        kept_features: ``(B, T, D)`` features of the kept slots before merging
+            (default: the gathered input). Similarities use these.
+        kept_weight: weight of the kept token itself in its average.
+
+    Returns:
+        ``(features (B, T, D) float32, sizes (B, T) float32, assignment (B, N))`` where
+        ``assignment`` is the slot each token went to (its own slot for kept tokens, -1
+        for padding). Similarity uses a ``(B, N, T)`` matrix: memory grows with N·T, not N·T·D.
+    """
+    x = tokens.float()
+    kept = ops.gather_rows(x, indices) if kept_features is None else kept_features.float()
+    targets = slots if targets is None else (targets & slots)
+    n, t = x.shape[1], indices.shape[1]
+    keep_mask = ops.keep_mask_from(indices, slots, n)
+    dropped = valid & ~keep_mask
+    sim = ops.cosine_similarity(x, kept).masked_fill(~targets.unsqueeze(1), float("-inf"))
+    nearest = sim.argmax(dim=2)
+    has_target = targets.any(dim=1, keepdim=True)
+    assign = torch.where(dropped & has_target, nearest, torch.full_like(nearest, -1))
+    sums, counts = ops.merge_into(x, assign, t, torch.ones_like(valid, dtype=x.dtype))
+    w = torch.where(targets, torch.full_like(counts, kept_weight), torch.ones_like(counts))
+    merged = (kept * w.unsqueeze(-1) + sums) / (w + counts).clamp_min(1e-12).unsqueeze(-1)
+    features = torch.where((counts > 0).unsqueeze(-1), merged, kept)
+    sizes = (1.0 + counts) * slots
+    # Kept tokens point at their own slot so the assignment covers every valid token;
+    # padded slots write to a spare column n that is cut off.
+    own = torch.full((x.shape[0], n + 1), -1, dtype=torch.long, device=x.device)
+    slot_ids = torch.arange(t, device=x.device).expand_as(indices)
+    own.scatter_(1, torch.where(slots, indices, torch.full_like(indices, n)), slot_ids)
+    assignment = torch.where(keep_mask, own[:, :n], assign)
+    return features, sizes, assignment
