@@ -1,0 +1,1 @@
+"""Built-in model adapters, registered through the ``tokenreduce_register_adapters`` hook."""
