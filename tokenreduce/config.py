@@ -56,14 +56,16 @@ class PipelineConfig(BaseModel):
 # -- loading ---------------------------------------------------------------------------------
 
 
-def _locate(node: yaml.Node | None, path: tuple) -> yaml.Node | None:
-    """The deepest YAML node along ``path`` (keys and list indices)."""
+def _locate(node: yaml.Node | None, path: tuple, at_key: bool = False) -> yaml.Node | None:
+    """The deepest YAML node along ``path`` (keys and list indices).
+
+    With ``at_key`` the last mapping step yields the key node (for "unknown key" errors).
+    """
     found = node
-    for part in path:
+    for i, part in enumerate(path):
         if isinstance(found, yaml.MappingNode):
-            nxt = next((v for k, v in found.value if k.value == str(part)), None)
-            if nxt is None:  # an unknown key: point at the key itself
-                nxt = next((k for k, _ in found.value if k.value == str(part)), None)
+            want_key = at_key and i == len(path) - 1
+            nxt = next(((k if want_key else v) for k, v in found.value if k.value == str(part)), None)
         elif isinstance(found, yaml.SequenceNode) and isinstance(part, int) and part < len(found.value):
             nxt = found.value[part]
         else:
@@ -74,8 +76,8 @@ def _locate(node: yaml.Node | None, path: tuple) -> yaml.Node | None:
     return found
 
 
-def _where(source: str, root: yaml.Node | None, path: tuple) -> str:
-    node = _locate(root, path)
+def _where(source: str, root: yaml.Node | None, path: tuple, at_key: bool = False) -> str:
+    node = _locate(root, path, at_key)
     dotted = ".".join(str(p) for p in path) or "(root)"
     if node is None:
         return f"{source}: {dotted}"
@@ -102,7 +104,8 @@ def parse_config(data: Any, source: str = "<config>", root: yaml.Node | None = N
         lines = []
         for e in err.errors():
             got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
-            lines.append(f"{_where(source, root, tuple(e['loc']))}: {e['msg']}{got}")
+            where = _where(source, root, tuple(e["loc"]), at_key=e["type"] == "extra_forbidden")
+            lines.append(f"{where}: {e['msg']}{got}")
         raise ConfigError("invalid pipeline config:\n" + "\n".join(lines)) from None
     steps, problems = [], []
     for i, step_cfg in enumerate(cfg.pipeline):
@@ -115,14 +118,13 @@ def parse_config(data: Any, source: str = "<config>", root: yaml.Node | None = N
             problems.append(f"{_where(source, root, base + ('stage',))}: {err}")
         except ConfigError as err:
             msg = str(err)
-            field = "layer" if "layer" in msg and "params" not in msg else "params"
-            # Point at the offending parameter where the message names one.
-            path = base + (field,)
-            for name in step_cfg.params:
-                if f"\n{name}:" in msg:
-                    path = base + ("params", name)
-                    break
-            problems.append(f"{_where(source, root, path)}: {msg}")
+            if msg.startswith("invalid parameters"):
+                # Point at the first parameter the message names, else at params.
+                named = [p for p in step_cfg.params if f"\n{p}:" in msg]
+                path = base + (("params", named[0]) if named else ("params",))
+                problems.append(f"{_where(source, root, path, at_key=bool(named))}: {msg}")
+            else:  # the step's own rules (layer)
+                problems.append(f"{_where(source, root, base + ('layer',))}: {msg}")
         except ValueError as err:  # budget range and similar
             problems.append(f"{_where(source, root, base + ('budget',))}: {err}")
     if problems:

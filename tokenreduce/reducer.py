@@ -44,6 +44,13 @@ class Reducer(abc.ABC):
     Params: ClassVar[type[ReducerParams]] = ReducerParams
     required_context: ClassVar[frozenset[str]] = frozenset()
     paper: ClassVar[str] = ""
+    # For reducers that require ``attention`` at the llm_layer stage: which query rows
+    # the adapter recomputes ("last" = the last token of the sequence; "text" = every
+    # text token after the image), and from which decoder layer's q/k ("previous" =
+    # layer K-1, as FastV reads layer K-1's attention map; "current" = layer K's own
+    # input). The adapter recomputes only these rows, so the model keeps fast attention.
+    attention_query: ClassVar[str] = "last"
+    attention_layer: ClassVar[str] = "previous"
 
     def __init__(self, budget: Budget | None = None, *, stage: Stage | str | None = None, **params: Any):
         self.budget = None if budget is None else check_budget(budget)
