@@ -34,6 +34,8 @@ class ReductionContext:
         grid: ``(h, w)`` patch grid of the tokens when they form an image grid.
         positions: ``(B, N)`` or ``(B, N, 3)`` position ids of the tokens.
         extra: free-form additions for third-party reducers.
+        text_keys: ``(B, L, D_k)`` keys of the text tokens of ``text_embeds``, from the
+            same layer as ``keys`` (DART ranks text pivots by their norm).
     """
 
     stage: Stage | None = None
@@ -47,6 +49,7 @@ class ReductionContext:
     grid: tuple[int, int] | None = None
     positions: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    text_keys: torch.Tensor | None = None
 
     @classmethod
     def field_names(cls) -> frozenset[str]:

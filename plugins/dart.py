@@ -1,0 +1,156 @@
+"""``dart``: pivot tokens, then the tokens least similar to each pivot (duplication-aware)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
+from tokenreduce.errors import InvalidInputError
+
+
+class DARTParams(ReducerParams):
+    pivot_image_tokens: int = Field(default=4, ge=1, description="Image pivots (kept; published 4).")
+    pivot_text_tokens: int = Field(
+        default=4, ge=0, description="Text pivots (not kept; published 4 in the decoder). Needs context.text_embeds."
+    )
+    pivot_by: Literal["key_norm", "token_norm"] = Field(
+        default="key_norm",
+        description="Pivot criterion: largest L1 norm of the keys (published; needs context.keys, and "
+        "context.text_keys for text pivots) or of the features themselves.",
+    )
+
+
+def _check(name: str, value: torch.Tensor, b: int, n: int | None, what: str) -> None:
+    if value.dim() != 3 or value.shape[0] != b or (n is not None and value.shape[1] != n):
+        shape = f"({b}, {n if n is not None else 'L'}, D)"
+        raise InvalidInputError(f"dart: context.{name} must have shape {shape} ({what}), got {tuple(value.shape)}")
+
+
+class DART(Reducer):
+    """DART: keep a few pivot tokens and the tokens least duplicated by (least similar to) them.
+
+    1. Pivots: the ``pivot_image_tokens`` image tokens and ``pivot_text_tokens`` text
+       tokens with the largest L1 norm of their keys (``pivot_by="key_norm"``,
+       published; ``"token_norm"`` ranks by the features' L1 norm instead, one of the
+       alternatives the paper reports as comparable).
+    2. For each pivot in sequence order (image pivots, then text pivots), the
+       not-yet-kept image tokens with the lowest cosine similarity to the pivot are
+       kept; each pivot gets an equal share of the ``T - pivot_image_tokens``
+       remaining budget (the first ``(T - P_img) % P`` pivots one more). Image
+       pivots are kept; text pivots only guide the choice.
+
+    Budget mapping: the official code keeps the image pivots *plus*
+    ``max_num_trunction // P`` tokens per pivot (132 for "128" with 4+4 pivots); here
+    exactly ``T`` are kept, pivots included. If ``T < pivot_image_tokens`` only the
+    top-``T`` pivots are kept.
+
+    Context. ``llm_layer`` (published: ``K=2``, LLaVA-1.5, 128 kept): ``keys`` are the
+    image tokens' keys of layer ``K-1`` (post-RoPE, heads concatenated,
+    ``attention_layer = "previous"``), ``text_embeds``/``text_mask`` the hidden states
+    of the text tokens after the image and ``text_keys`` their keys. The official
+    code computes similarities on the final-norm of layer ``K-1``'s output; here they
+    use the tokens as given (the hidden states entering layer ``K``). ``projector``:
+    ``keys`` are the selected vision layer's keys; with no text there, set
+    ``pivot_text_tokens: 0`` (or pass text embeddings of the LLM width).
+
+    ``required_context`` follows the parameters: ``keys`` for key-norm pivots,
+    ``text_embeds`` (and ``text_keys`` for key norms) when ``pivot_text_tokens > 0``.
+
+    Stages: ``projector``, ``llm_layer``.
+
+    Paper: Wen et al., "Stop Looking for Important Tokens in Multimodal Language
+    Models: Duplication Matters More", EMNLP 2025, arXiv:2502.11494.
+    Official code: https://github.com/ZichenWen1/DART
+    """
+
+    name = "dart"
+    stages = frozenset({Stage.PROJECTOR, Stage.LLM_LAYER})
+    Params = DARTParams
+    # The default parameters' needs; each instance narrows this to its own parameters.
+    required_context = frozenset({"keys", "text_embeds", "text_keys"})
+    attention_layer = "previous"
+    paper = (
+        'Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More", '
+        "EMNLP 2025, arXiv:2502.11494 (github.com/ZichenWen1/DART)"
+    )
+
+    def __init__(self, budget=None, *, stage=None, **params: Any):
+        super().__init__(budget, stage=stage, **params)
+        p = self.params
+        need = set()
+        if p.pivot_by == "key_norm":
+            need.add("keys")
+        if p.pivot_text_tokens > 0:
+            need.add("text_embeds")
+            if p.pivot_by == "key_norm":
+                need.add("text_keys")
+        self.required_context = frozenset(need)  # type: ignore[misc]  # per-instance, shadows the class default
+
+    def _pivots(self, tokens, counts, valid, context):
+        """Pivot features ``(B, P, D)`` in sequence order, their mask, and the kept image pivots."""
+        b, n, d = tokens.shape
+        p = self.params
+        if p.pivot_by == "key_norm":
+            _check("keys", context.keys, b, n, "keys of the image tokens")
+            img_norm = context.keys.float().abs().sum(dim=-1)
+        else:
+            img_norm = tokens.float().abs().sum(dim=-1)
+        n_img = counts.clamp(max=p.pivot_image_tokens)
+        order, img_slots = ops.topk_per_row(img_norm.to(tokens.device), n_img, valid)
+        img_idx = ops.ascending(order, img_slots)
+        feats, ok = [ops.gather_rows(tokens.float(), img_idx)], [img_slots]
+        if p.pivot_text_tokens > 0:
+            text = context.text_embeds
+            _check("text_embeds", text, b, None, "hidden states of the text tokens")
+            if text.shape[2] != d:
+                raise InvalidInputError(
+                    f"dart: context.text_embeds width {text.shape[2]} differs from the tokens' width {d}; "
+                    "text pivots need features in the same space (or set pivot_text_tokens=0)"
+                )
+            text = text.to(tokens.device).float()
+            text_ok = (
+                torch.ones(text.shape[:2], dtype=torch.bool, device=tokens.device)
+                if context.text_mask is None
+                else context.text_mask.to(tokens.device).bool()
+            )
+            if p.pivot_by == "key_norm":
+                _check("text_keys", context.text_keys, b, text.shape[1], "keys of the text tokens")
+                text_norm = context.text_keys.float().abs().sum(dim=-1).to(tokens.device)
+            else:
+                text_norm = text.abs().sum(dim=-1)
+            n_txt = text_ok.sum(dim=1).clamp(max=p.pivot_text_tokens)
+            order, txt_slots = ops.topk_per_row(text_norm, n_txt, text_ok)
+            txt_idx = ops.ascending(order, txt_slots)
+            feats.append(ops.gather_rows(text, txt_idx))
+            ok.append(txt_slots)
+        feats, ok = torch.cat(feats, dim=1), torch.cat(ok, dim=1)
+        # Real pivots first, in sequence order (image pivots precede the text after the image).
+        first = torch.sort((~ok).long(), dim=1, stable=True).indices
+        return ops.gather_rows(feats, first), ok.gather(1, first), img_idx, img_slots
+
+    def reduce(self, tokens, counts, valid, context):
+        b, n, _ = tokens.shape
+        pivots, pivot_ok, img_idx, img_slots = self._pivots(tokens, counts, valid, context)
+        n_piv = pivot_ok.sum(dim=1)
+        rest = counts - img_slots.sum(dim=1)  # budget left after the kept image pivots
+        base, extra = rest // n_piv.clamp(min=1), rest % n_piv.clamp(min=1)
+
+        kept = ops.keep_mask_from(img_idx, img_slots, n)
+        x = tokens.float()
+        for j in range(pivots.shape[1]):  # a handful of pivots; each step is batched
+            quota = torch.where(j < n_piv, base + (j < extra).long(), torch.zeros_like(base))
+            if not bool((quota > 0).any()):
+                continue
+            sim = ops.cosine_similarity(pivots[:, j : j + 1], x)[:, 0]  # (B, N)
+            order, slots = ops.topk_per_row(-sim, quota, valid & ~kept)
+            kept |= ops.keep_mask_from(order, slots, n)
+
+        t = int(counts.max())
+        slots = ops.slot_mask(counts, t)
+        positions = torch.where(kept, torch.arange(n, device=tokens.device), n)
+        indices = torch.sort(positions, dim=1).values[:, :t].masked_fill(~slots, -1)
+        info = {"pivots": img_idx}
+        return make_reduction(tokens, indices, slots, sizes=slots.float(), info=info)

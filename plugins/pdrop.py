@@ -1,0 +1,61 @@
+"""``pdrop``: PyramidDrop, drop half of the image tokens at several decoder layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tokenreduce import ScoringReducer, Stage
+from tokenreduce.context import ReductionContext
+from tokenreduce.pipeline import Pipeline, Step
+
+from .fastv import attention_scores
+
+#: The published LLaVA-1.5 schedule: drop at the input of layers 8, 16 and 24, keeping
+#: half of the image tokens present each time (576 -> 288 -> 144 -> 72).
+PUBLISHED_LAYERS = (8, 16, 24)
+PUBLISHED_RATIO = 0.5
+
+
+class PDrop(ScoringReducer):
+    """PyramidDrop: at each stage boundary keep the image tokens the last instruction token attends to most.
+
+    The decoder is split into stages; at the input of each boundary layer (published for
+    LLaVA-1.5: layers 8, 16, 24) the image tokens are ranked by the attention of the
+    last instruction token (the last token of the prompt, i.e. the last token of the
+    sequence at prefill), computed with that boundary layer's own queries and keys
+    (its input layer norm, projections and RoPE) and averaged over heads; a fixed
+    ratio (published: 0.5) of the image tokens still present is kept, so the image
+    part shrinks as a pyramid.
+
+    Each boundary is one ``llm_layer`` step of this reducer with a ratio budget; see
+    ``docs/examples/reducers/pdrop.yaml`` or :meth:`schedule`. The adapter recomputes
+    the one attention row per step from q/k (``attention_query = "last"``,
+    ``attention_layer = "current"``), so the model keeps SDPA / FlashAttention rather
+    than the eager attention the official code switches to.
+
+    Stages: ``llm_layer`` only.
+
+    Paper: Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models
+    via Pyramid Visual Redundancy Reduction", CVPR 2025, arXiv:2410.17247.
+    Official code: https://github.com/Cooperx521/PyramidDrop
+    """
+
+    name = "pdrop"
+    stages = frozenset({Stage.LLM_LAYER})
+    required_context = frozenset({"attention"})
+    attention_query = "last"
+    attention_layer = "current"
+    paper = (
+        'Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual '
+        'Redundancy Reduction", CVPR 2025, arXiv:2410.17247 (github.com/Cooperx521/PyramidDrop)'
+    )
+
+    def score(self, tokens: torch.Tensor, valid: torch.Tensor, context: ReductionContext) -> torch.Tensor:
+        return attention_scores(context.attention, tokens, self.name)
+
+    @classmethod
+    def schedule(cls, layers: Sequence[int] = PUBLISHED_LAYERS, ratio: float = PUBLISHED_RATIO) -> Pipeline:
+        """The multi-layer pipeline: one ``llm_layer`` step per layer, each keeping ``ratio``."""
+        return Pipeline([Step(Stage.LLM_LAYER, cls(ratio, stage=Stage.LLM_LAYER), layer=k) for k in layers])

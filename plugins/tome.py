@@ -1,0 +1,124 @@
+"""``tome``: Token Merging, repeated bipartite soft matching until exactly T tokens remain."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenreduce import Reducer, Stage, make_reduction, ops
+
+
+class ToMe(Reducer):
+    """ToMe: merge the most similar token pairs by bipartite soft matching, round after round.
+
+    One round, as ``bipartite_soft_matching`` + ``merge_wavg`` in the official code:
+    the current tokens (in their current order) are split alternately into sets A
+    (even positions) and B (odd positions); each A token finds its most
+    cosine-similar B token; the ``r`` A tokens with the most similar matches are
+    merged into their match by a size-weighted average, and the sequence becomes
+    ``[unmerged A in decreasing match similarity, B in order]``. One round removes at
+    most half of the tokens, so rounds repeat with ``r = min(n - T, n // 2)`` until
+    exactly ``T`` remain (``ceil(log2(N / T))`` rounds or so).
+
+    Similarity uses the current (merged) features themselves: there is no next layer
+    to provide fresh keys, as ToMe in a ViT would use. Each kept token's index is its
+    surviving B-chain token (the one never merged away); outputs are in position
+    order. ``sizes`` counts the input tokens each output averages (for proportional
+    attention); ``info["assignment"] (B, N)`` gives each input token's output slot.
+
+    Stages: any (features only).
+
+    Paper: Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023,
+    arXiv:2210.09461. Official code: https://github.com/facebookresearch/ToMe
+    """
+
+    name = "tome"
+    stages = frozenset(Stage)
+    paper = (
+        'Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023, arXiv:2210.09461 '
+        "(github.com/facebookresearch/ToMe)"
+    )
+
+    def reduce(self, tokens, counts, valid, context):
+        b, n, _ = tokens.shape
+        dev = tokens.device
+        # Working state, in the current token order with live tokens first (padding last):
+        # features, sizes, liveness and each token's representative (original index).
+        perm = torch.sort((~valid).long(), dim=1, stable=True).indices
+        state = (ops.gather_rows(tokens.float(), perm), valid.gather(1, perm).float(), valid.gather(1, perm), perm)
+        owner = torch.arange(n, device=dev).expand(b, n)  # per input token: its group's representative
+        rounds = 0
+        while True:
+            live = state[2].sum(dim=1)
+            r = torch.minimum(live - counts, live // 2).clamp(min=0)
+            if not bool((r > 0).any()):
+                break
+            state, owner = _merge_round(*state, r, owner)
+            rounds += 1
+        x, size, alive, rep = state
+
+        # Output in position order of the representatives.
+        t = int(counts.max())
+        slots = ops.slot_mask(counts, t)
+        order = torch.sort(torch.where(alive, rep, n), dim=1).indices[:, :t]
+        indices = rep.gather(1, order).masked_fill(~slots, -1)
+        # Output slot of every input token: the slot of its group's representative.
+        slot_of = torch.full((b, n + 1), -1, dtype=torch.long, device=dev)
+        slot_of.scatter_(1, torch.where(slots, indices, n), torch.arange(t, device=dev).expand(b, t))
+        assignment = torch.where(valid, slot_of.gather(1, owner), torch.full_like(owner, -1))
+        return make_reduction(
+            tokens,
+            indices,
+            slots,
+            features=ops.gather_rows(x, order),
+            sizes=size.gather(1, order),
+            info={"assignment": assignment, "rounds": rounds},
+        )
+
+
+def _merge_round(x, size, alive, rep, r, owner):
+    """One round of bipartite soft matching, merging ``r[b]`` tokens of each row.
+
+    ``x (B, N, D)`` float32 features, ``size``/``alive``/``rep (B, N)`` in the current
+    order (live first); ``owner (B, N)`` maps input tokens to representatives.
+    Returns the new state (same layout) and owner map.
+    """
+    b, n, d = x.shape
+    dev = x.device
+    xa, xb = x[:, 0::2], x[:, 1::2]
+    ok_a, ok_b = alive[:, 0::2], alive[:, 1::2]
+    scores = ops.cosine_similarity(xa, xb)
+    scores = scores.masked_fill(~(ok_a.unsqueeze(2) & ok_b.unsqueeze(1)), float("-inf"))
+    node_max, node_idx = scores.max(dim=2)  # a row reaching here has n >= 2, so B is not empty
+    # A tokens by decreasing best match; the first r[b] of each row are merged away.
+    edge = torch.sort(node_max, dim=1, descending=True, stable=True).indices
+    is_src = torch.arange(edge.shape[1], device=dev)[None] < r[:, None]
+    dst = node_idx.gather(1, edge)
+    a_x = xa.gather(1, edge.unsqueeze(-1).expand(-1, -1, d))
+    a_size, a_rep, a_ok = size[:, 0::2].gather(1, edge), rep[:, 0::2].gather(1, edge), ok_a.gather(1, edge)
+
+    # Size-weighted average into the B tokens (merge_wavg: sum x * size, sum size, divide).
+    sums, added = ops.merge_into(a_x, torch.where(is_src, dst, -1), xb.shape[1], a_size)
+    b_size = size[:, 1::2]
+    new_b_size = b_size + added
+    merged = (xb * b_size.unsqueeze(-1) + sums) / new_b_size.clamp(min=1e-12).unsqueeze(-1)
+    new_xb = torch.where((added > 0).unsqueeze(-1), merged, xb)
+
+    # Input tokens owned by a merged A token now belong to its B token (spare column n
+    # absorbs the writes of A tokens that are not merged).
+    remap = torch.arange(n + 1, device=dev).repeat(b, 1)
+    remap.scatter_(1, torch.where(is_src, a_rep, n), rep[:, 1::2].gather(1, dst))
+    owner = remap.gather(1, owner)
+
+    # New order as in the official code: [unmerged A by match, B in order]; live first.
+    x = torch.cat([a_x, new_xb], dim=1)
+    size = torch.cat([a_size, new_b_size], dim=1)
+    rep = torch.cat([a_rep, rep[:, 1::2]], dim=1)
+    alive = torch.cat([a_ok & ~is_src, ok_b], dim=1)
+    live_first = torch.sort((~alive).long(), dim=1, stable=True).indices
+    state = (
+        ops.gather_rows(x, live_first),
+        size.gather(1, live_first),
+        alive.gather(1, live_first),
+        rep.gather(1, live_first),
+    )
+    return state, owner
