@@ -66,7 +66,7 @@ def _case(draw: st.DrawFn, *, square: bool, min_budget: int, max_n: int, devices
         valid = torch.rand(b, n, generator=gen) < draw(st.sampled_from([1.0, 0.7]), label="keep prob")
         valid[:, 0] = True  # every row has at least one valid token
     if min_budget > 1 or draw(st.booleans(), label="int budget"):
-        budget: int | float = draw(st.integers(min_budget, n + 2), label="budget")
+        budget: int | float = draw(st.integers(min_budget, max(min_budget, n + 2)), label="budget")
     else:
         budget = draw(st.floats(0.05, 1.0), label="ratio")
     return {"tokens": tokens.to(device=device, dtype=dtype), "valid": valid.to(device), "budget": budget}

@@ -1,0 +1,304 @@
+"""``apet``, ``apet-llava``, ``apet-qwen``: approximation-error guided token compression.
+
+Exact reference: ``shared/fixtures/README.md`` (reproduced by ``tests/test_apet.py``).
+Method page: ``docs/reducers/apet.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, merge_nearest, ops
+from tokenreduce.errors import InvalidInputError
+
+from .apet_basis import select_basis
+
+# Ridge of the published code: 1e-5 after the vision encoder, 1e-1 at the decoder layer
+# (Qwen2.5-VL code; the LLaVA code uses 1e-5 at both points, see ApETLlava).
+ENCODER_RIDGE = 1e-5
+LLM_RIDGE = 1e-1
+
+# The ridge solve falls back to a stronger ridge when the Gram matrix is numerically
+# singular in float32 (duplicated or linearly dependent basis tokens with a ridge below
+# float32 resolution): an LU pivot under _PIVOT_RTOL of the largest one marks the row,
+# which is then solved with ridge max(ridge, _FALLBACK_RIDGE * max diag(Gram)).
+_PIVOT_RTOL = 1e-4
+_FALLBACK_RIDGE = 1e-4
+# Rows whose largest magnitude lies outside [1/_SAFE_PEAK, _SAFE_PEAK] are rescaled:
+# squares summed over D then stay far from float32 overflow and underflow.
+_SAFE_PEAK = 2.0**40
+# Bounds of the ridge after scale normalisation (ridge / scale^2) in float32.
+_RIDGE_MIN, _RIDGE_MAX = 1e-30, 1e30
+
+
+class ApETParams(ReducerParams):
+    basis_tokens: int = Field(
+        default=10, ge=1, description="k, the number of basis tokens; every reduced row needs 1 <= k < T."
+    )
+    ridge: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Ridge added to the k x k Gram matrix; None: 1e-5 at vision_encoder/projector, 1e-1 at llm_layer.",
+    )
+    basis_selection: Literal["fps", "dpc", "random"] = Field(
+        default="fps",
+        description="fps: farthest point sampling; dpc: density-peak clustering (cluster means); random: seeded.",
+    )
+    fps_start: Literal["first", "random"] = Field(
+        default="first", description="First FPS pick: the first valid token, or a seeded random one."
+    )
+    seed: int = Field(default=0, ge=0, description="Seed for fps_start='random' and basis_selection='random'.")
+    basis_blend: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Weight of a basis slot's own token: slot <- (1 - w) * basis + w * token "
+        "(0 replaces: LLaVA; 0.5: Qwen).",
+    )
+    basis_order: Literal["position", "rank"] | None = Field(
+        default=None,
+        description="Which basis token goes to which of the k lowest-error kept slots: 'position' (slots in "
+        "ascending position) or 'rank' (slots in error rank order); None: position at the encoder stages, rank "
+        "at llm_layer, as both published codes do.",
+    )
+    merge: Literal["nearest_cosine", "none"] = Field(
+        default="nearest_cosine",
+        description="nearest_cosine: average every dropped token into its most cosine-similar retained token; "
+        "none: drop (the paper's ablation).",
+    )
+    merge_scaling: float = Field(
+        default=1.0, ge=0.0, allow_inf_nan=False, description="Weight of the retained token in its merge average."
+    )
+
+
+class ApET(Reducer):
+    """ApET: keep the tokens a few basis tokens reconstruct worst, then merge the rest.
+
+    Ma et al., "ApET: Approximation-Error Guided Token Compression for Efficient VLMs",
+    CVPR 2026 (arXiv:2602.19870; code: github.com/MaQianKun0/ApET).
+
+    Per row: pick ``k`` basis tokens ``S`` (farthest point sampling by default);
+    reconstruct every token by ridge least squares, ``C = solve(S S^T + ridge I, S x^T)^T``;
+    keep the ``T`` tokens with the largest error ``|x_i - C_i S|``; put the basis tokens
+    into the ``k`` lowest-error kept slots (replacing or blending); average every dropped
+    token into its most cosine-similar other kept token. Needs no attention weights, so it
+    runs under FlashAttention/SDPA.
+
+    Numerics: the computation runs in float32. A row of huge or tiny magnitude is first
+    divided by a power of two (exact: the results are those of the raw tokens, but the
+    Gram matrix cannot overflow or underflow; the ridge is divided by its square). A
+    numerically singular Gram matrix (duplicated or dependent basis tokens) is solved with
+    a stronger ridge instead of returning NaN. Output features are in the input dtype.
+
+    ``info``: ``errors`` (B, N) reconstruction errors (0 at padded tokens and in rows kept
+    whole), ``basis_indices`` (B, k) in pick order (-1 in rows kept whole), ``basis_slots``
+    (B, T) output slots holding a basis token, ``assignment`` (B, N) the output slot each
+    input token went to (-1: padding or dropped without merge), ``ridge`` the ridge used.
+    """
+
+    name = "apet"
+    stages = frozenset(Stage)
+    Params = ApETParams
+    paper = "Ma et al., ApET: Approximation-Error Guided Token Compression for Efficient VLMs, CVPR 2026."
+
+    def ridge_at(self, stage: Stage) -> float:
+        """The ridge used at ``stage``."""
+        if self.params.ridge is not None:
+            return self.params.ridge
+        return LLM_RIDGE if stage is Stage.LLM_LAYER else ENCODER_RIDGE
+
+    def basis_order_at(self, stage: Stage) -> str:
+        """How basis tokens map to the basis slots at ``stage``."""
+        if self.params.basis_order is not None:
+            return self.params.basis_order
+        return "rank" if stage is Stage.LLM_LAYER else "position"
+
+    def reduce(self, tokens, counts, valid, context):  # noqa: D102 - documented on Reducer
+        p = self.params
+        stage = Stage(context.stage)
+        k = p.basis_tokens
+        # Rows kept whole (budget >= valid count) or empty are not reduced at all.
+        active = (counts < valid.sum(dim=1)) & (counts > 0)
+        _check_basis_count(k, counts, valid, active)
+
+        x, scale = _normalise(tokens, valid)
+        ridge = _scaled_ridge(self.ridge_at(stage), scale)
+        picks, basis = select_basis(x, valid, k, method=p.basis_selection, start=p.fps_start, seed=p.seed)
+        errors = reconstruction_errors(x, basis, ridge).masked_fill(~valid, 0.0)
+
+        order, slots = ops.topk_per_row(errors, counts, valid)  # descending error
+        indices = ops.ascending(order, slots)
+        kept, basis_slots = _place_basis(
+            x, order, indices, slots, counts, basis, active, p.basis_blend, self.basis_order_at(stage)
+        )
+        targets = slots & ~basis_slots if p.merge == "nearest_cosine" else torch.zeros_like(slots)
+        features, sizes, assignment = merge_nearest(
+            x, indices, slots, valid, targets=targets, kept_features=kept, kept_weight=p.merge_scaling
+        )
+
+        work = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+        features = (features.to(work) * scale.to(work).view(-1, 1, 1)).to(tokens.dtype)
+        # Rows kept whole return their tokens bit for bit.
+        features = torch.where(active.view(-1, 1, 1), features, ops.gather_rows(tokens, indices))
+        info = {
+            "errors": _unscale(errors, scale).masked_fill(~active.unsqueeze(1), 0.0),
+            "basis_indices": picks.masked_fill(~active.unsqueeze(1), -1),
+            "basis_slots": basis_slots & active.unsqueeze(1),
+            "assignment": assignment,
+            "ridge": self.ridge_at(stage),
+        }
+        return make_reduction(tokens, indices, slots, features=features, sizes=sizes, info=info)
+
+
+class ApETLlavaParams(ApETParams):
+    ridge: float | None = Field(
+        default=ENCODER_RIDGE,
+        gt=0,
+        allow_inf_nan=False,
+        description="Ridge added to the Gram matrix (the LLaVA code uses 1e-5 at every stage).",
+    )
+
+
+class ApETLlava(ApET):
+    """ApET as published for LLaVA-1.5/NeXT: basis tokens replace their slots, ridge 1e-5.
+
+    Ma et al., ApET, CVPR 2026 (LLaVA code path). Basis slots in position order after the
+    vision encoder and in rank order at the decoder layer, as the published code does.
+    """
+
+    name = "apet-llava"
+    Params = ApETLlavaParams
+
+
+class ApETQwenParams(ApETParams):
+    basis_blend: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Weight of a basis slot's own token: slot <- (1 - w) * basis + w * token (Qwen code: 0.5).",
+    )
+
+
+class ApETQwen(ApET):
+    """ApET as published for Qwen2.5-VL: basis tokens averaged into their slots.
+
+    Ma et al., ApET, CVPR 2026 (Qwen2.5-VL code path). Ridge 1e-5 after the vision encoder
+    and 1e-1 at the decoder layer; slots in position order after the encoder and in rank
+    order at the decoder layer, as the published code does.
+    """
+
+    name = "apet-qwen"
+    Params = ApETQwenParams
+
+
+def _check_basis_count(k: int, counts: torch.Tensor, valid: torch.Tensor, active: torch.Tensor) -> None:
+    bad = active & (counts <= k)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise InvalidInputError(
+            f"apet: basis_tokens={k} is out of range: it must satisfy 1 <= basis_tokens < T, but row {row} keeps "
+            f"T={int(counts[row])} of its {int(valid[row].sum())} valid tokens; lower basis_tokens or raise the budget"
+        )
+
+
+def _normalise(tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 tokens, divided by a per-row power of two where needed, and that scale ``(B,)`` float64.
+
+    A row whose largest magnitude lies outside ``[2^-40, 2^40]`` is divided by the power of
+    two that brings it into ``[1, 2)``, so neither the Gram matrix nor the distances can
+    overflow or underflow float32. Dividing by a power of two is exact, so every later step
+    gives the same bits as on the raw tokens; rows in range (the usual case) are not
+    touched, and without padding or scaling the input is not even copied. Padded tokens
+    are zeroed.
+    """
+    wide = tokens.double() if tokens.dtype == torch.float64 else tokens.float()
+    peak = torch.linalg.vector_norm(wide, ord=float("inf"), dim=-1).masked_fill(~valid, 0).amax(dim=1).double()
+    out_of_range = (peak > _SAFE_PEAK) | ((peak < 1.0 / _SAFE_PEAK) & (peak > 0))
+    exponent = torch.where(out_of_range, torch.floor(torch.log2(peak)), torch.zeros_like(peak))
+    scale = torch.exp2(exponent)
+    if not bool(out_of_range.any()) and bool(valid.all()):
+        return wide.float(), scale
+    # One pass: multiplying by 1/scale (a power of two) equals dividing; padding -> 0.
+    factor = valid.to(wide.dtype) / scale.to(wide.dtype).unsqueeze(1)
+    return (wide * factor.unsqueeze(-1)).float(), scale
+
+
+def _scaled_ridge(ridge: float, scale: torch.Tensor) -> torch.Tensor:
+    """The ridge for normalised tokens: ``ridge / scale^2`` (B,), clamped to a float32-safe range."""
+    return (ridge / scale.square()).clamp(_RIDGE_MIN, _RIDGE_MAX).float()
+
+
+def _unscale(errors: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    big = torch.finfo(torch.float32).max
+    return (errors.double() * scale.view(-1, 1)).clamp(max=big).float()
+
+
+def reconstruction_errors(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` errors ``|x_i - C_i S|`` of the ridge least-squares reconstruction.
+
+    Args:
+        x: ``(B, N, D)`` float32 tokens.
+        basis: ``(B, k, D)`` float32 basis ``S``.
+        ridge: ``(B,)`` float32 ridge per row.
+
+    ``C = solve(S S^T + ridge I, S x^T)^T`` by LU, as the reference (``torch.linalg.solve``
+    is LU + triangular solves, so the bits match); rows whose Gram matrix is numerically
+    singular use a stronger ridge (see ``_FALLBACK_RIDGE``). Memory: ``O(k N + N D)``.
+    """
+    k = basis.shape[1]
+    eye = torch.eye(k, device=x.device)
+    gram = basis @ basis.transpose(1, 2)
+    lu, piv, info = torch.linalg.lu_factor_ex(gram + ridge.view(-1, 1, 1) * eye)
+    pivots = lu.diagonal(dim1=-2, dim2=-1).abs()
+    singular = (info != 0) | ~(pivots.amin(dim=-1) > _PIVOT_RTOL * pivots.amax(dim=-1))
+    if bool(singular.any()):  # rare: pay for the second factorisation only then
+        floor = _FALLBACK_RIDGE * gram.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
+        safe_lu, safe_piv, _ = torch.linalg.lu_factor_ex(gram + torch.maximum(ridge, floor).view(-1, 1, 1) * eye)
+        lu = torch.where(singular.view(-1, 1, 1), safe_lu, lu)
+        piv = torch.where(singular.view(-1, 1), safe_piv, piv)
+    coef = torch.linalg.lu_solve(lu, piv, basis @ x.transpose(1, 2))  # (B, k, N)
+    # x - C^T S in one pass (no separate (B, N, D) reconstruction).
+    residual = torch.baddbmm(x, coef.transpose(1, 2), basis, alpha=-1.0)
+    return torch.linalg.vector_norm(residual, dim=-1)
+
+
+def _place_basis(
+    x: torch.Tensor,
+    order: torch.Tensor,
+    indices: torch.Tensor,
+    slots: torch.Tensor,
+    counts: torch.Tensor,
+    basis: torch.Tensor,
+    active: torch.Tensor,
+    blend: float,
+    basis_order: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept features ``(B, T, D)`` with the basis written into the ``k`` lowest-error kept slots.
+
+    ``order`` holds the kept tokens by descending error; its last ``k`` real entries are
+    the basis slots. ``rank``: token ``order[T-k+j]`` gets ``S[j]``; ``position``: the
+    ``j``-th of those tokens in ascending position gets ``S[j]``. A slot becomes
+    ``(1 - blend) * S[j] + blend * x[token]``. Returns the features and the basis-slot mask.
+    """
+    b, t = indices.shape
+    k = basis.shape[1]
+    n = x.shape[1]
+    rank = (counts.unsqueeze(1) - k + torch.arange(k, device=x.device)).clamp(0, max(t - 1, 0))
+    tokens_at = order.gather(1, rank)
+    if basis_order == "position":
+        tokens_at = tokens_at.sort(dim=1).values
+    # Output slot of each basis token: its place among the ascending kept indices.
+    key = indices.masked_fill(~slots, n).contiguous()
+    slot = torch.searchsorted(key, tokens_at.contiguous())
+    slot = torch.where(active.unsqueeze(1), slot, torch.full_like(slot, t))  # spare slot t: discarded
+    values = (1.0 - blend) * basis + blend * ops.gather_rows(x, tokens_at)
+
+    kept = torch.cat([ops.gather_rows(x, indices), x.new_zeros(b, 1, x.shape[2])], dim=1)
+    kept.scatter_(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[2]), values)
+    is_basis = torch.zeros(b, t + 1, dtype=torch.bool, device=x.device)
+    is_basis.scatter_(1, slot, True)
+    return kept[:, :t], is_basis[:, :t]

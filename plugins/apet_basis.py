@@ -1,0 +1,133 @@
+"""ApET's basis selection: farthest point sampling, density-peak clustering, random.
+
+Each selector takes float32 tokens ``x (B, N, D)`` and their validity ``valid (B, N)`` and
+returns ``(indices (B, k) int64, basis (B, k, D) float32)``. Padded tokens are never picked
+and never influence a pick. Everything is batched; FPS loops over its ``k`` steps only.
+Every row must hold at least ``k`` valid tokens for the picks to be distinct (the reducer
+only uses the basis of rows it reduces, which hold more than ``k``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tokenreduce import ops
+
+
+def _row_random_scores(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``(N,)`` seeded uniform scores, identical on every device and for every row.
+
+    Shared by all rows (like the ``random`` reducer) so a row's choice never depends on
+    the other rows of the batch.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=gen).to(device)
+
+
+def farthest_point_sampling(
+    x: torch.Tensor, valid: torch.Tensor, k: int, *, start: str = "first", seed: int = 0
+) -> torch.Tensor:
+    """Indices ``(B, k)`` of ``k`` tokens picked by farthest point sampling, in pick order.
+
+    Squared Euclidean distance, exactly as the ApET code: each step picks the token
+    farthest from all picks so far (ties: the lowest index). The first pick is the first
+    valid token (``start="first"``; index 0 without padding) or a seeded random valid
+    token (``start="random"``).
+
+    Unlike the ApET code, an already picked token is never picked again: when every
+    remaining token duplicates a pick (fewer distinct tokens than ``k``), the next pick
+    is the lowest-index unpicked duplicate, so the indices stay distinct. Otherwise the
+    picks are identical to the reference.
+    """
+    b, n, _ = x.shape
+    rows = torch.arange(b, device=x.device)
+    if start == "first":
+        cur = valid.long().argmax(dim=1)  # first True
+    else:
+        scores = _row_random_scores(n, seed, x.device).expand(b, n)
+        cur = scores.masked_fill(~valid, -1.0).argmax(dim=1)
+    # Padded tokens sit at -inf so they are never the farthest; min() keeps them there.
+    dist = torch.full((b, n), math.inf, device=x.device).masked_fill(~valid, -math.inf)
+    picks = [cur]
+    for _ in range(k - 1):
+        diff = x - x[rows, cur].unsqueeze(1)
+        # (x - c)^2 summed, not |x|^2 - 2xc + |c|^2: exact zeros for duplicates and
+        # bit-for-bit the reference's distances (hence its picks). x*x == x**2 exactly.
+        dist = torch.minimum(dist, diff.mul_(diff).sum(-1))
+        dist.scatter_(1, cur.unsqueeze(1), -1.0)  # below every real distance: never re-picked
+        cur = dist.argmax(dim=1)
+        picks.append(cur)
+    picks = torch.stack(picks, dim=1)
+    return picks
+
+
+def density_peak_basis(x: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peak clustering (DPC-KNN) centres and cluster means, as the ApET code's ``dpc``.
+
+    * distances ``d(i, j) = |x_i - x_j| / sqrt(D)`` between valid tokens;
+    * local density ``rho_i = exp(-mean of d^2 to the k nearest tokens)`` (self included,
+      as in the reference, which uses the basis count as the neighbour count);
+    * ``delta_i`` = distance to the nearest token of higher density (the densest token
+      gets the largest distance of the row); ties in density are broken by the lower
+      index instead of the reference's random jitter;
+    * centres: the ``k`` largest ``rho * delta``; every token joins its nearest centre
+      (a centre always its own cluster); the basis is the mean of each cluster, as in
+      the reference (``indices`` are the centres, in score order).
+
+    Memory is ``O(B N^2)`` (the reference broadcasts ``(B, N, N, D)``).
+    """
+    b, n, d = x.shape
+    pair = valid.unsqueeze(2) & valid.unsqueeze(1)
+    sq = (x * x).sum(-1)
+    d2 = (sq.unsqueeze(2) + sq.unsqueeze(1) - 2.0 * (x @ x.transpose(1, 2))).clamp_min(0.0)
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    dist = (d2.masked_fill(eye, 0.0) / d).sqrt()
+
+    near = dist.masked_fill(~pair, math.inf).topk(k, dim=2, largest=False).values
+    density = torch.exp(-(near.masked_fill(~torch.isfinite(near), 0.0) ** 2).mean(-1))
+
+    idx = torch.arange(n, device=x.device)
+    rho_i, rho_j = density.unsqueeze(2), density.unsqueeze(1)
+    higher = (rho_j > rho_i) | ((rho_j == rho_i) & (idx.view(1, 1, n) < idx.view(1, n, 1)))
+    higher &= pair
+    dist_max = dist.masked_fill(~pair, 0.0).flatten(1).amax(dim=1).view(b, 1, 1)
+    delta = torch.where(higher, dist, dist_max).amin(dim=2)
+
+    score = delta * density
+    centres, _ = ops.topk_per_row(score, torch.full((b,), k, device=x.device), valid)
+    # A row with fewer than k valid tokens (never reduced, so never used) repeats a pick.
+    centres = torch.where(centres >= 0, centres, centres[:, :1].clamp_min(0))
+
+    to_centre = ops.gather_rows(dist.transpose(1, 2), centres).transpose(1, 2)  # (B, N, k)
+    assign = to_centre.argmin(dim=2)
+    assign.scatter_(1, centres, torch.arange(k, device=x.device).expand(b, k))
+    assign = assign.masked_fill(~valid, -1)
+    sums, counts = ops.merge_into(x, assign, k, torch.ones(b, n, device=x.device))
+    return centres, sums / counts.clamp_min(1.0).unsqueeze(-1)
+
+
+def random_basis(x: torch.Tensor, valid: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
+    """Indices ``(B, k)`` of ``k`` distinct valid tokens drawn uniformly (seeded).
+
+    The ApET code draws with replacement (``randint``); distinct picks avoid a
+    duplicated basis token, which only makes the basis rank deficient.
+    """
+    b, n, _ = x.shape
+    scores = _row_random_scores(n, seed, x.device).expand(b, n)
+    picks, _ = ops.topk_per_row(scores, torch.full((b,), k, device=x.device), valid)
+    return picks
+
+
+def select_basis(
+    x: torch.Tensor, valid: torch.Tensor, k: int, *, method: str, start: str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices (B, k), basis (B, k, D))`` by ``method`` (``fps`` | ``dpc`` | ``random``)."""
+    if method == "dpc":
+        return density_peak_basis(x, valid, k)
+    if method == "fps":
+        picks = farthest_point_sampling(x, valid, k, start=start, seed=seed)
+    else:
+        picks = random_basis(x, valid, k, seed=seed)
+    return picks, ops.gather_rows(x, picks)
