@@ -138,6 +138,145 @@ def schema_cmd(output: Optional[Path] = typer.Option(None, "-o", "--output", hel
         sys.stdout.write(text + "\n")
 
 
+@app.command("show")
+def show_cmd(
+    image: Path = typer.Argument(..., help="Image file (PNG, JPEG, ...)."),
+    pipeline: list[Path] = typer.Option([], "--pipeline", "-p", help="YAML pipeline file; repeat for several columns."),
+    reducers: Optional[str] = typer.Option(None, help="Comma-separated reducer names, one column each (e.g. apet,tome,pool)."),
+    budget: float = typer.Option(64, help="Budget of each --reducers column (int, or ratio < 1)."),
+    stage: Optional[str] = typer.Option(None, help="Stage of the --reducers columns (default: each reducer's first)."),
+    model: Optional[str] = typer.Option(
+        None, help="Checkpoint (hub id or path) whose vision tower makes the tokens; default: the offline stand-in."
+    ),
+    output: Path = typer.Option(Path("show.png"), "-o", "--output", help="PNG to write."),
+    seed: int = typer.Option(0, help="Seed of the stand-in tokens' random projection."),
+) -> None:
+    """Picture what pipelines keep of IMAGE: kept patches, merge groups, ApET's error map."""
+    from .pipeline import Pipeline
+    from .runner import pipeline_from_arg
+    from .visualize import show
+
+    b: int | float = int(budget) if budget >= 1 else budget
+    try:
+        columns = [(path.stem, Pipeline.coerce(path)) for path in pipeline]
+        for name in (reducers or "").split(","):
+            if name.strip():
+                columns.append(("", pipeline_from_arg(name.strip(), b, stage, None)))
+        written = show(image, columns, output, model=model, seed=seed)
+    except TokenReduceError as err:
+        _fail(err)
+    console.print(f"wrote {written} ({len(columns)} column(s))", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., help="Checkpoint (hub id or folder), or 'tiny' for the embedded tiny model and tasks."),
+    tasks: str = typer.Option(..., help="Comma-separated lmms-eval tasks, e.g. gqa,pope,mme."),
+    pipeline: list[Path] = typer.Option([], "--pipeline", "-p", help="YAML pipeline; repeat for several rows."),
+    reducers: Optional[str] = typer.Option(None, help="Comma-separated reducers (name, name@stage or name@llm_layer:K), one row per reducer x budget."),
+    budgets: Optional[str] = typer.Option(None, help="Comma-separated budgets for --reducers, e.g. 64,128,192."),
+    stage: Optional[str] = typer.Option(None, help="Stage of the --reducers rows (default: each reducer's first)."),
+    layer: Optional[int] = typer.Option(None, help="Decoder layer of llm_layer --reducers rows."),
+    output_dir: Path = typer.Option(Path("eval_results"), "-o", "--output-dir", help="Where results.md/json/png go."),
+    limit: Optional[float] = typer.Option(None, help="Documents per task (int) or fraction; quick checks only."),
+    batch_size: int = typer.Option(1, help="Requests per model call."),
+    include_path: list[str] = typer.Option([], help="Extra lmms-eval task folder; repeatable."),
+    default_tasks: bool = typer.Option(True, help="Index lmms-eval's own tasks (off: only --include-path's)."),
+    model_arg: list[str] = typer.Option([], help="More model args key=value (dtype, device, prompt_format, ...)."),
+    metric: list[str] = typer.Option([], help="task=metric to report instead of the task's first metric."),
+    log_samples: bool = typer.Option(False, help="Keep per-sample outputs in raw/*.json."),
+) -> None:
+    """Benchmark the unreduced model and each pipeline with lmms-eval: one table (Markdown, JSON, plot).
+
+    Needs the [eval] extra. Data parallel: `accelerate launch -m tokenreduce.cli eval ...`.
+    """
+    try:
+        from .evaluation.commands import eval_command
+
+        table = eval_command(
+            model=model,
+            pipeline_files=pipeline,
+            reducers=reducers,
+            budgets=budgets,
+            stage=stage,
+            layer=layer,
+            tasks=tasks,
+            output_dir=output_dir,
+            include_path=include_path,
+            default_tasks=default_tasks,
+            limit=limit,
+            batch_size=batch_size,
+            model_args=model_arg,
+            metrics=metric,
+            log_samples=log_samples,
+        )
+    except ImportError as err:
+        _fail(ImportError(f'{err}; `tokenreduce eval` needs lmms-eval: pip install "tokenreduce[eval]"'))
+    except TokenReduceError as err:
+        _fail(err)
+    if table is not None:  # rank 0
+        sys.stdout.write(table.to_markdown())
+        console.print(f"wrote {output_dir}/results.md, results.json, results.png", highlight=False)
+
+
+@app.command("fidelity")
+def fidelity_cmd(
+    pipeline: list[Path] = typer.Argument(None, help="YAML pipeline file(s)."),
+    reducers: Optional[str] = typer.Option(None, help="Comma-separated reducers, one pipeline per reducer x budget."),
+    budgets: Optional[str] = typer.Option(None, help="Comma-separated budgets for --reducers."),
+    stage: Optional[str] = typer.Option(None, help="Stage of the --reducers pipelines."),
+    layer: Optional[int] = typer.Option(None, help="Decoder layer of llm_layer --reducers pipelines."),
+    model: str = typer.Option("tiny", help="Checkpoint (hub id or folder); default: the embedded tiny model."),
+    inputs: Optional[Path] = typer.Option(None, help="Folder of images (+ prompts.jsonl); default: embedded images."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt for images without one in prompts.jsonl."),
+    samples: Optional[int] = typer.Option(None, help="Use at most this many inputs."),
+    max_new_tokens: int = typer.Option(16, help="Length of the unreduced greedy answer compared."),
+    batch_size: int = typer.Option(4, help="Inputs per model call."),
+    device: Optional[str] = typer.Option(None, help="cuda, cpu, ... (default: cuda if available)."),
+    dtype: str = typer.Option("auto", help="auto, float16, bfloat16 or float32."),
+    prompt_format: str = typer.Option("auto", help="auto, llava_hf or processor (see docs/evaluation.md)."),
+    cache_dir: Path = typer.Option(Path.home() / ".cache" / "tokenreduce", help="Where the embedded tiny model is written."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+) -> None:
+    """Label-free check of pipelines against the unreduced model: KL, top-1 agreement, reconstruction."""
+    try:
+        from .evaluation.commands import fidelity_command
+
+        results = fidelity_command(
+            model=model,
+            pipeline_files=pipeline or [],
+            reducers=reducers,
+            budgets=budgets,
+            stage=stage,
+            layer=layer,
+            inputs=inputs,
+            prompt=prompt,
+            samples=samples,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            prompt_format=prompt_format,
+            cache_dir=cache_dir,
+        )
+    except TokenReduceError as err:
+        _fail(err)
+    table = Table(title=f"Fidelity to the unreduced model ({results[0].samples} inputs)")
+    for col in ("pipeline", "KL (nats/token)", "KL first token", "top-1 agree", "exact decode", "steps: tokens, recon. error"):
+        table.add_column(col, justify="left" if col in ("pipeline", "steps: tokens, recon. error") else "right")
+    for r in results:
+        steps = "; ".join(
+            f"{s.reducer}@{s.stage}{'' if s.layer is None else f'[{s.layer}]'} {s.tokens_before:.0f}->{s.tokens_after:.0f}, "
+            f"{s.reconstruction_error:.4f}"
+            for s in r.steps
+        )
+        table.add_row(r.name, f"{r.kl:.4g}", f"{r.kl_first:.4g}", f"{r.top1:.3f}", f"{r.exact:.3f}", steps)
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+        console.print(f"wrote {json_out}", highlight=False)
+
+
 def main() -> None:
     app()
 

@@ -245,7 +245,8 @@ def merge_nearest(
 
     Args:
         tokens: ``(B, N, D)`` input.
-        indices, slots: ascending kept indices ``(B, T)`` and their validity.
+        indices: ``(B, T)`` ascending kept indices.
+        slots: ``(B, T)`` bool, the real (not padded) entries of ``indices``.
         valid: ``(B, N)`` input validity; invalid tokens are never merged.
         targets: ``(B, T)`` bool, slots allowed to receive merges (default: all real slots).
         kept_features: ``(B, T, D)`` features of the kept slots before merging

@@ -79,6 +79,8 @@ def _synthetic_context(tokens: torch.Tensor, step: Step) -> ReductionContext:
         keys=tokens,
         attention=attn.unsqueeze(1),
         text_embeds=cls_token.unsqueeze(1),
+        text_keys=cls_token.unsqueeze(1),  # one "text" token; its keys are itself, as ``keys`` are
+        text_mask=torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device),
         grid=(side, side) if side * side == tokens.shape[1] else None,
     )
 

@@ -1,0 +1,395 @@
+"""mkdocs hooks: the pages and tables that must stay true are generated from the code at build time.
+
+* One page per built-in reducer (``reducers/<name>.md``), from the registry: summary,
+  paper, stages, context, the class docstring, the parameter table (from the pydantic
+  model, via :func:`tokenreduce.docgen.params_rows`) and a YAML example. A hand-written
+  page ``docs/reducers/<name>.md`` (ApET's) is kept as written; its
+  ``<!-- tokenreduce:... -->`` markers are filled in, and the generated sections it
+  lacks are appended.
+* Markers in any page: ``<!-- tokenreduce:params NAME -->``, ``<!-- tokenreduce:facts NAME -->``,
+  ``<!-- tokenreduce:example NAME -->``, ``<!-- tokenreduce:reducers -->`` (the table of
+  all reducers), ``<!-- tokenreduce:config-fields -->`` (the YAML format's fields),
+  ``<!-- tokenreduce:all-params -->`` (every reducer's table), ``<!-- tokenreduce:adapters -->``
+  (the registered model adapters), ``<!-- tokenreduce:benchmarks -->``.
+* ``tokenreduce.schema.json`` (the JSON schema of the YAML format) is written into the site.
+* The benchmark tables are read from ``benchmarks/results/*.json`` (plots ``*.png``/``*.svg``
+  beside them are copied); without results the page says how to make them.
+
+The text builders here import no mkdocs, so tests call them directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import posixpath
+import re
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+EXAMPLES = DOCS / "examples" / "reducers"
+RESULTS = ROOT / "benchmarks" / "results"
+BUILTIN = "tokenreduce"
+# A marker stands alone on its line (so one quoted inside a sentence or code span is left as is).
+MARKER = re.compile(r"^[ \t]*<!--\s*tokenreduce:([a-z-]+)\s*([\w\-]*)\s*-->[ \t]*$", re.MULTILINE)
+STAGE_ORDER = ("vision_encoder", "projector", "llm_layer")
+
+
+# -- reducers --------------------------------------------------------------------------------------
+
+
+def builtin_reducers() -> dict[str, type]:
+    """Registered reducers that ship with tokenreduce, by name."""
+    from tokenreduce import get_registry
+
+    return {name: e.cls for name, e in sorted(get_registry().reducers.items()) if e.source == BUILTIN}
+
+
+def reducer_class(name: str) -> type:
+    from tokenreduce import get_registry
+
+    return get_registry().reducer_class(name)
+
+
+def _stages(cls: type) -> list[str]:
+    return [s for s in STAGE_ORDER if s in {st.value for st in cls.stages}]
+
+
+def _cell(text: str) -> str:
+    """A code-styled table cell (a pipe inside a code span does not end the cell)."""
+    if text == "(required)":
+        return "*required*"
+    return f"`{text}`" if text else ""
+
+
+def _text(text: str) -> str:
+    """A plain-text table cell: pipes escaped, one line."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def fields_table(model: Any, first: str = "Field") -> str:
+    """The table of a pydantic model's fields, from :func:`tokenreduce.docgen.params_rows`."""
+    from tokenreduce.docgen import params_rows
+
+    rows = params_rows(model)
+    if not rows:
+        return "No parameters.\n"
+    out = [f"| {first} | Type | Default | Range | Description |", "| --- | --- | --- | --- | --- |"]
+    for fname, typ, default, rng, desc in rows:
+        out.append(f"| `{fname}` | {_cell(typ)} | {_cell(default)} | {_cell(rng)} | {_text(desc)} |")
+    return "\n".join(out) + "\n"
+
+
+def params_table(name: str) -> str:
+    """The parameter table of a reducer, from its pydantic model (never hand-copied)."""
+    return fields_table(reducer_class(name).Params, "Parameter")
+
+
+def _default_example(name: str, cls: type) -> str:
+    stage = _stages(cls)[0]  # encoder-side stages come first in STAGE_ORDER
+    layer = ", layer: 2" if stage == "llm_layer" else ""
+    return f"# {name}: {cls.summary()}\npipeline:\n  - {{stage: {stage}{layer}, reducer: {name}, budget: 64}}\n"
+
+
+def example_yaml(name: str) -> tuple[str, str]:
+    """``(yaml text, where it comes from)``: ``docs/examples/reducers/<name>.yaml`` if present,
+    else a generated one-step pipeline at the reducer's first stage with default parameters."""
+    path = EXAMPLES / f"{name}.yaml"
+    if path.is_file():
+        return path.read_text(), f"docs/examples/reducers/{name}.yaml"
+    return _default_example(name, reducer_class(name)), ""
+
+
+def example_block(name: str) -> str:
+    text, source = example_yaml(name)
+    title = f' title="{source}"' if source else ""
+    how = (
+        f"Check it with `tokenreduce validate {source}`, run it on the embedded default with "
+        f"`tokenreduce run {source}`, or picture it with `tokenreduce show IMAGE --pipeline {source}`."
+        if source
+        else "Save it as `pipeline.yaml` and check it with `tokenreduce validate pipeline.yaml`."
+    )
+    return f"```yaml{title}\n{text.rstrip()}\n```\n\n{how}\n"
+
+
+# Docstrings may use Sphinx roles (:class:`~a.B`); the site shows them as code: ``B``
+# for ``~a.B`` (Sphinx's short form), ``a.B`` otherwise.
+ROLE_MD = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj):`(~?)([\w.]+)`")
+ROLE_HTML = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj):<code>(~?)([\w.]+)</code>")
+
+
+def _role_name(m: re.Match[str]) -> str:
+    return m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2)
+
+
+def _rest_to_markdown(text: str) -> str:
+    return ROLE_MD.sub(lambda m: f"`{_role_name(m)}`", text)
+
+
+def facts(name: str) -> str:
+    """Summary, paper, stages, needed context, class and usage of a reducer, one bold-labelled line each."""
+    cls = reducer_class(name)
+    stages = ", ".join(f"`{s}`" for s in _stages(cls))
+    lines = [f"*{cls.summary()}*", ""]
+    rows = [("Paper", cls.paper or "(none given)"), ("Stages", stages)]
+    if cls.required_context:
+        rows.append(("Needs context", ", ".join(f"`{c}`" for c in sorted(cls.required_context))))
+    if "llm_layer" in _stages(cls) and cls.required_context & {"attention", "keys", "text_keys"}:
+        rows.append(("Attention rows (llm_layer)", f"query `{cls.attention_query}`, layer `{cls.attention_layer}`"))
+    rows.append(("Class", f"`{cls.__module__}.{cls.__qualname__}`"))
+    rows.append(("Use", f'`tokenreduce.create("{name}", budget=64)` or `reducer: {name}` in YAML'))
+    lines += [f"**{k}:** {v}  " for k, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def reducer_page(name: str) -> str:
+    """The generated page of a built-in reducer without a hand-written one."""
+    cls = reducer_class(name)
+    doc = inspect.getdoc(cls) or ""
+    body = "\n".join(doc.splitlines()[1:]).strip()
+    parts = [f"# {name}\n", facts(name)]
+    if body:
+        parts += ["## How it works\n", _rest_to_markdown(body) + "\n"]
+    parts += missing_sections("")
+    return "\n".join(parts)
+
+
+def missing_sections(markdown: str) -> list[str]:
+    """The generated sections a reducer page lacks (markers count as present)."""
+    used = {m.group(1) for m in MARKER.finditer(markdown)}
+    parts = []
+    if "params" not in used:
+        parts += ["## Parameters\n", "<!-- tokenreduce:params -->\n"]
+    if "example" not in used:
+        parts += ["## YAML example\n", "<!-- tokenreduce:example -->\n"]
+    return parts
+
+
+def reducers_table(link_prefix: str = "") -> str:
+    """All built-in reducers: link, stages, summary."""
+    out = ["| Reducer | Stages | Needs context | What it does |", "| --- | --- | --- | --- |"]
+    for name, cls in builtin_reducers().items():
+        stages = ", ".join(_stages(cls))
+        ctx = ", ".join(sorted(cls.required_context)) or "-"
+        out.append(f"| [`{name}`]({link_prefix}{name}.md) | {stages} | {ctx} | {cls.summary()} |")
+    return "\n".join(out) + "\n"
+
+
+def adapters_table() -> str:
+    """Every registered model adapter (built-in or not): models, default positions, source."""
+    from tokenreduce import get_registry
+
+    entries = sorted(get_registry().adapters.items())
+    if not entries:
+        return "No model adapter is registered in this build.\n"
+    out = ["| Adapter | Model classes | Default positions | Class | Source |", "| --- | --- | --- | --- | --- |"]
+    for name, e in entries:
+        models = ", ".join(f"`{m}`" for m in e.cls.model_classes)
+        out.append(
+            f"| `{name}` | {models} | `{e.cls.default_positions}` | `{e.cls.__module__}.{e.cls.__qualname__}` | {e.source} {e.version} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def all_params(link_prefix: str = "") -> str:
+    """Every built-in reducer's parameter table, one section each (configuration reference)."""
+    parts = []
+    for name, cls in builtin_reducers().items():
+        stages = ", ".join(f"`{s}`" for s in _stages(cls))
+        parts += [
+            f"### {name}\n",
+            f"{cls.summary()} Stages: {stages}. [Page]({link_prefix}{name}.md).\n",
+            params_table(name),
+        ]
+    return "\n".join(parts)
+
+
+def config_fields() -> str:
+    from tokenreduce.config import PipelineConfig, StepConfig
+
+    return "\n".join(
+        ["### Top level\n", fields_table(PipelineConfig), "### A step (`pipeline:` items)\n", fields_table(StepConfig)]
+    )
+
+
+# -- benchmarks ------------------------------------------------------------------------------------
+
+
+_META = (
+    "title",
+    "description",
+    "command",
+    "hardware",
+    "device",
+    "gpu",
+    "cpu",
+    "torch",
+    "transformers",
+    "date",
+    "dtype",
+    "notes",
+)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return f"`{json.dumps(value)[:80]}`"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _rows_table(rows: list[dict[str, Any]]) -> str:
+    cols: list[str] = []
+    for row in rows:
+        cols += [k for k in row if k not in cols]
+    out = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for row in rows:
+        out.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def benchmark_section(path: Path) -> str:
+    """One results file as markdown: its metadata, then its rows as a table."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return f"### {path.stem}\n\n!!! warning\n    `{path.name}` could not be read: {err}\n"
+    title = data.get("title", path.stem) if isinstance(data, dict) else path.stem
+    parts = [f"### {title}\n", f"Source: `benchmarks/results/{path.name}`\n"]
+    rows: Any = data
+    if isinstance(data, dict):
+        meta = [(k, data[k]) for k in _META if k in data and k != "title"]
+        parts += [f"**{k}:** {'`' + str(v) + '`' if k == 'command' else _fmt(v)}  " for k, v in meta]
+        if meta:
+            parts.append("")
+        rows = next((data[k] for k in ("rows", "results", "records") if isinstance(data.get(k), list)), None)
+        if rows is None:
+            rest = {k: v for k, v in data.items() if k not in _META}
+            parts.append("```json\n" + json.dumps(rest, indent=2)[:4000] + "\n```\n")
+            return "\n".join(parts)
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        parts.append(_rows_table(rows))
+    else:
+        parts.append("```json\n" + json.dumps(rows, indent=2)[:4000] + "\n```\n")
+    return "\n".join(parts)
+
+
+def benchmark_plots(results: Path = RESULTS) -> list[Path]:
+    return sorted(p for p in results.glob("*") if p.suffix in {".png", ".svg"}) if results.is_dir() else []
+
+
+def benchmarks_markdown(results: Path = RESULTS, plot_prefix: str = "") -> str:
+    """The benchmark results committed under ``benchmarks/results/``, or how to make them."""
+    files = sorted(results.glob("*.json")) if results.is_dir() else []
+    plots = benchmark_plots(results)
+    if not files and not plots:
+        scripts = sorted((ROOT / "benchmarks").glob("*.py"))
+        listed = "\n".join(f"- `python benchmarks/{s.name}`" for s in scripts) or "- (no benchmark scripts yet)"
+        return (
+            '!!! note "No results committed yet"\n'
+            "    `benchmarks/results/` holds no JSON results in this build. Run the scripts below; each prints\n"
+            "    a table and writes its JSON to `benchmarks/results/`, which this page then shows.\n\n" + listed + "\n"
+        )
+    parts = [benchmark_section(p) for p in files]
+    parts += [f"![{p.stem}]({plot_prefix}{p.name})\n" for p in plots]
+    return "\n".join(parts)
+
+
+# -- markers -------------------------------------------------------------------------------------------
+
+
+def fill_markers(markdown: str, page_name: str | None = None, *, page_dir: str = "") -> str:
+    """Replace every ``<!-- tokenreduce:KIND [NAME] -->`` marker; NAME defaults to the page's reducer."""
+
+    def rel(target_dir: str) -> str:
+        """Prefix that leads from this page's folder to ``target_dir`` (both relative to docs/)."""
+        path = posixpath.relpath(target_dir or ".", page_dir.rstrip("/") or ".")
+        return "" if path == "." else path + "/"
+
+    def replace(m: re.Match[str]) -> str:
+        kind, name = m.group(1), m.group(2) or page_name or ""
+        if kind == "params":
+            return params_table(name)
+        if kind == "example":
+            return example_block(name)
+        if kind == "facts":
+            return facts(name)
+        if kind == "reducers":
+            return reducers_table(rel("reducers"))
+        if kind == "all-params":
+            return all_params(rel("reducers"))
+        if kind == "adapters":
+            return adapters_table()
+        if kind == "config-fields":
+            return config_fields()
+        if kind == "benchmarks":
+            return benchmarks_markdown(plot_prefix=rel("benchmarks/results"))
+        raise ValueError(f"unknown marker tokenreduce:{kind}")
+
+    return MARKER.sub(replace, markdown)
+
+
+# -- mkdocs events ---------------------------------------------------------------------------------------
+
+
+def on_config(config: Any) -> Any:
+    """Fill the ``Reducers`` nav section with one page per built-in reducer."""
+    for item in config.nav or []:
+        if isinstance(item, dict) and "Reducers" in item:
+            overview = item["Reducers"] if isinstance(item["Reducers"], str) else "reducers/index.md"
+            item["Reducers"] = [{"Overview": overview}] + [{name: f"reducers/{name}.md"} for name in builtin_reducers()]
+    return config
+
+
+def _nav_paths(nav: Any) -> set[str]:
+    paths: set[str] = set()
+    for item in nav or []:
+        value = next(iter(item.values())) if isinstance(item, dict) else item
+        if isinstance(value, list):
+            paths |= _nav_paths(value)
+        elif isinstance(value, str):
+            paths.add(value)
+    return paths
+
+
+def on_files(files: Any, config: Any) -> Any:
+    """Add the generated reducer pages, the JSON schema and the benchmark plots; pages that
+    mkdocs.yml does not list yet go to a "More" section, so none is unreachable."""
+    from mkdocs.structure.files import File
+
+    from tokenreduce import json_schema
+
+    for name in builtin_reducers():
+        uri = f"reducers/{name}.md"
+        if files.get_file_from_path(uri) is None:
+            files.append(File.generated(config, uri, content=reducer_page(name)))
+    files.append(File.generated(config, "tokenreduce.schema.json", content=json.dumps(json_schema(), indent=2) + "\n"))
+    for plot in benchmark_plots():
+        files.append(File.generated(config, f"benchmarks/results/{plot.name}", abs_src_path=str(plot)))
+    listed = _nav_paths(config.nav)
+    unlisted = [f.src_uri for f in files.documentation_pages() if f.src_uri not in listed]
+    if config.nav and unlisted:
+        config.nav.append({"More": sorted(unlisted)})
+    return files
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    """Fill the markers; complete hand-written reducer pages with the generated sections they lack."""
+    uri = page.file.src_uri
+    name = None
+    if uri.startswith("reducers/") and uri.count("/") == 1 and uri != "reducers/index.md":
+        name = uri[len("reducers/") : -len(".md")]
+        if (DOCS / uri).is_file():  # hand-written: append what it lacks
+            missing = missing_sections(markdown)
+            if missing:
+                markdown = markdown.rstrip() + "\n\n" + "\n".join(missing)
+    page_dir = uri.rsplit("/", 1)[0] + "/" if "/" in uri else ""
+    return fill_markers(markdown, name, page_dir=page_dir)
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    """Roles in the API reference (rendered by mkdocstrings) become plain code too."""
+    return ROLE_HTML.sub(lambda m: f"<code>{_role_name(m)}</code>", html)
