@@ -54,7 +54,7 @@ def test_reproduces_reference_llava_encoder_cases(reference, case, name):
     assert torch.equal(out.indices, _field(reference, case, "topk").sort(dim=1).values)
     assert torch.equal(out.keep_mask, _field(reference, case, "keep_mask"))
     torch.testing.assert_close(out.tokens, _field(reference, case, "kept"), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.info["errors"], _field(reference, case, "errors"), rtol=1e-4, atol=1e-5)
+    _assert_errors_close(out.info["errors"], _field(reference, case, "errors"))
     assert out.sizes.sum(dim=1).tolist() == [float(x.shape[1])] * x.shape[0]
 
 
@@ -67,7 +67,13 @@ def test_reproduces_reference_qwen_llm_layer_cases(reference, case):
     assert torch.equal(out.info["basis_indices"][0], _field(reference, case, "fps_idx"))
     assert torch.equal(out.indices[0], _field(reference, case, "topk_sorted"))
     torch.testing.assert_close(out.tokens[0], _field(reference, case, "kept"), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.info["errors"][0], _field(reference, case, "errors"), rtol=1e-4, atol=1e-5)
+    _assert_errors_close(out.info["errors"][0], _field(reference, case, "errors"))
+
+
+def _assert_errors_close(ours, ref):
+    # Errors are norms of residuals: near-zero ones (the basis tokens) carry the float32
+    # rounding of the whole solve, so the absolute tolerance scales with the largest error.
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(ref.abs().max())))
 
 
 def test_reference_rows_are_reproduced_inside_a_padded_batch(reference):
@@ -450,11 +456,28 @@ def test_cuda_matches_cpu(dtype, selection):
 @pytest.mark.gpu
 def test_cuda_reproduces_reference(reference):
     case = "clust_b2_n576_d1024_t192_k10"
-    x = _field(reference, case, "x").cuda()
-    out = tr.create("apet-llava", budget=192, stage="vision_encoder", basis_tokens=10)(x)
+    x = _field(reference, case, "x")
+    out = tr.create("apet-llava", budget=192, stage="vision_encoder", basis_tokens=10)(x.cuda())
     assert torch.equal(out.info["basis_indices"].cpu(), _field(reference, case, "fps_idx"))
     assert torch.equal(out.indices.cpu(), _field(reference, case, "topk").sort(dim=1).values)
-    torch.testing.assert_close(out.tokens.cpu(), _field(reference, case, "kept"), rtol=1e-4, atol=1e-5)
+    # cuBLAS rounds differently from the CPU; on clustered tokens a dropped token can be
+    # equally similar (to ~1e-6) to two retained tokens, and the argmax may then pick the
+    # other one. Every differing assignment must be such a tie; every slot that no tie
+    # touches must equal the reference.
+    cpu = tr.create("apet-llava", budget=192, stage="vision_encoder", basis_tokens=10)(x)
+    a_gpu, a_cpu = out.info["assignment"].cpu(), cpu.info["assignment"]
+    differ = a_gpu != a_cpu
+    kept_x = torch.gather(x.double(), 1, cpu.indices.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+    sim = torch.nn.functional.normalize(x.double(), dim=-1) @ torch.nn.functional.normalize(kept_x, dim=-1).transpose(1, 2)
+    rows, toks = differ.nonzero(as_tuple=True)
+    gap = (sim[rows, toks, a_gpu[rows, toks]] - sim[rows, toks, a_cpu[rows, toks]]).abs()
+    assert bool((gap < 1e-5).all()), f"non-tie assignment differences: {gap.max().item()}"
+    touched = torch.zeros_like(out.valid.cpu())
+    touched[rows, a_gpu[rows, toks]] = True
+    touched[rows, a_cpu[rows, toks]] = True
+    ref = _field(reference, case, "kept")
+    torch.testing.assert_close(out.tokens.cpu()[~touched], ref[~touched], rtol=1e-4, atol=1e-5)
+    assert int(touched.sum()) <= 0.05 * touched.numel()
 
 
 # -- bad parameters --------------------------------------------------------------------

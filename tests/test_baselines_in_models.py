@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tokenreduce as tr
-from tokenreduce import MissingContextError, Pipeline, Step, create
+from tokenreduce import Pipeline, Step, create
 
 from models import IMAGE_TOKEN, llava_prompt, tiny_llava
 
@@ -120,7 +120,18 @@ def test_cls_methods_pick_the_eager_cls_attention_top_tokens(llava, eager_twin, 
         assert set(picked) == top
 
 
-def test_dart_key_norm_pivots_need_decoder_keys_the_adapter_lacks(llava):
-    model, _ = llava
-    with pytest.raises(MissingContextError, match="needs context keys, text_keys"):
-        tr.patch(model, Pipeline([Step("llm_layer", create("dart", 8), layer=2)]))
+def test_dart_published_key_norm_pivots_run_on_decoder_keys(llava):
+    # The decoder supplies layer K-1's post-RoPE keys of the image and text tokens, so the
+    # published default (pivots by key norm) runs inside generate() under SDPA.
+    model, inputs = llava
+    with tr.apply(model, Pipeline([Step("llm_layer", create("dart", 8), layer=2)])) as handle:
+        out = generate(model, inputs)
+        rec = handle.records[0]
+    assert out.shape[1] == inputs["input_ids"].shape[1] + NEW_TOKENS
+    assert (rec.reducer, rec.tokens_before, rec.tokens_after) == ("dart", [36, 36], [8, 8])
+    with tr.apply(model, Pipeline([Step("llm_layer", create("dart", 8, pivot_by="token_norm"), layer=2)])) as handle:
+        generate(model, inputs)
+        other = handle.records[0]
+    # Different pivot rules see different signals: the kept sets are not forced equal, but
+    # both keep exactly the budget of valid image positions.
+    assert all(len(set(i.tolist())) == 8 for i in rec.indices + other.indices)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -65,3 +66,12 @@ def test_schema_writes_json(tmp_path):
     assert res.exit_code == 0
     schema = json.loads(out.read_text())
     assert "pipeline" in schema["properties"]
+
+
+def test_run_embedded_default_model_with_all_three_stages():
+    res = invoke("run", str(Path(__file__).resolve().parents[1] / "examples" / "pipeline.yaml"))
+    assert res.exit_code == 0, res.output
+    assert "LlavaForConditionalGeneration" in res.output
+    for stage, before, after in (("vision_encoder", 576, 288), ("projector", 288, 64), ("llm_layer", 64, 32)):
+        line = next(l for l in res.output.splitlines() if stage in l)
+        assert f"{before}" in line and f"{after}" in line

@@ -47,7 +47,7 @@ class _KeepsPadding(Reducer):
 
     def reduce(self, tokens, counts, valid, context):
         slots = ops.slot_mask(counts)
-        idx = torch.arange(slots.shape[1]).expand_as(slots).masked_fill(~slots, -1)
+        idx = torch.arange(slots.shape[1], device=slots.device).expand_as(slots).masked_fill(~slots, -1)
         return make_reduction(tokens, idx, slots)
 
 

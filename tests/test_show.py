@@ -94,7 +94,13 @@ def test_apet_heat_map_is_its_reconstruction_error(features):
 
 
 def test_a_pipeline_is_traced_through_all_its_stages(features):
-    trace = trace_pipeline(features, tr.load_config(ROOT / "examples" / "pipeline.yaml"), "demo")
+    pipeline = tr.loads_config(
+        "pipeline:\n"
+        "  - {stage: vision_encoder, reducer: pool, budget: 144}\n"
+        "  - {stage: projector, reducer: random, budget: 64}\n"
+        "  - {stage: llm_layer, layer: 1, reducer: random, budget: 32}\n"
+    )
+    trace = trace_pipeline(features, pipeline, "demo")
     assert [r.split(" ")[1] for r in trace.records] == ["576->144", "144->64", "64->32"]
     assert len(set(trace.group[trace.group >= 0].tolist())) == 32
     assert trace.merged  # the pooling step merged 2 x 2 cells

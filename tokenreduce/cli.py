@@ -98,7 +98,7 @@ def run_cmd(
         _fail(err)
     table = Table(title=title)
     for col in ("stage", "reducer", "layer", "tokens before", "tokens after", "time (ms)", "recon. error"):
-        table.add_column(col, justify="right" if col not in ("stage", "reducer") else "left")
+        table.add_column(col, justify="right" if col not in ("stage", "reducer") else "left", no_wrap=True)
     for r in rows:
         table.add_row(
             r.stage,

@@ -25,3 +25,9 @@ def tokenreduce_register_reducers() -> list[type]:
 @hookspec
 def tokenreduce_register_adapters() -> list[type]:
     """Return model adapter classes (subclasses of :class:`tokenreduce.adapter.Adapter`) to register."""
+
+
+@hookspec(firstresult=True)
+def tokenreduce_default_model() -> object:
+    """Return a builder ``(seed: int) -> (model, inputs)`` for the embedded default model that
+    ``tokenreduce run`` uses (a tiny, seeded, random-weight VLM; no download). First result wins."""

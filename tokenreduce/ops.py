@@ -90,9 +90,15 @@ def merge_into(
     """
     b, n, d = tokens.shape
     keep = target >= 0
+    w = token_weight * keep
+    if tokens.is_cuda:
+        # scatter_add_ uses atomics on CUDA, whose summation order (and so the last bits)
+        # varies between runs; a one-hot matmul is deterministic. Memory B*t*N, not N*t*D.
+        onehot = (target.unsqueeze(1) == torch.arange(t, device=target.device).view(1, t, 1)).to(tokens.dtype)
+        onehot = onehot * w.unsqueeze(1)
+        return torch.bmm(onehot, tokens), onehot.sum(dim=2)
     # Tokens without a target go to a spare slot t, dropped afterwards.
     tgt = torch.where(keep, target, torch.full_like(target, t))
-    w = token_weight * keep
     sums = torch.zeros(b, t + 1, d, dtype=tokens.dtype, device=tokens.device)
     sums.scatter_add_(1, tgt.unsqueeze(-1).expand(b, n, d), tokens * w.unsqueeze(-1))
     weights = torch.zeros(b, t + 1, dtype=tokens.dtype, device=tokens.device)

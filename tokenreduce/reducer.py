@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import abc
 import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +24,24 @@ from .params import ReducerParams, build_params
 from .reduction import Reduction
 from .stages import ALL_STAGES, Stage
 from .validation import check_mask, check_tokens
+
+
+Observer = Callable[["Reducer", torch.Tensor, torch.Tensor, ReductionContext, Reduction], None]
+_observers: list[Observer] = []
+
+
+@contextmanager
+def observe(callback: Observer) -> Iterator[None]:
+    """Call ``callback(reducer, tokens, valid, context, reduction)`` after every reducer call.
+
+    For diagnostics (``tokenreduce run`` measures reconstruction error this way, whatever
+    adapter made the call). Costs nothing when no observer is registered.
+    """
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
 
 
 class Reducer(abc.ABC):
@@ -132,8 +152,12 @@ class Reducer(abc.ABC):
         valid_counts = valid.sum(dim=1)
         counts = resolve_budgets(budget, valid_counts)
         if bool((counts == valid_counts).all()):
-            return identity_reduction(tokens, valid)
-        return self.reduce(tokens, counts, valid, context)
+            out = identity_reduction(tokens, valid)
+        else:
+            out = self.reduce(tokens, counts, valid, context)
+        for callback in _observers:
+            callback(self, tokens, valid, context, out)
+        return out
 
     def _default_stage(self) -> Stage:
         # The encoder-side default is the common case for direct tensor calls.

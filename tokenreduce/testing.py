@@ -162,6 +162,7 @@ def _check_stage(cls, st_, params, context_factory, max_examples, min_budget, ma
         deadline=None,
         derandomize=True,
         database=None,
+        report_multiple_bugs=False,  # one clear failure, not an ExceptionGroup
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(st.data())

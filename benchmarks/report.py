@@ -1,0 +1,611 @@
+"""Markdown tables and PNG plots from the JSON results (``python -m benchmarks.report [--out DIR]``).
+
+Reads every ``roofline.json``, ``overhead.json``, ``e2e_*.json`` and ``attention_*.json``
+of the folder and writes ``README.md`` (environment, the targets of issue 8 with how far
+each is from its goal, one table per suite, errors and skipped work) and the plots
+``latency_vs_budget_<model>.png``, ``memory_vs_budget_<model>.png`` and
+``overhead_vs_n.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .common import read_json
+
+TARGET_RATIO = 0.90  # ApET TTFT speed-up >= 90% of the roofline-ideal speed-up
+TARGET_APET_SHARE = 0.02  # ApET's own time < 2% of the reduced prefill
+TARGET_REDUCER_SHARE = 0.05  # no reducer slower than 5% of the unreduced prefill at N = 576
+
+
+def load(out: Path) -> dict[str, Any]:
+    """All result documents of a folder."""
+    return {
+        "roofline": read_json(out / "roofline.json"),
+        "overhead": read_json(out / "overhead.json"),
+        "e2e": {p.stem[len("e2e_") :]: read_json(p) for p in sorted(out.glob("e2e_*.json"))},
+        "attention": {p.stem[len("attention_") :]: read_json(p) for p in sorted(out.glob("attention_*.json"))},
+    }
+
+
+# -- joins ---------------------------------------------------------------------------------
+
+
+def prefill_ms(data: dict[str, Any], n: int, batch: int, device: str) -> tuple[float, str] | None:
+    """Unreduced prefill of the e2e model whose image-token count is nearest ``n`` (within 2x), same batch and device kind."""
+    best = None
+    for key, doc in data["e2e"].items():
+        if doc is None or doc["meta"]["device"].split(":")[0] != device:
+            continue
+        for r in doc["results"]:
+            if r["setting"] == "none" and r["batch"] == batch and r["status"] == "ok":
+                dist = abs(math.log(r["image_tokens"] / n))
+                if dist <= math.log(2) and (best is None or dist < best[0]):
+                    best = (dist, r["ttft_ms"], key)
+    return None if best is None else (best[1], best[2])
+
+
+def overhead_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Overhead records with ``share``: the fraction of the matching unreduced prefill."""
+    doc = data["overhead"]
+    if doc is None:
+        return []
+    rows = []
+    for r in doc["results"]:
+        r = dict(r)
+        if r["status"] == "ok":
+            match = prefill_ms(data, r["N"], r["B"], r["device"])
+            if match is not None:
+                r["prefill_ms"], r["prefill_model"] = match
+                r["share"] = r["median_ms"] / match[0]
+        rows.append(r)
+    return rows
+
+
+def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def _fmt(x: Any, spec: str = ".1f", none: str = "–") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return none
+    return format(x, spec)
+
+
+def _pct(x: float | None) -> str:
+    return _fmt(None if x is None else 100 * x, ".2f") + ("%" if x is not None else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+# -- targets -------------------------------------------------------------------------------
+
+
+def targets(data: dict[str, Any], ov: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target of issue 8: the measured value, the goal, met or by how much it is missed."""
+    out = []
+    first = next(iter(data["e2e"].values()), None)
+    apet = []
+    if first is not None:
+        recs = _ok(first["results"])
+        apet = [r for r in recs if (r["reducer"] or "").startswith("apet") and r["stage"] == "projector"]
+        small = min((r["budget"] for r in apet), default=None)
+        for b in sorted({r["batch"] for r in apet}, reverse=True):
+            hit = [r for r in apet if r["budget"] == small and r["batch"] == b and "ratio" in r]
+            if hit:
+                r = hit[0]
+                out.append(
+                    {
+                        "target": f"{r['setting']} on {r['model']}, {r['image_tokens']}→{small}, batch {b}: TTFT speed-up / ideal speed-up",
+                        "value": r["ratio"],
+                        "goal": f"≥ {TARGET_RATIO:.0%}",
+                        "met": r["ratio"] >= TARGET_RATIO,
+                        "detail": f"speed-up {r['speedup']:.2f}x vs ideal {r['ideal_speedup']:.2f}x "
+                        f"(TTFT {r['ttft_ms']:.1f} ms vs ideal {r['ideal_ms']:.1f} ms)",
+                        "fmt": "pct",
+                        "primary": b == max(x["batch"] for x in apet),
+                    }
+                )
+        device = first["meta"]["device"].split(":")[0]
+        for r in [r for r in apet if r["budget"] == small]:
+            share = _apet_share(ov, r, device)
+            if share is not None:
+                out.append(
+                    {
+                        "target": f"ApET's own time / reduced prefill ({r['model']}, batch {r['batch']})",
+                        "value": share[0],
+                        "goal": f"< {TARGET_APET_SHARE:.0%}",
+                        "met": share[0] < TARGET_APET_SHARE,
+                        "detail": f"standalone call (overhead suite): {share[1]:.3f} ms of {r['ttft_ms']:.1f} ms",
+                        "fmt": "pct",
+                    }
+                )
+            inside = (r.get("profile") or {}).get("reducers", {}).get(r["reducer"])
+            if inside:
+                ms = inside["device_ms"] if device == "cuda" else inside["cpu_ms"]
+                out.append(
+                    {
+                        "target": f"ApET's own time / reduced prefill, inside the model ({r['model']}, batch {r['batch']})",
+                        "value": ms / r["ttft_ms"],
+                        "goal": f"< {TARGET_APET_SHARE:.0%}",
+                        "met": ms / r["ttft_ms"] < TARGET_APET_SHARE,
+                        "detail": f"profiled range `tokenreduce.{r['reducer']}`: {ms:.3f} ms of {r['ttft_ms']:.1f} ms",
+                        "fmt": "pct",
+                    }
+                )
+    for key, doc in data["attention"].items():
+        if doc is None:
+            continue
+        recs = doc["results"]
+        n = doc["model"]["image_tokens"]
+        for method in ("fastv", "pdrop"):
+            for b in sorted({r["batch"] for r in recs if r["method"] == method}):
+                ours = [
+                    r
+                    for r in recs
+                    if r["method"] == method
+                    and r["batch"] == b
+                    and r["path"] == "tokenreduce-sdpa"
+                    and r["status"] == "ok"
+                ]
+                orig = [
+                    r
+                    for r in recs
+                    if r["method"] == method
+                    and r["batch"] == b
+                    and r["path"] == "official-eager"
+                    and r["status"] == "ok"
+                ]
+                if not ours or not orig:
+                    continue
+                o, e = ours[0], orig[0]
+                fp32 = [r for r in recs if r["method"] == method and r["path"] == "fp32-check" and r["status"] == "ok"]
+                same = fp32[0]["identical"] if fp32 else e.get("kept_vs_tokenreduce", {}).get("identical")
+                faster = o["ttft_ms"] < e["ttft_ms"]
+                lighter = o["peak_gib"] is not None and e["peak_gib"] is not None and o["peak_gib"] < e["peak_gib"]
+                out.append(
+                    {
+                        "target": f"{method} through tokenreduce vs eager original, {key} ({n} image tokens), batch {b}",
+                        "value": e["ttft_ms"] / o["ttft_ms"],
+                        "goal": "faster, less memory, same kept tokens",
+                        "met": bool(faster and (lighter or o["peak_gib"] is None) and same),
+                        "detail": f"TTFT {o['ttft_ms']:.1f} vs {e['ttft_ms']:.1f} ms; peak "
+                        f"{_fmt(o['peak_gib'], '.2f')} vs {_fmt(e['peak_gib'], '.2f')} GiB; identical kept indices: {same}",
+                        "fmt": "x",
+                    }
+                )
+    at576 = [r for r in ov if r.get("share") is not None and r["N"] == 576 and r["device"] == "cuda"]
+    if not at576:  # CPU-only runs (quick): check the same thing on what was measured
+        smallest = min((r["N"] for r in ov if r.get("share") is not None), default=None)
+        at576 = [r for r in ov if r.get("share") is not None and r["N"] == smallest]
+    if at576:
+        worst = max(at576, key=lambda r: r["share"])
+        out.append(
+            {
+                "target": f"slowest reducer at N={worst['N']} / unreduced prefill (all B, D, dtypes)",
+                "value": worst["share"],
+                "goal": f"≤ {TARGET_REDUCER_SHARE:.0%}",
+                "met": worst["share"] <= TARGET_REDUCER_SHARE,
+                "detail": f"{worst['reducer']}@{worst['stage']} B={worst['B']} D={worst['D']} {worst['dtype']}: "
+                f"{worst['median_ms']:.3f} ms vs {worst['prefill_ms']:.1f} ms ({worst['prefill_model']})",
+                "fmt": "pct",
+            }
+        )
+    return out
+
+
+def _apet_share(ov: list[dict[str, Any]], r: dict[str, Any], device: str) -> tuple[float, float] | None:
+    """ApET's standalone call time at this model's N, batch and width over the reduced prefill (same device, bf16)."""
+    width = 4096 if "llava" in r["model"] else 3584
+    cands = [
+        o
+        for o in ov
+        if o.get("status") == "ok"
+        and o["reducer"] == r["reducer"]
+        and o["stage"] == "projector"
+        and o["B"] == r["batch"]
+        and o["device"] == device
+        and o["dtype"] == "bfloat16"
+    ]
+    exact = [o for o in cands if o["N"] == r["image_tokens"] and o["D"] == width]
+    pick = exact or sorted(cands, key=lambda o: (abs(o["N"] - r["image_tokens"]), abs(o["D"] - width)))[:1]
+    if not pick:
+        return None
+    return pick[0]["median_ms"] / r["ttft_ms"], pick[0]["median_ms"]
+
+
+# -- markdown ------------------------------------------------------------------------------
+
+
+def markdown(data: dict[str, Any], out: Path, plots: list[str]) -> str:
+    ov = overhead_rows(data)
+    lines = ["# Benchmark results", ""]
+    lines += [
+        "Generated by `python -m benchmarks.report` from the JSON files in this folder; "
+        "the docstrings of `benchmarks/*.py` say how each number is measured.",
+        "",
+    ]
+    if any(doc and doc["meta"].get("quick") for doc in [data["roofline"], data["overhead"], *data["e2e"].values()]):
+        lines += [
+            "**Quick mode**: tiny CPU configurations that test the benchmark code; the numbers are not benchmark figures.",
+            "",
+        ]
+    lines += _environment(data)
+    lines += _targets(data, ov)
+    for key, doc in data["e2e"].items():
+        if doc is not None:
+            lines += _e2e(key, doc)
+    lines += _attention(data)
+    lines += _overhead(ov, data)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def _environment(data: dict[str, Any]) -> list[str]:
+    lines = ["## Environment", ""]
+    roof = data["roofline"]
+    docs = [("roofline", roof)] + [("overhead", data["overhead"])]
+    docs += [(f"e2e {k}", v) for k, v in data["e2e"].items()] + [
+        (f"attention {k}", v) for k, v in data["attention"].items()
+    ]
+    rows = []
+    for name, doc in docs:
+        if doc is None:
+            continue
+        m = doc["meta"]
+        rows.append([name, m.get("gpu") or m["device"], m["torch"], m["transformers"], m["date"], f"`{m['command']}`"])
+    lines += _table(["results", "device", "torch", "transformers", "date (UTC)", "command"], rows) + [""]
+    if roof is not None:
+        p = roof["peaks"]
+        lines += [
+            f"Measured peaks ({p['device']}): {p['matmul_tflops']:.3g} TFLOP/s ({p['dtype']} GEMM {p['matmul_n']}³, best run), "
+            f"{p['bandwidth_gbs']:.0f} GB/s (copy of {p['copy_mib']:.0f} MiB, read + write).",
+            "",
+        ]
+    return lines
+
+
+def _targets(data: dict[str, Any], ov: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    tg = targets(data, ov)
+    for t in tg:
+        value = _pct(t["value"]) if t["fmt"] == "pct" else f"{t['value']:.2f}x"
+        rows.append([t["target"], value, t["goal"], "met" if t["met"] else "**missed**", t["detail"]])
+    lines = (
+        ["## Targets (issue 8)", ""]
+        + (
+            _table(["target", "value", "goal", "status", "detail"], rows)
+            if rows
+            else ["No results for the targets yet."]
+        )
+        + [""]
+    )
+    missed = [t for t in tg if not t["met"]]
+    if missed:
+        lines += _where_time_goes(data)
+    return lines
+
+
+def _where_time_goes(data: dict[str, Any]) -> list[str]:
+    """Profiler summaries and the per-component roofline of the profiled runs."""
+    lines = []
+    for key, doc in data["e2e"].items():
+        for r in doc["results"] if doc else []:
+            prof = r.get("profile")
+            if not prof:
+                continue
+            lines += [f"### Where the time goes: {r['setting']}, {key}, batch {r['batch']}", ""]
+            comps = r["roofline"]["components"]
+            lines += [
+                f"TTFT {r['ttft_ms']:.1f} ms; roofline ideal {r['ideal_ms']:.2f} ms = "
+                + ", ".join(f"{k} {v['ideal_ms']:.2f} ms" for k, v in comps.items())
+                + f"; profiled device time {prof['total_device_ms']:.1f} ms, host time {prof['total_cpu_ms']:.1f} ms.",
+                "",
+            ]
+            rows = [
+                [f"`{t['op'][:60]}`", str(t["calls"]), _fmt(t["self_device_ms"], ".2f"), _fmt(t["self_cpu_ms"], ".2f")]
+                for t in prof["top"]
+            ]
+            lines += _table(["operator", "calls", "self device ms", "self host ms"], rows) + [""]
+    return lines
+
+
+def _e2e(key: str, doc: dict[str, Any]) -> list[str]:
+    m = doc["model"]
+    lines = [
+        f"## End to end: {key}",
+        "",
+        f"{m['title']}: `{m['class']}`, {m['parameters'] / 1e9:.2f} B parameters "
+        f"({m['weights_gib']:.1f} GiB {m['dtype']}), {m['image_tokens']} image tokens, prompt {m['prompt_len']} tokens, "
+        f"`{m['attn_implementation']}` attention, built in {m['build_s']:.1f} s. Decode over "
+        f"{doc['config']['new_tokens']} new tokens.",
+        "",
+    ]
+    rows, problems = [], []
+    for r in doc["results"]:
+        if r["status"] != "ok":
+            problems.append(f"- B={r['batch']} `{r['setting']}`: {r['status']}: {r.get('error', '')}")
+            continue
+        rows.append(
+            [
+                f"`{r['setting']}`",
+                str(r["batch"]),
+                _fmt(r["ttft_ms"]),
+                _fmt(r.get("speedup"), ".2f"),
+                _fmt(r.get("ideal_speedup"), ".2f"),
+                _pct(r.get("ratio")),
+                _fmt(r["ideal_ms"], ".1f"),
+                _fmt(r["decode_tok_s"], ".0f"),
+                _fmt(r["peak_gib"], ".2f"),
+                _fmt(r["kv_prefill_bytes"] / 2**20 if r["kv_prefill_bytes"] else None, ".1f"),
+            ]
+        )
+    lines += _table(
+        [
+            "setting",
+            "B",
+            "TTFT ms",
+            "speed-up",
+            "ideal speed-up",
+            "achieved/ideal",
+            "ideal ms",
+            "decode tok/s",
+            "peak GiB",
+            "KV MiB",
+        ],
+        rows,
+    )
+    lines += [""]
+    skipped = sum(r["status"] == "skipped" for r in doc["results"])
+    problems = [p for p in problems if ": skipped:" not in p]
+    if problems:
+        lines += ["Not measured:", ""] + problems + [""]
+    if skipped:
+        lines += [
+            f"{skipped} runs skipped (time budget); measure them with "
+            f"`python -m benchmarks.run --suite e2e --resume --models {key}`.",
+            "",
+        ]
+    return lines
+
+
+def _attention(data: dict[str, Any]) -> list[str]:
+    if not data["attention"]:
+        return []
+    lines = ["## Attention cost: official code paths vs tokenreduce", ""]
+    rows, problems = [], []
+    for key, doc in data["attention"].items():
+        for r in doc["results"] if doc else []:
+            if r["path"] == "fp32-check":
+                if r["status"] == "ok":
+                    rows.append(
+                        [
+                            key,
+                            str(r["image_tokens"]),
+                            "1",
+                            r["method"],
+                            "fp32 index check",
+                            "–",
+                            "–",
+                            str(r["identical"]),
+                            _pct(r.get("overlap")),
+                        ]
+                    )
+                continue
+            if r["status"] != "ok":
+                problems.append(
+                    f"- {key} B={r['batch']} {r['method']} {r['path']}: {r['status']}: {r.get('error', '')}"
+                )
+                continue
+            kept = r.get("kept_vs_tokenreduce") or {}
+            rows.append(
+                [
+                    key,
+                    str(r["image_tokens"]),
+                    str(r["batch"]),
+                    r["method"],
+                    r["path"],
+                    _fmt(r["ttft_ms"]),
+                    _fmt(r["peak_gib"], ".2f"),
+                    str(kept.get("identical", "–")),
+                    _pct(kept.get("overlap")),
+                ]
+            )
+    lines += _table(
+        ["model", "N", "B", "method", "path", "TTFT ms", "peak GiB", "same kept as tokenreduce", "overlap"], rows
+    ) + [""]
+    if problems:
+        lines += ["Not measured:", ""] + problems + [""]
+    return lines
+
+
+def _overhead(ov: list[dict[str, Any]], data: dict[str, Any]) -> list[str]:
+    if not ov:
+        return []
+    doc = data["overhead"]
+    budget = doc.get("time_budget_s")
+    lines = [
+        "## Reducer overhead",
+        "",
+        "Median ms per call (T = N/9) of every reducer at every stage it supports; in brackets, the share of "
+        "the unreduced prefill of the matching model (nearest image-token count, same batch and device). "
+        + (f"Time budget {budget:.0f} s." if budget else "No time budget."),
+        "",
+    ]
+    ok = _ok(ov)
+    for device, dtype, width in sorted({(r["device"], r["dtype"], r["D"]) for r in ok}):
+        sel = [r for r in ok if r["device"] == device and r["dtype"] == dtype and r["D"] == width]
+        cols = sorted({(r["B"], r["N"]) for r in sel})
+        pairs = sorted({(r["reducer"], r["stage"]) for r in sel})
+        idx = {(r["reducer"], r["stage"], r["B"], r["N"]): r for r in sel}
+        rows = []
+        for name, st in pairs:
+            cells = []
+            for c in cols:
+                r = idx.get((name, st, *c))
+                share = f" ({_pct(r['share'])})" if r is not None and r.get("share") is not None else ""
+                cells.append("–" if r is None else _fmt(r["median_ms"], ".3f") + share)
+            rows.append([f"`{name}@{st}`", *cells])
+        lines += [f"### {device}, {dtype}, D={width}", ""]
+        lines += _table(["reducer", *[f"B={b} N={n}" for b, n in cols]], rows) + [""]
+    bad = [r for r in ov if r["status"] not in ("ok", "skipped")]
+    skipped = sum(r["status"] == "skipped" for r in ov)
+    if bad:
+        lines += (
+            ["Errors:", ""]
+            + sorted(
+                {f"- `{r['reducer']}@{r['stage']}` ({r['device']}): {r['status']}: {r.get('error', '')}" for r in bad}
+            )
+            + [""]
+        )
+    if skipped:
+        lines += [f"{skipped} points skipped (time budget); rerun with a larger `--overhead-s`.", ""]
+    return lines
+
+
+# -- plots ---------------------------------------------------------------------------------
+
+
+def plots(data: dict[str, Any], out: Path) -> list[str]:
+    """Write the PNG plots; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from cycler import cycler
+
+    # Up to 12 methods on one axis: 10 colours x 4 markers never repeat a pair.
+    style = cycler(marker=["o", "s", "^", "D"]) * cycler(color=plt.get_cmap("tab10").colors)
+    plt.rcParams["axes.prop_cycle"] = cycler(color=[s["color"] for s in style], marker=[s["marker"] for s in style])
+
+    names = []
+    for key, doc in data["e2e"].items():
+        if doc is None:
+            continue
+        recs = _ok(doc["results"])
+        if not recs:
+            continue
+        for metric, label, fname in (
+            ("ttft_ms", "time to first token (ms)", "latency"),
+            ("peak_gib", "peak GPU memory (GiB)", "memory"),
+        ):
+            if all(r.get(metric) is None for r in recs):
+                continue
+            batches = sorted({r["batch"] for r in recs})
+            fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.2), squeeze=False)
+            for ax, b in zip(axes[0], batches):
+                sel = [r for r in recs if r["batch"] == b]
+                by = defaultdict(list)
+                for r in sel:
+                    if r["reducer"] is not None and r.get(metric) is not None:
+                        by[
+                            f"{r['reducer']}@{r['stage'] if not r['layers'] else 'L' + '/'.join(map(str, r['layers']))}"
+                        ].append(r)
+                for name, rs in sorted(by.items()):
+                    rs.sort(key=lambda r: r["budget"])
+                    ax.plot([r["budget"] for r in rs], [r[metric] for r in rs], label=name)
+                base = [r for r in sel if r["reducer"] is None and r.get(metric) is not None]
+                if base:
+                    ax.axhline(base[0][metric], color="black", linestyle="--", marker="", label="no reduction")
+                if metric == "ttft_ms":
+                    ideal = {
+                        r["budget"]: r["ideal_ms"]
+                        for r in sel
+                        if r["reducer"] is not None and r["stage"] == "projector"
+                    }
+                    if ideal:
+                        xs = sorted(ideal)
+                        ax.plot(
+                            xs,
+                            [ideal[x] for x in xs],
+                            color="gray",
+                            linestyle=":",
+                            marker="",
+                            label="roofline ideal (projector)",
+                        )
+                ax.set_title(f"{key}, batch {b}")
+                ax.set_xlabel("image tokens kept")
+                ax.set_ylabel(label)
+                ax.grid(alpha=0.3)
+            axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            fig.tight_layout()
+            name = f"{fname}_vs_budget_{key}.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            names.append(name)
+    ov = _ok(overhead_rows(data))
+    if ov:
+        device = "cuda" if any(r["device"] == "cuda" for r in ov) else "cpu"
+        sel = [r for r in ov if r["device"] == device]
+        dtype = "bfloat16" if any(r["dtype"] == "bfloat16" for r in sel) else sel[0]["dtype"]
+        width = max(r["D"] for r in sel)
+        sel = [r for r in sel if r["dtype"] == dtype and r["D"] == width]
+        batches = sorted({r["B"] for r in sel})
+        fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.2), squeeze=False)
+        home = _home_stages()
+        for ax, b in zip(axes[0], batches):
+            by = defaultdict(list)
+            for r in sel:
+                if r["B"] == b and home.get(r["reducer"], r["stage"]) == r["stage"]:
+                    by[f"{r['reducer']}@{r['stage']}"].append(r)
+            for name, rs in sorted(by.items()):
+                rs.sort(key=lambda r: r["N"])
+                ax.plot([r["N"] for r in rs], [r["median_ms"] for r in rs], label=name)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"reducer time per call (published stage), {device} {dtype}, B={b}, D={width}", fontsize=9)
+            ax.set_xlabel("tokens N (budget N/9)")
+            ax.set_ylabel("ms (median)")
+            ax.grid(alpha=0.3, which="both")
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+        fig.savefig(out / "overhead_vs_n.png", dpi=110)
+        plt.close(fig)
+        names.append("overhead_vs_n.png")
+    return names
+
+
+def _home_stages() -> dict[str, str]:
+    """Each registered reducer's benchmark stage (its published one), for uncluttered plots."""
+    import tokenreduce
+
+    from .end_to_end import published_stage
+
+    reg = tokenreduce.get_registry()
+    return {name: published_stage(e.cls)[0] for name, e in reg.reducers.items()}
+
+
+def write_report(out: Path) -> Path:
+    """Regenerate ``README.md`` and the plots of a results folder (tables only when matplotlib is missing)."""
+    data = load(out)
+    try:
+        names = plots(data, out)
+    except ImportError as err:  # e.g. a bare GPU image: rerun `python -m benchmarks.report` where matplotlib is
+        print(f"plots skipped: {err}")
+        names = []
+    path = out / "README.md"
+    path.write_text(markdown(data, out, names))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description="Regenerate README.md and plots of a results folder."
+    )
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args(argv)
+    print(write_report(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

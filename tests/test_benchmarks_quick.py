@@ -1,0 +1,220 @@
+"""The benchmark code runs in ``--quick`` mode (tiny configs, CPU) and writes what the report needs.
+
+One module-scoped run of ``python -m benchmarks.run --suite all --quick`` into a temporary
+folder; the tests then check the JSON, Markdown and PNG it produced, plus the analytic
+pieces (roofline counts, budgets, token counts of the published configs) and that the
+hand-written "official" decoder loop reproduces the model's own forward.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenreduce
+from benchmarks import attention_cost, end_to_end, models, report, roofline, run
+
+QUICK_MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b")
+ATTENTION_MODELS = ("llava-1.5-7b", "llava-next-7b")
+META_KEYS = {"date", "command", "device", "gpu", "torch", "transformers", "tokenreduce", "quick"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    assert run.main(["--suite", "all", "--quick", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_every_result_file_is_written(results: Path) -> None:
+    names = {p.name for p in results.iterdir()}
+    expected = {"roofline.json", "overhead.json", "README.md", "overhead_vs_n.png"}
+    expected |= {f"e2e_{m}.json" for m in QUICK_MODELS} | {f"latency_vs_budget_{m}.png" for m in QUICK_MODELS}
+    expected |= {f"attention_{m}.json" for m in ATTENTION_MODELS}
+    assert expected <= names, f"missing: {sorted(expected - names)}"
+    for png in results.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png.name
+    assert not list(results.glob("*.tmp")), "an atomic write was left half done"
+
+
+def test_metadata_names_the_run(results: Path) -> None:
+    for path in results.glob("*.json"):
+        meta = _load(path)["meta"]
+        assert META_KEYS <= set(meta), f"{path.name}: {sorted(META_KEYS - set(meta))} missing"
+        assert meta["quick"] is True and meta["device"] == "cpu"
+        assert "--quick" in meta["command"] and meta["torch"] == torch.__version__
+    peaks = _load(results / "roofline.json")["peaks"]
+    assert peaks["matmul_tflops"] > 0 and peaks["bandwidth_gbs"] > 0
+
+
+def test_overhead_times_every_reducer_at_every_stage(results: Path) -> None:
+    doc = _load(results / "overhead.json")
+    rows = doc["results"]
+    reg = tokenreduce.get_registry()
+    expected = {(n, s.value) for n, e in reg.reducers.items() for s in e.cls.stages}
+    assert {(r["reducer"], r["stage"]) for r in rows} == expected
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["kept"] == r["T"] == round(r["N"] / 9)
+        assert r["reps"] == 3 and 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+    assert {(r["B"], r["N"], r["D"], r["dtype"]) for r in rows} == {(1, 144, 32, "bfloat16"), (2, 144, 32, "bfloat16")}
+
+
+@pytest.mark.parametrize("model", QUICK_MODELS)
+def test_end_to_end_records(results: Path, model: str) -> None:
+    doc = _load(results / f"e2e_{model}.json")
+    assert doc["model"]["image_tokens"] > 0 and doc["peaks"]["matmul_tflops"] > 0
+    rows = doc["results"]
+    assert not [r for r in rows if r["status"] not in ("ok", "unsupported")], "a setting failed"
+    base = {r["batch"]: r for r in rows if r["setting"] == "none"}
+    assert set(base) == {1, 2}
+    n = doc["model"]["image_tokens"]
+    for r in base.values():
+        assert r["status"] == "ok" and r["ttft_ms"] > 0 and r["ideal_ms"] > 0 and r["new_tokens"] == 3
+        assert r["image_tokens_per_layer"] == [n] * doc["model"]["decoder_layers"]
+        assert r["kv_prefill_bytes"] == r["kv_prefill_bytes_analytic"]
+        assert r["speedup"] == pytest.approx(1.0) and r["ratio"] == pytest.approx(1.0)
+    reduced = [r for r in rows if r["reducer"] is not None and r["status"] == "ok"]
+    assert any(r["reducer"].startswith("apet") for r in reduced), "ApET did not run"
+    assert {r["stage"] for r in reduced} == {"projector", "llm_layer"}
+    for r in reduced:
+        # The decoder really saw the reduced sequence (LLaVA-NeXT keeps its row-newline tokens on top).
+        last = r["image_tokens_per_layer"][-1]
+        assert last == r["budget"] if model != "llava-next-7b" else r["budget"] <= last < n, r["setting"]
+        assert r["stage_records"][-1]["tokens_after"] == [r["budget"]] * r["batch"]
+        assert r["kv_prefill_bytes"] < base[r["batch"]]["kv_prefill_bytes"]
+        assert r["ideal_speedup"] > 1 and r["ratio"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
+        assert {"vision", "projector", "decoder", "lm_head"} == set(r["roofline"]["components"])
+
+
+def test_profile_of_the_target_settings(results: Path) -> None:
+    rows = _load(results / "e2e_llava-1.5-7b.json")["results"]
+    profiled = {r["setting"] for r in rows if "profile" in r}
+    assert "none" in profiled and any(s.startswith("apet") for s in profiled)
+    for r in rows:
+        if "profile" in r:
+            prof = r["profile"]
+            assert prof["top"] and prof["total_cpu_ms"] > 0
+            # The reducer's own time inside the model is a named range of the profile.
+            assert set(prof["reducers"]) == ({r["reducer"]} if r["reducer"] else set())
+            assert all(v["calls"] == 1 and v["cpu_ms"] > 0 for v in prof["reducers"].values())
+
+
+@pytest.mark.parametrize("model", ATTENTION_MODELS)
+def test_attention_cost_paths_agree(results: Path, model: str) -> None:
+    rows = _load(results / f"attention_{model}.json")["results"]
+    paths = {(r["method"], r["path"]) for r in rows if r["status"] == "ok"}
+    assert paths >= {
+        ("none", "sdpa"),
+        ("none", "eager"),
+        ("fastv", "tokenreduce-sdpa"),
+        ("fastv", "official-eager"),
+        ("pdrop", "tokenreduce-sdpa"),
+        ("pdrop", "official-eager"),
+        ("pdrop", "official"),
+        ("fastv", "fp32-check"),
+        ("pdrop", "fp32-check"),
+    }
+    for r in rows:
+        if r["path"] == "fp32-check":
+            assert r["identical"] is True, r
+        elif r["method"] != "none" and r["path"] != "tokenreduce-sdpa":
+            assert r["kept_vs_tokenreduce"]["overlap"] > 0.5, r
+
+
+def test_report_has_every_section(results: Path) -> None:
+    text = (results / "README.md").read_text()
+    for head in ["## Environment", "## Targets (issue 8)", "## Attention cost", "## Reducer overhead", "## Plots"]:
+        assert head in text, head
+    for m in QUICK_MODELS:
+        assert f"## End to end: {m}" in text
+    data = report.load(results)
+    rows = report.targets(data, report.overhead_rows(data))
+    kinds = " ".join(t["target"] for t in rows)
+    assert "TTFT speed-up / ideal speed-up" in kinds and "ApET's own time" in kinds
+    assert "fastv through tokenreduce" in kinds and "pdrop through tokenreduce" in kinds and "slowest reducer" in kinds
+    assert all(isinstance(t["met"], bool) for t in rows)
+
+
+# -- the analytic pieces -----------------------------------------------------------------
+
+
+def test_published_image_token_counts() -> None:
+    counts = {s.key: models.image_token_count(s, models.build_config(s, quick=False)) for s in models.FULL_SPECS}
+    # 24x24 patches; NeXT 672x672 = base 576 + 48 rows of (48 + newline); Qwen 96x96 patches merged 2x2.
+    assert counts == {"llava-1.5-7b": 576, "llava-next-7b": 576 + 48 * 49, "qwen2.5-vl-7b": 48 * 48}
+
+
+def test_settings_budgets_and_token_profile() -> None:
+    assert end_to_end.scaled_budgets(576) == [192, 128, 64]
+    assert end_to_end.scaled_budgets(2304) == [768, 512, 256]
+    settings = end_to_end.settings_for(models.LLAVA, 576, 32, [64])
+    pdrop = next(s for s in settings if s.reducer == "pdrop")
+    # (64/576)^(1/3) per step: 576 -> 277 -> 133 -> 64 at the published layers 8/16/24.
+    assert pdrop.layers == (8, 16, 24) and pdrop.budgets == (277, 133, 64)
+    assert pdrop.image_tokens_per_layer(576, 32) == [576] * 8 + [277] * 8 + [133] * 8 + [64] * 8
+    fastv = next(s for s in settings if s.reducer == "fastv")
+    assert fastv.layers == (2,) and fastv.image_tokens_per_layer(576, 4) == [576, 576, 64, 64]
+    names = [s.reducer for s in settings]
+    assert names[0] is None and "apet-llava" in names and "apet-qwen" not in names and "apet" not in names
+    assert next(s for s in end_to_end.settings_for(models.QWEN, 2304, 28, [256]) if s.reducer == "pdrop").layers == (
+        7,
+        14,
+        21,
+    )
+
+
+def test_roofline_counts_match_a_hand_count() -> None:
+    spec = models.QUICK_SPECS[0]
+    model = models.build_model(spec, device="cpu", dtype=torch.float32, quick=True)
+    layer = models.text_model(model).layers[0]
+    # q, o: 64x64; k, v: 64x32 (2 kv heads x 16); gate, up, down: 64x96.
+    weights = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96
+    assert roofline.linear_weights(layer)[0] == weights
+    profile = roofline.token_profile(spec, model.config, image_tokens=36, prompt_len=91, per_layer=[36, 36, 10, 10])
+    comps = {c.name: c for c in roofline.prefill_components(model, spec, profile, batch=2)}
+    length = 55 + 10
+    assert comps["decoder.3"].flops == 2.0 * 2 * length * weights + 2.0 * 2 * length**2 * 64
+    assert comps["decoder.0"].flops > comps["decoder.3"].flops
+    assert comps["lm_head"].flops == 2.0 * 2 * 64 * 128
+    peaks = roofline.Peaks(1.0, 1.0, 1, 1.0, "cpu", "float32")
+    summary = roofline.summarize_components(list(comps.values()), peaks)
+    assert summary["ideal_ms"] == pytest.approx(sum(c.ideal_ms(peaks) for c in comps.values()))
+    assert roofline.kv_cache_bytes_analytic(model, profile, 2) == 2 * 4 * 2 * 32 * (2 * 91 + 2 * 65)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_official_decoder_loop_reproduces_the_model(attn: str) -> None:
+    spec = models.QUICK_SPECS[0]
+    model = models.build_model(spec, device="cpu", dtype=torch.float32, quick=True)
+    inputs = models.make_inputs(spec, model.config, batch=2, device="cpu", dtype=torch.float32)
+    with torch.inference_mode():
+        ref = model(**inputs.kwargs, use_cache=False).logits[:, -1:]
+        ours, kept = attention_cost.official_prefill(model, inputs, None, attn=attn)
+    assert kept == []
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_keeps_measured_records_of_the_same_gpu_only(tmp_path: Path) -> None:
+    meta = {"gpu": "H100", "device": "cuda", "quick": False, "torch": "2.11", "transformers": "5.17"}
+    config = {"batches": [1, 8], "new_tokens": 64}
+    rows = [
+        {"setting": "none", "batch": 1, "status": "ok"},
+        {"setting": "dart[pivot_by=token_norm]@L2:64", "requested": "dart@L2:64", "batch": 8, "status": "ok"},
+        {"setting": "fastv@L2:64", "batch": 1, "status": "skipped"},
+    ]
+    path = tmp_path / "e2e_m.json"
+    path.write_text(json.dumps({"meta": meta, "config": config, "results": rows}))
+    doc = {"config": config}
+    kept = run._previous_e2e(path, meta, doc)
+    assert set(kept) == {("none", 1), ("dart@L2:64", 8)}  # keyed by the requested setting; skips re-run
+    assert doc["resumed_from"] == [meta]
+    assert run._previous_e2e(path, {**meta, "gpu": "A100"}, {"config": config}) == {}
+    assert run._previous_e2e(path, meta, {"config": {**config, "new_tokens": 8}}) == {}

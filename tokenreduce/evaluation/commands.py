@@ -1,0 +1,197 @@
+"""What ``tokenreduce eval`` and ``tokenreduce fidelity`` do, apart from printing.
+
+``--model tiny`` is the embedded default: a tiny random LLaVA-1.5-layout checkpoint (and,
+for ``eval``, two tiny lmms-eval tasks ``tiny_pope`` / ``tiny_mc``) written on first use
+by :mod:`tokenreduce_plugins.eval_tiny`; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..pipeline import Pipeline
+
+TINY = "tiny"
+
+
+def parse_budget(text: str) -> int | float:
+    """``"64"`` -> 64 tokens, ``"0.25"`` / ``"1.0"`` -> a ratio (as in YAML); a clear error otherwise."""
+    text = str(text).strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"budget {text!r} is not a number (an int >= 1 or a ratio in (0, 1])") from None
+
+
+def split_list(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def named_pipelines(
+    files: Sequence[str | Path], reducers: str | None, budgets: str | None, stage: str | None, layer: int | None
+) -> list[tuple[str, Pipeline]]:
+    """YAML files (named by their stem) plus one pipeline per reducer x budget (``name-budget``).
+
+    A reducer may carry its own stage and layer, ``name@stage`` or ``name@llm_layer:K``,
+    overriding ``stage`` / ``layer`` for its rows (so one command can mix encoder-side and
+    decoder-layer methods).
+    """
+    from ..runner import pipeline_from_arg
+
+    out = [(Path(f).stem, Pipeline.coerce(str(f))) for f in files]
+    names, sizes = split_list(reducers), [parse_budget(b) for b in split_list(budgets)]
+    if names and not sizes:
+        raise ConfigError("--reducers needs --budgets (e.g. --budgets 64,128,192)")
+    for spec in names:
+        name, _, where = spec.partition("@")
+        st, _, lay = where.partition(":")
+        try:
+            own_layer = int(lay) if lay else layer
+        except ValueError:
+            raise ConfigError(f"reducer spec {spec!r}: the layer after ':' must be an int, got {lay!r}") from None
+        for b in sizes:
+            out.append((f"{name}-{b}", pipeline_from_arg(name, b, st or stage, own_layer)))
+    seen: set[str] = set()
+    for name, _ in out:
+        if name in seen:
+            raise ConfigError(f"two pipelines are named {name!r}; rename a YAML file or list a reducer once")
+        seen.add(name)
+    return out
+
+
+def parse_pairs(items: Sequence[str], what: str) -> dict[str, Any]:
+    """``["key=value", ...]`` -> dict (values: int / float / bool / str)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what} {item!r} must look like key=value")
+        out[key.strip()] = _scalar(value.strip())
+    return out
+
+
+def _scalar(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def tiny_assets(folder: Path, tasks: bool = False) -> tuple[str, Path | None]:
+    """Write (once) the embedded tiny checkpoint, and the tiny tasks if asked; returns (path, tasks folder)."""
+    from tokenreduce_plugins.eval_tiny import write_tiny_checkpoint, write_tiny_tasks
+
+    ckpt = write_tiny_checkpoint(folder / "checkpoint")
+    task_dir = None
+    if tasks:
+        task_dir = folder / "tasks"
+        if not (task_dir / "tiny_pope.yaml").is_file():
+            write_tiny_tasks(task_dir)
+    return str(ckpt), task_dir
+
+
+def eval_command(
+    *,
+    model: str,
+    pipeline_files: Sequence[str | Path],
+    reducers: str | None,
+    budgets: str | None,
+    stage: str | None,
+    layer: int | None,
+    tasks: str,
+    output_dir: Path,
+    include_path: Sequence[str] = (),
+    default_tasks: bool = True,
+    limit: float | None = None,
+    batch_size: int = 1,
+    model_args: Sequence[str] = (),
+    metrics: Sequence[str] = (),
+    log_samples: bool = False,
+) -> Any:
+    """Run the benchmark; returns the table (None on data-parallel ranks other than 0)."""
+    from .benchmark import run_benchmark
+
+    task_list = split_list(tasks)
+    if not task_list:
+        raise ConfigError("--tasks needs at least one lmms-eval task, e.g. --tasks gqa,pope")
+    pipes = named_pipelines(pipeline_files, reducers, budgets, stage, layer)
+    paths = list(include_path)
+    if model == TINY:
+        from accelerate import Accelerator
+
+        # Under accelerate launch, one process writes the files while the others wait. (An
+        # Accelerator, not a bare PartialState: the first one made fixes the shared state,
+        # and only Accelerator reads ACCELERATE_USE_CPU.)
+        with Accelerator().main_process_first():
+            model, task_dir = tiny_assets(Path(output_dir) / "_tiny", tasks=True)
+        paths.append(str(task_dir))
+    lim: int | float | None = None if limit is None else (int(limit) if limit >= 1 else limit)
+    table, _ = run_benchmark(
+        model,
+        pipes,
+        task_list,
+        output_dir=output_dir,
+        include_path=paths or None,
+        include_defaults=default_tasks,
+        limit=lim,
+        batch_size=batch_size,
+        model_args=parse_pairs(model_args, "--model-arg"),
+        metrics=parse_pairs(metrics, "--metric"),
+        log_samples=log_samples,
+    )
+    return table
+
+
+def fidelity_command(
+    *,
+    model: str,
+    pipeline_files: Sequence[str | Path],
+    reducers: str | None,
+    budgets: str | None,
+    stage: str | None,
+    layer: int | None,
+    inputs: Path | None,
+    prompt: str | None,
+    samples: int | None,
+    max_new_tokens: int,
+    batch_size: int,
+    device: str | None,
+    dtype: str,
+    prompt_format: str,
+    cache_dir: Path,
+) -> list[Any]:
+    """Measure fidelity of each pipeline on the inputs; returns :class:`FidelityResult` s."""
+    from .fidelity import measure_fidelity
+    from .inputs import DEFAULT_PROMPT, load_folder
+    from .vlm import VLM
+
+    pipes = named_pipelines(pipeline_files, reducers, budgets, stage, layer)
+    if not pipes:
+        raise ConfigError("give at least one pipeline: a YAML file, or --reducers NAME --budgets N")
+    if model == TINY:
+        model, _ = tiny_assets(cache_dir)
+    vlm = VLM.load(model, device=device, dtype=dtype, prompt_format=prompt_format)
+    if inputs is not None:
+        items = load_folder(inputs, prompt or DEFAULT_PROMPT, samples)
+    else:
+        from tokenreduce_plugins.eval_tiny import tiny_samples
+
+        items = tiny_samples(samples or 4)
+        if prompt:
+            for s in items:
+                s.context = prompt
+    return measure_fidelity(vlm, items, pipes, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+__all__ = ["TINY", "eval_command", "fidelity_command", "named_pipelines", "parse_budget", "parse_pairs", "split_list"]
