@@ -14,8 +14,9 @@ from rich.table import Table
 from .errors import TokenReduceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pluggable visual-token reduction for VLMs.")
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, files) would otherwise wrap tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 def _fail(err: Exception) -> None:
