@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,13 +15,22 @@ from rich.table import Table
 from .errors import TokenReduceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pluggable visual-token reduction for VLMs.")
-# Piped output (CI logs, files) would otherwise wrap tables at 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
+def _width(stream: object) -> int | None:
+    """Piped output (CI logs, files) would wrap tables at 80 columns; COLUMNS still wins."""
+    if os.environ.get("COLUMNS") or getattr(stream, "isatty", lambda: False)():
+        return None
+    return 120
+
+
+def _console(stderr: bool = False) -> Console:
+    # Built per use: the width depends on the environment at call time (COLUMNS, a tty).
+    return Console(stderr=stderr, width=_width(sys.stderr if stderr else sys.stdout))
 
 
 def _fail(err: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+    _console(stderr=True).print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
     raise typer.Exit(code=1)
 
 
@@ -36,21 +46,21 @@ def list_cmd() -> None:
     for name, entry in sorted(reg.reducers.items()):
         stages = ", ".join(sorted(s.value for s in entry.cls.stages))
         table.add_row(name, entry.version, stages, entry.source, entry.cls.summary())
-    console.print(table)
+    _console().print(table)
     if reg.adapters:
         at = Table(title="Model adapters")
         for col in ("name", "version", "models", "source"):
             at.add_column(col)
         for name, entry in sorted(reg.adapters.items()):
             at.add_row(name, entry.version, ", ".join(entry.cls.model_classes), entry.source)
-        console.print(at)
+        _console().print(at)
     if reg.broken:
         bt = Table(title="Broken plugins (not loaded)", style="red")
         for col in ("name", "source", "error"):
             bt.add_column(col)
         for b in reg.broken:
             bt.add_row(b.name, b.source, b.error)
-        console.print(bt)
+        _console().print(bt)
 
 
 @app.command("info")
@@ -63,18 +73,18 @@ def info_cmd(name: str = typer.Argument(..., help="Reducer name.")) -> None:
         cls = get_registry().reducer_class(name)
     except TokenReduceError as err:
         _fail(err)
-    console.print(f"[bold]{name}[/]: {cls.summary()}")
+    _console().print(f"[bold]{name}[/]: {cls.summary()}")
     if cls.paper:
-        console.print(f"paper: {cls.paper}")
-    console.print(f"stages: {', '.join(sorted(s.value for s in cls.stages))}")
+        _console().print(f"paper: {cls.paper}")
+    _console().print(f"stages: {', '.join(sorted(s.value for s in cls.stages))}")
     if cls.required_context:
-        console.print(f"needs context: {', '.join(sorted(cls.required_context))}")
+        _console().print(f"needs context: {', '.join(sorted(cls.required_context))}")
     table = Table(title="Parameters")
     for col in ("name", "type", "default", "range", "description"):
         table.add_column(col)
     for row in params_rows(cls.Params):
         table.add_row(*row)
-    console.print(table)
+    _console().print(table)
 
 
 @app.command("run")
@@ -110,7 +120,7 @@ def run_cmd(
             f"{r.milliseconds:.2f}",
             "" if r.error is None else f"{r.error:.4f}",
         )
-    console.print(table)
+    _console().print(table)
 
 
 @app.command("validate")
@@ -123,7 +133,7 @@ def validate_cmd(file: Path = typer.Argument(..., help="YAML pipeline file.")) -
     except TokenReduceError as err:
         _fail(err)
     steps = ", ".join(f"{s.reducer.name}@{s.stage.value}" + (f"[{s.layer}]" if s.layer is not None else "") for s in pipe)
-    console.print(f"[green]ok[/]: {file} ({len(pipe)} step(s): {steps})", highlight=False)
+    _console().print(f"[green]ok[/]: {file} ({len(pipe)} step(s): {steps})", highlight=False)
 
 
 @app.command("schema")
@@ -134,7 +144,7 @@ def schema_cmd(output: Optional[Path] = typer.Option(None, "-o", "--output", hel
     text = json.dumps(json_schema(), indent=2)
     if output:
         output.write_text(text + "\n")
-        console.print(f"wrote {output}")
+        _console().print(f"wrote {output}")
     else:
         sys.stdout.write(text + "\n")
 
@@ -166,7 +176,7 @@ def show_cmd(
         written = show(image, columns, output, model=model, seed=seed)
     except TokenReduceError as err:
         _fail(err)
-    console.print(f"wrote {written} ({len(columns)} column(s))", highlight=False)
+    _console().print(f"wrote {written} ({len(columns)} column(s))", highlight=False)
 
 
 @app.command("eval")
@@ -217,7 +227,7 @@ def eval_cmd(
         _fail(err)
     if table is not None:  # rank 0
         sys.stdout.write(table.to_markdown())
-        console.print(f"wrote {output_dir}/results.md, results.json, results.png", highlight=False)
+        _console().print(f"wrote {output_dir}/results.md, results.json, results.png", highlight=False)
 
 
 @app.command("fidelity")
@@ -272,10 +282,10 @@ def fidelity_cmd(
             for s in r.steps
         )
         table.add_row(r.name, f"{r.kl:.4g}", f"{r.kl_first:.4g}", f"{r.top1:.3f}", f"{r.exact:.3f}", steps)
-    console.print(table)
+    _console().print(table)
     if json_out:
         json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
-        console.print(f"wrote {json_out}", highlight=False)
+        _console().print(f"wrote {json_out}", highlight=False)
 
 
 def main() -> None:
