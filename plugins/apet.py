@@ -15,6 +15,8 @@ from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, merge_nea
 from tokenreduce.errors import InvalidInputError
 
 from .apet_basis import select_basis
+from .apet_graph import graphable as _graphable
+from .apet_graph import replay_graph
 
 # Ridge of the published code: 1e-5 after the vision encoder, 1e-1 at the decoder layer
 # (Qwen2.5-VL code; the LLaVA code uses 1e-5 at both points, see ApETLlava).
@@ -118,19 +120,25 @@ class ApET(Reducer):
         return "rank" if stage is Stage.LLM_LAYER else "position"
 
     def reduce(self, tokens, counts, valid, context):  # noqa: D102 - documented on Reducer
-        p = self.params
         stage = Stage(context.stage)
-        k = p.basis_tokens
         # Rows kept whole (budget >= valid count) or empty are not reduced at all.
         active = (counts < valid.sum(dim=1)) & (counts > 0)
-        _check_basis_count(k, counts, valid, active)
+        _check_basis_count(self.params.basis_tokens, counts, valid, active)
+        t = int(counts.max())
+        if _graphable(self, tokens, counts, valid, active, t):
+            return replay_graph(self, tokens, t, stage)
+        return self._reduce(tokens, counts, valid, active, stage, t, sync_free=False)
 
-        x, scale = _normalise(tokens, valid)
+    def _reduce(self, tokens, counts, valid, active, stage, t, *, sync_free):
+        """The algorithm. With ``sync_free`` it never reads a device value on the host (so it
+        can be captured in a CUDA graph) and computes both branches of data-dependent steps."""
+        p = self.params
+        x, scale = _normalise(tokens, valid, sync_free)
         ridge = _scaled_ridge(self.ridge_at(stage), scale)
-        picks, basis = select_basis(x, valid, k, method=p.basis_selection, start=p.fps_start, seed=p.seed)
-        errors = reconstruction_errors(x, basis, ridge).masked_fill(~valid, 0.0)
+        picks, basis = select_basis(x, valid, p.basis_tokens, method=p.basis_selection, start=p.fps_start, seed=p.seed)
+        errors = reconstruction_errors(x, basis, ridge, sync_free).masked_fill(~valid, 0.0)
 
-        order, slots = ops.topk_per_row(errors, counts, valid)  # descending error
+        order, slots = ops.topk_per_row(errors, counts, valid, t)  # descending error
         indices = ops.ascending(order, slots)
         kept, basis_slots = _place_basis(
             x, order, indices, slots, counts, basis, active, p.basis_blend, self.basis_order_at(stage)
@@ -205,22 +213,23 @@ def _check_basis_count(k: int, counts: torch.Tensor, valid: torch.Tensor, active
         )
 
 
-def _normalise(tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalise(tokens: torch.Tensor, valid: torch.Tensor, sync_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 tokens, divided by a per-row power of two where needed, and that scale ``(B,)`` float64.
 
     A row whose largest magnitude lies outside ``[2^-40, 2^40]`` is divided by the power of
     two that brings it into ``[1, 2)``, so neither the Gram matrix nor the distances can
     overflow or underflow float32. Dividing by a power of two is exact, so every later step
     gives the same bits as on the raw tokens; rows in range (the usual case) are not
-    touched, and without padding or scaling the input is not even copied. Padded tokens
-    are zeroed.
+    touched, and without padding or scaling the input is not even copied (unless
+    ``sync_free``: then the factor, 1 for rows in range, is always applied, still exactly).
+    Padded tokens are zeroed.
     """
     wide = tokens.double() if tokens.dtype == torch.float64 else tokens.float()
     peak = torch.linalg.vector_norm(wide, ord=float("inf"), dim=-1).masked_fill(~valid, 0).amax(dim=1).double()
     out_of_range = (peak > _SAFE_PEAK) | ((peak < 1.0 / _SAFE_PEAK) & (peak > 0))
     exponent = torch.where(out_of_range, torch.floor(torch.log2(peak)), torch.zeros_like(peak))
     scale = torch.exp2(exponent)
-    if not bool(out_of_range.any()) and bool(valid.all()):
+    if not sync_free and not bool(out_of_range.any()) and bool(valid.all()):
         return wide.float(), scale
     # One pass: multiplying by 1/scale (a power of two) equals dividing; padding -> 0.
     factor = valid.to(wide.dtype) / scale.to(wide.dtype).unsqueeze(1)
@@ -237,7 +246,7 @@ def _unscale(errors: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (errors.double() * scale.view(-1, 1)).clamp(max=big).float()
 
 
-def reconstruction_errors(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
+def reconstruction_errors(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Tensor, sync_free: bool = False) -> torch.Tensor:
     """``(B, N)`` errors ``|x_i - C_i S|`` of the ridge least-squares reconstruction.
 
     Args:
@@ -255,7 +264,7 @@ def reconstruction_errors(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Ten
     lu, piv, info = torch.linalg.lu_factor_ex(gram + ridge.view(-1, 1, 1) * eye)
     pivots = lu.diagonal(dim1=-2, dim2=-1).abs()
     singular = (info != 0) | ~(pivots.amin(dim=-1) > _PIVOT_RTOL * pivots.amax(dim=-1))
-    if bool(singular.any()):  # rare: pay for the second factorisation only then
+    if sync_free or bool(singular.any()):  # rare: pay for the second factorisation only then
         floor = _FALLBACK_RIDGE * gram.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
         safe_lu, safe_piv, _ = torch.linalg.lu_factor_ex(gram + torch.maximum(ridge, floor).view(-1, 1, 1) * eye)
         lu = torch.where(singular.view(-1, 1, 1), safe_lu, lu)

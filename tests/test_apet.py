@@ -527,3 +527,37 @@ def test_padding_rows_whole_rows_and_empty_rows_in_one_batch():
         assert torch.equal(out.tokens[2, :5], x[2, :5]) and bool((out.tokens[1] == 0).all())
         assert out.info["basis_indices"][1:].eq(-1).all() and out.info["basis_indices"][0].ge(0).all()
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stage", ["projector", "llm_layer"])
+def test_cuda_graph_replay_equals_the_eager_algorithm(dtype, stage):
+    # The graphed path (CUDA, no padding, one budget) must give the eager kernels' bits,
+    # on the capturing call and on later replays with new inputs, and must not let a
+    # replay overwrite what an earlier call returned.
+    from tokenreduce_plugins import apet_graph
+
+    gen = torch.Generator().manual_seed(21)
+    xs = [torch.randn(4, 576, 256, generator=gen).to(dtype).cuda() for _ in range(3)]
+    reducer = ApET(64, stage=stage, basis_tokens=10)
+    graphed = [reducer(x) for x in xs]
+    key_count = len(apet_graph._graphs)
+    assert key_count >= 1 and not apet_graph._failed, "the common case must be captured"
+    first_again = graphed[0].tokens.clone()
+    for x, out in zip(xs, graphed):
+        b, n, _ = x.shape
+        counts = torch.full((b,), 64, device=x.device)
+        valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        eager = reducer._reduce(x, counts, valid, torch.ones(b, dtype=torch.bool, device=x.device), Stage(stage), 64, sync_free=False)
+        assert torch.equal(out.indices, eager.indices)
+        assert torch.equal(out.tokens, eager.tokens)
+        assert torch.equal(out.info["errors"], eager.info["errors"])
+        assert torch.equal(out.sizes, eager.sizes)
+    assert torch.equal(graphed[0].tokens, first_again)
+    # Padding takes the eager path and still gives the right answer.
+    valid = torch.ones(4, 576, dtype=torch.bool, device="cuda")
+    valid[1, 500:] = False
+    padded = reducer(xs[0], mask=valid)
+    assert not bool((padded.keep_mask & ~valid).any())
+    assert len(apet_graph._graphs) == key_count

@@ -19,14 +19,17 @@ def slot_mask(counts: torch.Tensor, t: int | None = None) -> torch.Tensor:
     return torch.arange(t, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
 
 
-def topk_per_row(scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_per_row(
+    scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor, t: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the ``counts[b]`` highest scores of each row, over valid tokens only.
 
     Returns ``(order, slots)``: ``order`` is ``(B, T)`` in descending score order
     (ties broken by lower index, as ``torch.topk`` on CPU/CUDA does not guarantee, so
-    we sort stably), padded with ``-1``; ``slots`` marks the real entries.
+    we sort stably), padded with ``-1``; ``slots`` marks the real entries. Pass ``t``
+    (``= counts.max()``) when it is known on the host, to avoid a device sync.
     """
-    t = int(counts.max())
+    t = int(counts.max()) if t is None else t
     neg_inf = torch.finfo(scores.dtype).min
     masked = scores.masked_fill(~valid, neg_inf)
     # A stable descending sort gives a documented tie rule (lower index first).
