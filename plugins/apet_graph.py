@@ -2,7 +2,7 @@
 
 At LLaVA sizes ApET's GPU work is about half a millisecond, but launching its ~250
 small kernels one by one from Python costs several milliseconds of host time (see
-``benchmarks/results/apet_profile_cuda.txt``). For the common case (CUDA, no padding,
+``benchmarks/results/apet_profile_cuda_eager.txt``). For the common case (CUDA, no padding,
 one budget for every row, deterministic basis selection) the sync-free form of the
 algorithm is captured once per (shape, dtype, parameters, stage) and replayed: the same
 kernels on the same inputs, so the same bits, for one launch. Anything else (padding,
