@@ -56,22 +56,24 @@ def _init(model: torch.nn.Module, seed: int, std: float = 0.15) -> torch.nn.Modu
     return model.eval()
 
 
+# The decoder size shared by the tiny Llama-, Qwen2-based test models.
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=512,
+    pad_token_id=PAD_TOKEN,
+    bos_token_id=1,
+    eos_token_id=2,
+    rope_theta=100.0,
+)
+
+
 def llama_text_config(**kw) -> LlamaConfig:
-    cfg = dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=512,
-        pad_token_id=PAD_TOKEN,
-        bos_token_id=1,
-        eos_token_id=2,
-        rope_theta=100.0,
-    )
-    cfg.update(kw)
-    return LlamaConfig(**cfg)
+    return LlamaConfig(**{**TINY_TEXT, **kw})
 
 
 def clip_config(image_size: int = 24, patch_size: int = 4, **kw) -> CLIPVisionConfig:
@@ -138,19 +140,7 @@ def tiny_onevision(
     vision = SiglipVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=4
     )
-    text = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=512,
-        pad_token_id=PAD_TOKEN,
-        bos_token_id=1,
-        eos_token_id=2,
-        rope_theta=100.0,
-    )
+    text = Qwen2Config(**TINY_TEXT)
     cfg = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
