@@ -16,7 +16,6 @@ For each sample the unreduced model decodes a greedy answer ``A`` (at most
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,8 +23,8 @@ from typing import Any
 import torch
 
 from ..metrics import reconstruction_error
-from ..pipeline import Pipeline, Step
-from ..reducer import Reducer
+from ..pipeline import Pipeline
+from ..reducer import Reducer, observe
 from .vlm import VLM, Sample
 
 
@@ -58,30 +57,21 @@ class FidelityResult:
         return asdict(self)
 
 
-def tap_pipeline(pipeline: Pipeline) -> tuple[Pipeline, list[list[torch.Tensor]]]:
-    """A copy of ``pipeline`` whose reducers also record each call's per-row reconstruction error.
+def recording_errors(pipeline: Pipeline) -> tuple[Any, list[list[torch.Tensor]]]:
+    """An observer (for :func:`tokenreduce.observe`) that records, per step of ``pipeline``,
+    each call's per-row reconstruction error on the features the step's reducer received.
 
-    The adapter calls each step's reducer with the features it reduces; a per-instance
-    subclass overriding ``__call__`` sees them without the adapter or the model knowing.
-    Returns the tapped pipeline and, per step, the list of ``(rows,)`` error tensors.
+    Returns the callback and, per step, the list of ``(rows,)`` error tensors.
     """
     sinks: list[list[torch.Tensor]] = [[] for _ in pipeline.steps]
-    steps = [Step(s.stage, _tapped(s.reducer, sink), s.layer) for s, sink in zip(pipeline.steps, sinks)]
-    return Pipeline(steps, positions=pipeline.positions, video_budget=pipeline.video_budget), sinks
+    step_of = {id(s.reducer): i for i, s in enumerate(pipeline.steps)}
 
+    def record(reducer: Reducer, tokens: torch.Tensor, valid: torch.Tensor, context: Any, out: Any) -> None:
+        i = step_of.get(id(reducer))
+        if i is not None:
+            sinks[i].append(reconstruction_error(tokens, out, valid).detach().float().cpu())
 
-def _tapped(reducer: Reducer, sink: list[torch.Tensor]) -> Reducer:
-    base = type(reducer)
-
-    def __call__(self: Reducer, tokens: torch.Tensor, budget: Any = None, *, mask: Any = None, context: Any = None) -> Any:
-        out = base.__call__(self, tokens, budget, mask=mask, context=context)
-        sink.append(reconstruction_error(tokens, out, mask).detach().float().cpu())
-        return out
-
-    sub = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__, "__doc__": base.__doc__})
-    clone = copy.copy(reducer)
-    clone.__class__ = sub
-    return clone
+    return record, sinks
 
 
 def _with_answer(inputs: Any, answer: torch.Tensor) -> dict[str, Any]:
@@ -148,12 +138,13 @@ def measure_fidelity(
         inputs = _with_answer(vlm.encode([vlm.prompt(s) for s in batch], batch), answer.to(vlm.device))
         ref, _ = _answer_logprobs(vlm, inputs, answer.shape[1])
         for name, pipe in pipelines:
-            tapped, sinks = tap_pipeline(pipe)
-            vlm.pipeline = tapped
-            red, recs = _answer_logprobs(vlm, inputs, answer.shape[1])
-            for rec in recs:
-                records[name][_step_index(pipe, rec)].append(rec)
-            _, decoded, _, _ = vlm.generate(batch, max_new_tokens=max_new_tokens)
+            record, sinks = recording_errors(pipe)
+            vlm.pipeline = pipe
+            with observe(record):
+                red, recs = _answer_logprobs(vlm, inputs, answer.shape[1])
+                for rec in recs:
+                    records[name][_step_index(pipe, rec)].append(rec)
+                _, decoded, _, _ = vlm.generate(batch, max_new_tokens=max_new_tokens)
             kl = (ref.exp() * (ref - red)).sum(dim=-1)  # (B, W)
             acc[name].add(kl, red.argmax(dim=-1) == answer, mask, [d == a for d, a in zip(decoded, answers)], sinks)
     vlm.pipeline = None
@@ -229,4 +220,4 @@ class _Acc:
         )
 
 
-__all__ = ["FidelityResult", "StepFidelity", "measure_fidelity", "tap_pipeline"]
+__all__ = ["FidelityResult", "StepFidelity", "measure_fidelity", "recording_errors"]
