@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from tokenreduce.errors import InvalidInputError
 
@@ -29,6 +28,10 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
 
     def num_patches(self, image_sizes) -> list[int]:
+        # Imported here: the model's module is loaded whenever a model exists, and importing
+        # it at registration would make every `tokenreduce list` pay for it.
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
         cfg = self.model.config
         return [
             image_size_to_num_patches(s, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size)

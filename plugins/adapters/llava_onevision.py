@@ -6,9 +6,6 @@ import math
 from typing import ClassVar
 
 import torch
-from transformers.models.llava_onevision.modeling_llava_onevision import (
-    image_size_to_num_patches,
-)
 
 from tokenreduce.context import ReductionContext
 from tokenreduce.errors import InvalidInputError
@@ -66,6 +63,9 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
         return selected, vctx
 
     def _images(self, kw, layer, strategy, start) -> Encoded:
+        # Imported here, not at registration (see LlavaNextAdapter.num_patches).
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
         cfg = self.model.config
         inner = self.inner
         sizes = kw.get("image_sizes")
