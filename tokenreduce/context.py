@@ -51,10 +51,6 @@ class ReductionContext:
     extra: dict[str, Any] = field(default_factory=dict)
     text_keys: torch.Tensor | None = None
 
-    @classmethod
-    def field_names(cls) -> frozenset[str]:
-        return frozenset(f.name for f in fields(cls)) - {"extra", "stage", "layer"}
-
     def select_rows(self, rows: torch.Tensor | slice) -> ReductionContext:
         """The context of a subset of rows (tensors with a batch dim are indexed)."""
         out = {}
