@@ -121,17 +121,34 @@ class ApET(Reducer):
 
     def reduce(self, tokens, counts, valid, context):  # noqa: D102 - documented on Reducer
         stage = Stage(context.stage)
+        k = self.params.basis_tokens
+        t = context.uniform_count
+        if t is not None:
+            # No padding, one budget for all rows: every row is reduced, and everything
+            # below is decided on the host (no device read before the work is queued).
+            if k >= t:
+                raise _basis_count_error(k, 0, t, tokens.shape[1])
+            if _graphable(self, tokens):
+                return replay_graph(self, tokens, t, stage)
+            active = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+            return self._reduce(tokens, counts, valid, active, stage, t, sync_free=tokens.is_cuda)
         # Rows kept whole (budget >= valid count) or empty are not reduced at all.
         active = (counts < valid.sum(dim=1)) & (counts > 0)
-        _check_basis_count(self.params.basis_tokens, counts, valid, active)
-        t = int(counts.max())
-        if _graphable(self, tokens, counts, valid, active, t):
+        bad = active & (counts <= k)
+        t = counts.max()
+        dense = valid.all() & active.all() & (counts == t).all()
+        t, any_bad, dense = torch.stack([t, bad.any(), dense]).tolist()  # one device read for all three
+        if any_bad:
+            row = int(bad.nonzero()[0, 0])
+            raise _basis_count_error(k, row, int(counts[row]), int(valid[row].sum()))
+        if dense and _graphable(self, tokens):
             return replay_graph(self, tokens, t, stage)
-        return self._reduce(tokens, counts, valid, active, stage, t, sync_free=False)
+        return self._reduce(tokens, counts, valid, active, stage, t, sync_free=tokens.is_cuda)
 
     def _reduce(self, tokens, counts, valid, active, stage, t, *, sync_free):
-        """The algorithm. With ``sync_free`` it never reads a device value on the host (so it
-        can be captured in a CUDA graph) and computes both branches of data-dependent steps."""
+        """The algorithm. With ``sync_free`` (always on CUDA) it never reads a device value on
+        the host, so it can be captured in a CUDA graph and never stalls the launch queue; it
+        computes both branches of data-dependent steps instead."""
         p = self.params
         x, scale = _normalise(tokens, valid, sync_free)
         ridge = _scaled_ridge(self.ridge_at(stage), scale)
@@ -203,14 +220,11 @@ class ApETQwen(ApET):
     Params = ApETQwenParams
 
 
-def _check_basis_count(k: int, counts: torch.Tensor, valid: torch.Tensor, active: torch.Tensor) -> None:
-    bad = active & (counts <= k)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise InvalidInputError(
-            f"apet: basis_tokens={k} is out of range: it must satisfy 1 <= basis_tokens < T, but row {row} keeps "
-            f"T={int(counts[row])} of its {int(valid[row].sum())} valid tokens; lower basis_tokens or raise the budget"
-        )
+def _basis_count_error(k: int, row: int, t: int, n: int) -> InvalidInputError:
+    return InvalidInputError(
+        f"apet: basis_tokens={k} is out of range: it must satisfy 1 <= basis_tokens < T, but row {row} keeps "
+        f"T={t} of its {n} valid tokens; lower basis_tokens or raise the budget"
+    )
 
 
 def _normalise(tokens: torch.Tensor, valid: torch.Tensor, sync_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +239,9 @@ def _normalise(tokens: torch.Tensor, valid: torch.Tensor, sync_free: bool = Fals
     Padded tokens are zeroed.
     """
     wide = tokens.double() if tokens.dtype == torch.float64 else tokens.float()
-    peak = torch.linalg.vector_norm(wide, ord=float("inf"), dim=-1).masked_fill(~valid, 0).amax(dim=1).double()
+    # max |x| as max(max x, -min x): two plain reductions, several times faster on CPU
+    # than an infinity norm (which takes |x| elementwise first).
+    peak = torch.maximum(wide.amax(dim=-1), wide.amin(dim=-1).neg()).masked_fill(~valid, 0).amax(dim=1).double()
     out_of_range = (peak > _SAFE_PEAK) | ((peak < 1.0 / _SAFE_PEAK) & (peak > 0))
     exponent = torch.where(out_of_range, torch.floor(torch.log2(peak)), torch.zeros_like(peak))
     scale = torch.exp2(exponent)
@@ -261,14 +277,28 @@ def reconstruction_errors(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Ten
     k = basis.shape[1]
     eye = torch.eye(k, device=x.device)
     gram = basis @ basis.transpose(1, 2)
-    lu, piv, info = torch.linalg.lu_factor_ex(gram + ridge.view(-1, 1, 1) * eye)
-    pivots = lu.diagonal(dim1=-2, dim2=-1).abs()
-    singular = (info != 0) | ~(pivots.amin(dim=-1) > _PIVOT_RTOL * pivots.amax(dim=-1))
-    if sync_free or bool(singular.any()):  # rare: pay for the second factorisation only then
-        floor = _FALLBACK_RIDGE * gram.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
-        safe_lu, safe_piv, _ = torch.linalg.lu_factor_ex(gram + torch.maximum(ridge, floor).view(-1, 1, 1) * eye)
-        lu = torch.where(singular.view(-1, 1, 1), safe_lu, lu)
-        piv = torch.where(singular.view(-1, 1), safe_piv, piv)
+    floor = _FALLBACK_RIDGE * gram.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
+    safe_ridge = torch.maximum(ridge, floor)
+
+    def singular_rows(lu, info):
+        pivots = lu.diagonal(dim1=-2, dim2=-1).abs()
+        return (info != 0) | ~(pivots.amin(dim=-1) > _PIVOT_RTOL * pivots.amax(dim=-1))
+
+    if sync_free:
+        # Both factorisations in one batched call (one kernel launch), then pick per row.
+        b = gram.shape[0]
+        both = gram.repeat(2, 1, 1) + torch.cat([ridge, safe_ridge]).view(-1, 1, 1) * eye
+        lu, piv, info = torch.linalg.lu_factor_ex(both)
+        singular = singular_rows(lu[:b], info[:b])
+        lu = torch.where(singular.view(-1, 1, 1), lu[b:], lu[:b])
+        piv = torch.where(singular.view(-1, 1), piv[b:], piv[:b])
+    else:
+        lu, piv, info = torch.linalg.lu_factor_ex(gram + ridge.view(-1, 1, 1) * eye)
+        singular = singular_rows(lu, info)
+        if bool(singular.any()):  # rare: pay for the second factorisation only then
+            safe_lu, safe_piv, _ = torch.linalg.lu_factor_ex(gram + safe_ridge.view(-1, 1, 1) * eye)
+            lu = torch.where(singular.view(-1, 1, 1), safe_lu, lu)
+            piv = torch.where(singular.view(-1, 1), safe_piv, piv)
     coef = torch.linalg.lu_solve(lu, piv, basis @ x.transpose(1, 2))  # (B, k, N)
     # x - C^T S in one pass (no separate (B, N, D) reconstruction).
     residual = torch.baddbmm(x, coef.transpose(1, 2), basis, alpha=-1.0)

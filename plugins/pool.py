@@ -82,7 +82,7 @@ class PoolReducer(Reducer):
         cell = torch.where(valid, cell, torch.full_like(cell, -1))
 
         t_max = int(counts.max())
-        sums, sizes = ops.merge_into(tokens.float(), cell, t_max, torch.ones(b, n, device=tokens.device))
+        sums, sizes = ops.merge_into(tokens.float(), cell, t_max)
         pos = torch.arange(n, device=tokens.device).expand(b, n)
         first = torch.full((b, t_max + 1), n, dtype=torch.long, device=tokens.device)
         first.scatter_reduce_(1, torch.where(valid, cell, t_max), pos, reduce="amin")

@@ -123,7 +123,7 @@ class VisionZip(Reducer):
             nearest = sim.masked_fill(~slot_ok[:, None, :], float("-inf")).argmax(dim=2)
             others = rest & ~target & (n_ctx[:, None] > 0)
             assign = torch.where(others, nearest, torch.full_like(nearest, -1))
-            sums, merged = ops.merge_into(x, assign, c_max, torch.ones(b, n, device=tokens.device))
+            sums, merged = ops.merge_into(x, assign, c_max)
             # Official rule: contextual = target feature + mean of the tokens merged into it.
             agg = sums / merged.clamp(min=1).unsqueeze(-1)
             tid = target_id.clamp(min=0)

@@ -549,11 +549,17 @@ def test_cuda_graph_replay_equals_the_eager_algorithm(dtype, stage):
         b, n, _ = x.shape
         counts = torch.full((b,), 64, device=x.device)
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
-        eager = reducer._reduce(x, counts, valid, torch.ones(b, dtype=torch.bool, device=x.device), Stage(stage), 64, sync_free=False)
+        active = torch.ones(b, dtype=torch.bool, device=x.device)
+        # What CUDA runs eagerly (padding, ragged budgets): the same sync-free kernels.
+        eager = reducer._reduce(x, counts, valid, active, Stage(stage), 64, sync_free=True)
         assert torch.equal(out.indices, eager.indices)
         assert torch.equal(out.tokens, eager.tokens)
         assert torch.equal(out.info["errors"], eager.info["errors"])
         assert torch.equal(out.sizes, eager.sizes)
+        # The form with host branches (as on CPU) factors only the matrices it needs.
+        branchy = reducer._reduce(x, counts, valid, active, Stage(stage), 64, sync_free=False)
+        assert torch.equal(out.indices, branchy.indices)
+        torch.testing.assert_close(out.tokens, branchy.tokens)
     assert torch.equal(graphed[0].tokens, first_again)
     # Padding takes the eager path and still gives the right answer.
     valid = torch.ones(4, 576, dtype=torch.bool, device="cuda")
@@ -561,3 +567,6 @@ def test_cuda_graph_replay_equals_the_eager_algorithm(dtype, stage):
     padded = reducer(xs[0], mask=valid)
     assert not bool((padded.keep_mask & ~valid).any())
     assert len(apet_graph._graphs) == key_count
+    # An all-true mask is the dense case: it replays the same graph.
+    masked = reducer(xs[1], mask=torch.ones(4, 576, dtype=torch.bool, device="cuda"))
+    assert torch.equal(masked.tokens, graphed[1].tokens) and len(apet_graph._graphs) == key_count

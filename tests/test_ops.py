@@ -46,3 +46,23 @@ def test_reconstruction_error_is_zero_for_identity_and_positive_when_dropping():
     assert torch.allclose(reconstruction_error(x, make_reduction(x, idx, slots)), torch.zeros(2))
     part = make_reduction(x, idx[:, :4].contiguous(), slots[:, :4].contiguous())
     assert bool((reconstruction_error(x, part) > 0.1).all())
+
+
+def test_merge_into_unit_weights_by_default_and_equal_on_any_device_path():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 5, generator=gen)
+    target = torch.tensor([[0, 1, -1, 2, 0, 0, -1, 1, 2], [2, 2, 2, -1, -1, 0, 1, 0, 1]])
+    sums, weights = ops.merge_into(x, target, 3)
+    ones_sums, ones_weights = ops.merge_into(x, target, 3, torch.ones(2, 9))
+    assert torch.equal(sums, ones_sums) and torch.equal(weights, ones_weights)
+    expected = torch.zeros(2, 3, 5)
+    for b in range(2):
+        for i in range(9):
+            if target[b, i] >= 0:
+                expected[b, target[b, i]] += x[b, i]
+    torch.testing.assert_close(sums, expected)
+    assert weights.tolist() == [[3.0, 2.0, 2.0], [2.0, 2.0, 3.0]]
+    w = torch.rand(2, 9, generator=gen)
+    weighted, total = ops.merge_into(x, target, 3, w)
+    torch.testing.assert_close(total, torch.stack([torch.bincount(target[b][target[b] >= 0], w[b][target[b] >= 0], 3) for b in range(2)]))
+    torch.testing.assert_close(weighted[0, 0], w[0, 0] * x[0, 0] + w[0, 4] * x[0, 4] + w[0, 5] * x[0, 5])

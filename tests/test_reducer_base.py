@@ -58,6 +58,43 @@ def test_bad_inputs_raise_clear_errors(tokens, mask, match):
         tr.create("random", budget=2)(tokens, mask=mask)
 
 
+def test_finite_tokens_whose_sum_overflows_are_accepted():
+    # The finiteness check sums first; an overflowing sum of finite values must fall
+    # back to the elementwise check, not reject the input.
+    x = torch.full((1, 8, 4), 3e38)
+    assert tr.create("random", budget=2)(x).num_kept == 2
+    with pytest.raises(InvalidInputError, match=r"NaN or inf \(first at index \(0, 3, 1\)\)"):
+        x[0, 3, 1] = float("nan")
+        tr.create("random", budget=2)(x)
+
+
+class _Spy(ScoringReducer):
+    """Records the context and counts it is called with (a test reducer)."""
+
+    name = "spy"
+    seen: list = []
+
+    def score(self, tokens, valid, context):
+        _Spy.seen.append(context)
+        return tokens.float().sum(-1)
+
+
+def test_uniform_count_is_set_without_a_mask_only_and_the_callers_context_is_untouched():
+    _Spy.seen.clear()
+    x = torch.randn(3, 10, 4)
+    mine = ReductionContext(uniform_count=99)
+    out = _Spy(0.5)(x, context=mine)
+    assert _Spy.seen[-1].uniform_count == 5 and out.counts.tolist() == [5, 5, 5]
+    assert mine.uniform_count == 99 and mine.stage is None, "the caller's context must not be modified"
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    valid[2, 6:] = False
+    out = _Spy(0.5)(x, mask=valid, context=mine)
+    assert _Spy.seen[-1].uniform_count is None and out.counts.tolist() == [5, 5, 3]
+    # Budget at or above N without a mask: the identity, the reducer is not called.
+    calls = len(_Spy.seen)
+    assert _Spy(lambda n: n + 3)(x).info == {"identity": True} and len(_Spy.seen) == calls
+
+
 def test_padded_tokens_are_never_kept_and_rows_keep_min_budget_valid():
     tokens = torch.randn(2, 10, 4)
     mask = torch.zeros(2, 10, dtype=torch.bool)

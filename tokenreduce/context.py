@@ -36,6 +36,10 @@ class ReductionContext:
         extra: free-form additions for third-party reducers.
         text_keys: ``(B, L, D_k)`` keys of the text tokens of ``text_embeds``, from the
             same layer as ``keys`` (DART ranks text pivots by their norm).
+        uniform_count: set by :meth:`Reducer.__call__` (whatever the caller passed) when
+            no mask was given: every row is fully valid and keeps exactly this many
+            tokens. It is known on the host, so a reducer can use it instead of reading
+            ``counts`` or ``valid`` back from the device (a host-device sync on CUDA).
     """
 
     stage: Stage | None = None
@@ -50,6 +54,7 @@ class ReductionContext:
     positions: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     text_keys: torch.Tensor | None = None
+    uniform_count: int | None = None
 
     def select_rows(self, rows: torch.Tensor | slice) -> ReductionContext:
         """The context of a subset of rows (tensors with a batch dim are indexed)."""

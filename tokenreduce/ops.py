@@ -78,7 +78,7 @@ def merge_into(
     tokens: torch.Tensor,
     target: torch.Tensor,
     t: int,
-    token_weight: torch.Tensor,
+    token_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sums of tokens grouped by target slot.
 
@@ -86,24 +86,28 @@ def merge_into(
         tokens: ``(B, N, D)`` float32 features.
         target: ``(B, N)`` slot in ``[0, t)`` each token is added to, or ``-1`` for none.
         t: number of slots.
-        token_weight: ``(B, N)`` float32 weight of each token in its slot's sum.
+        token_weight: ``(B, N)`` float32 weight of each token in its slot's sum (``None``: 1).
 
     Returns:
         ``(sums (B, t, D), weights (B, t))``; the caller divides.
     """
     b, n, d = tokens.shape
     keep = target >= 0
-    w = token_weight * keep
+    w = keep.to(tokens.dtype) if token_weight is None else token_weight * keep
     if tokens.is_cuda:
         # scatter_add_ uses atomics on CUDA, whose summation order (and so the last bits)
         # varies between runs; a one-hot matmul is deterministic. Memory B*t*N, not N*t*D.
         onehot = (target.unsqueeze(1) == torch.arange(t, device=target.device).view(1, t, 1)).to(tokens.dtype)
         onehot = onehot * w.unsqueeze(1)
         return torch.bmm(onehot, tokens), onehot.sum(dim=2)
-    # Tokens without a target go to a spare slot t, dropped afterwards.
+    # Tokens without a target go to a spare slot t, dropped afterwards (so unit weights
+    # need no (B, N, D) product). index_add_ over flattened rows adds whole D-vectors
+    # (several times faster than scatter_add_ with an expanded index, same order and bits).
     tgt = torch.where(keep, target, torch.full_like(target, t))
-    sums = torch.zeros(b, t + 1, d, dtype=tokens.dtype, device=tokens.device)
-    sums.scatter_add_(1, tgt.unsqueeze(-1).expand(b, n, d), tokens * w.unsqueeze(-1))
+    src = tokens if token_weight is None else tokens * w.unsqueeze(-1)
+    flat = (tgt + (t + 1) * torch.arange(b, device=tokens.device).unsqueeze(1)).reshape(-1)
+    sums = torch.zeros(b * (t + 1), d, dtype=tokens.dtype, device=tokens.device)
+    sums = sums.index_add_(0, flat, src.reshape(b * n, d)).view(b, t + 1, d)
     weights = torch.zeros(b, t + 1, dtype=tokens.dtype, device=tokens.device)
     weights.scatter_add_(1, tgt, w)
     return sums[:, :t], weights[:, :t]

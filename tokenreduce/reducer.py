@@ -12,12 +12,13 @@ import abc
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 
 from . import ops
-from .budget import Budget, check_budget, resolve_budgets
+from .budget import Budget, check_budget, resolve_budget, resolve_budgets
 from .context import ReductionContext
 from .errors import InvalidInputError, MissingContextError, StageError
 from .params import ReducerParams, build_params
@@ -140,21 +141,35 @@ class Reducer(abc.ABC):
         budget = self.budget if budget is None else check_budget(budget)
         if budget is None:
             raise InvalidInputError(f"reducer {self.name!r} has no budget: pass budget= to the constructor or the call")
-        context = context if context is not None else ReductionContext()
-        if context.stage is None:
-            context.stage = self.stage or self._default_stage()
+        # A copy: the caller's context is not modified.
+        context = replace(
+            context if context is not None else ReductionContext(),
+            stage=(context.stage if context is not None else None) or self.stage or self._default_stage(),
+            uniform_count=None,
+        )
         missing = sorted(f for f in self.required_context if getattr(context, f, None) is None)
         if missing:
             raise MissingContextError(
                 f"reducer {self.name!r} needs context {', '.join(missing)}; pass "
                 f"context=ReductionContext({', '.join(f'{m}=...' for m in missing)}) or run it through an adapter"
             )
-        valid_counts = valid.sum(dim=1)
-        counts = resolve_budgets(budget, valid_counts)
-        if bool((counts == valid_counts).all()):
-            out = identity_reduction(tokens, valid)
+        if mask is None:
+            # Every row holds all N tokens, so every row keeps the same count, worked out on
+            # the host: no device read here, and reducers may skip theirs (uniform_count).
+            b, n, _ = tokens.shape
+            t = resolve_budget(budget, n)
+            if t == n:
+                out = identity_reduction(tokens, valid)
+            else:
+                context.uniform_count = t
+                out = self.reduce(tokens, torch.full((b,), t, dtype=torch.long, device=tokens.device), valid, context)
         else:
-            out = self.reduce(tokens, counts, valid, context)
+            valid_counts = valid.sum(dim=1)
+            counts = resolve_budgets(budget, valid_counts)
+            if bool((counts == valid_counts).all()):
+                out = identity_reduction(tokens, valid)
+            else:
+                out = self.reduce(tokens, counts, valid, context)
         for callback in _observers:
             callback(self, tokens, valid, context, out)
         return out
@@ -234,7 +249,7 @@ class ScoringReducer(Reducer):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Ascending kept indices ``(B, T)``, their slot mask and diagnostics."""
         scores = self.score(tokens, valid, context).float()
-        order, slots = ops.topk_per_row(scores, counts, valid)
+        order, slots = ops.topk_per_row(scores, counts, valid, context.uniform_count)
         return ops.ascending(order, slots), slots, {"scores": scores}
 
     def reduce(self, tokens, counts, valid, context):  # noqa: D102 - documented on Reducer
@@ -292,7 +307,7 @@ def merge_nearest(
     nearest = sim.argmax(dim=2)
     has_target = targets.any(dim=1, keepdim=True)
     assign = torch.where(dropped & has_target, nearest, torch.full_like(nearest, -1))
-    sums, counts = ops.merge_into(x, assign, t, torch.ones_like(valid, dtype=x.dtype))
+    sums, counts = ops.merge_into(x, assign, t)
     w = torch.where(targets, torch.full_like(counts, kept_weight), torch.ones_like(counts))
     merged = (kept * w.unsqueeze(-1) + sums) / (w + counts).clamp_min(1e-12).unsqueeze(-1)
     features = torch.where((counts > 0).unsqueeze(-1), merged, kept)
