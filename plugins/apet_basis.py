@@ -51,18 +51,20 @@ def farthest_point_sampling(
     # Padded tokens sit at -inf so they are never the farthest; min() keeps them there.
     dist = torch.full((b, n), math.inf, device=x.device).masked_fill(~valid, -math.inf)
     picks = [cur]
-    for _ in range(k - 1):
-        # Subtracting an expanded (B, N, D) view is several times faster on CPU than
-        # broadcasting the (B, 1, D) one.
-        diff = x - x[rows, cur].unsqueeze(1).expand_as(x)
-        # (x - c)^2 summed, not |x|^2 - 2xc + |c|^2: exact zeros for duplicates and
-        # bit-for-bit the reference's distances (hence its picks). x*x == x**2 exactly.
-        dist = torch.minimum(dist, diff.mul_(diff).sum(-1))
-        dist.scatter_(1, cur.unsqueeze(1), -1.0)  # below every real distance: never re-picked
-        cur = dist.argmax(dim=1)
-        picks.append(cur)
-    picks = torch.stack(picks, dim=1)
-    return picks
+    # Picks are indices, never differentiated: no autograd, so one (B, N, D) buffer serves
+    # every step (a fresh one per step costs page faults that double the step on CPU).
+    with torch.no_grad():
+        diff = torch.empty_like(x)
+        for _ in range(k - 1):
+            # Subtracting an expanded view: several times faster on CPU than broadcasting.
+            torch.sub(x, x[rows, cur].unsqueeze(1).expand_as(x), out=diff)
+            # (x - c)^2 summed, not |x|^2 - 2xc + |c|^2: exact zeros for duplicates and
+            # bit-for-bit the reference's distances (hence its picks). x*x == x**2 exactly.
+            dist = torch.minimum(dist, diff.mul_(diff).sum(-1))
+            dist.scatter_(1, cur.unsqueeze(1), -1.0)  # below every real distance: never re-picked
+            cur = dist.argmax(dim=1)
+            picks.append(cur)
+    return torch.stack(picks, dim=1)
 
 
 def density_peak_basis(x: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,8 @@ def graphable(reducer: Any, tokens: torch.Tensor) -> bool:
         and tokens.dtype != torch.float64
         and p.basis_selection == "fps"
         and p.fps_start == "first"
+        # A replay's outputs are not connected to the input's autograd graph.
+        and not (tokens.requires_grad and torch.is_grad_enabled())
         and not torch.cuda.is_current_stream_capturing()
     )
 
@@ -70,13 +72,19 @@ def replay_graph(reducer: Any, tokens: torch.Tensor, t: int, stage: Any) -> Redu
                 _graphs.popitem(last=False)
         _graphs.move_to_end(key)
         graph, static, out = entry
-        static.copy_(tokens)
-        graph.replay()
-        # Outputs live in the graph's buffers, which the next replay overwrites.
+        # The buffers were made under inference mode; updating them needs it too, whatever
+        # mode the caller is in.
+        with torch.inference_mode():
+            static.copy_(tokens)
+            graph.replay()
+        # Outputs live in the graph's buffers, which the next replay overwrites. The clones
+        # are ordinary tensors outside inference mode, as the eager path's would be.
         return _clone(out)
 
 
+@torch.inference_mode()
 def _capture(run: Any, tokens: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, Reduction]:
+    # Always under inference mode, so one graph serves callers in and out of it.
     static = tokens.clone()
     side = torch.cuda.Stream(device=tokens.device)
     side.wait_stream(torch.cuda.current_stream(tokens.device))

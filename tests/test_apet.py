@@ -570,3 +570,25 @@ def test_cuda_graph_replay_equals_the_eager_algorithm(dtype, stage):
     # An all-true mask is the dense case: it replays the same graph.
     masked = reducer(xs[1], mask=torch.ones(4, 576, dtype=torch.bool, device="cuda"))
     assert torch.equal(masked.tokens, graphed[1].tokens) and len(apet_graph._graphs) == key_count
+
+
+@pytest.mark.gpu
+def test_cuda_graph_serves_callers_in_and_out_of_inference_mode_and_keeps_autograd():
+    # Models run under inference_mode, direct calls often not: one captured graph must
+    # serve both (its buffers are updated in place). Inputs that need gradients must not
+    # take the graph, whose outputs are detached from them.
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 576, 128, generator=gen).cuda()
+    reducer = ApET(64, basis_tokens=10, stage="projector")
+    with torch.inference_mode():
+        inside = reducer(x)
+    outside = reducer(x)
+    assert torch.equal(inside.tokens, outside.tokens) and not outside.tokens.is_inference()
+    outside.tokens.add_(0.0)  # an ordinary tensor: in-place works
+    with torch.inference_mode():
+        assert torch.equal(reducer(x.clone()).tokens, inside.tokens)
+    leaf = x.clone().requires_grad_()
+    out = reducer(leaf)
+    out.tokens.sum().backward()
+    assert leaf.grad is not None and bool((leaf.grad.abs().sum(dim=-1) > 0).any())
+    assert torch.equal(out.indices, inside.indices)

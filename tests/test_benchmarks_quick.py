@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tokenreduce
-from benchmarks import attention_cost, end_to_end, models, report, roofline, run
+from benchmarks import apet_in_model, attention_cost, end_to_end, models, report, roofline, run
 
 QUICK_MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b")
 ATTENTION_MODELS = ("llava-1.5-7b", "llava-next-7b")
@@ -218,3 +218,18 @@ def test_resume_keeps_measured_records_of_the_same_gpu_only(tmp_path: Path) -> N
     assert doc["resumed_from"] == [meta]
     assert run._previous_e2e(path, {**meta, "gpu": "A100"}, {"config": config}) == {}
     assert run._previous_e2e(path, meta, {"config": {**config, "new_tokens": 8}}) == {}
+
+
+def test_apet_in_model_separates_apet_from_the_budget(tmp_path: Path) -> None:
+    out = tmp_path / "aim.json"
+    assert apet_in_model.main(["--quick", "--reps", "1", "--batches", "2", "--out", str(out)]) == 0
+    doc = _load(out)
+    assert doc["meta"]["quick"] is True and "benchmarks.apet_in_model --quick" in doc["meta"]["command"]
+    (row,) = doc["results"]
+    assert row["batch"] == 2 and row["budget"] == 16 and row["reducer_input"]["shape"][0] == 2
+    assert row["reducer_input"]["dtype"] == "bfloat16"
+    assert row["apet_minus_random_ms"] == pytest.approx(row["ttft_apet_ms"] - row["ttft_random_ms"])
+    assert row["speedup_apet"] == pytest.approx(row["ttft_none_ms"] / row["ttft_apet_ms"])
+    assert 0 < row["apet_alone_ms"] and "| 2 | 16 |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="not a LLaVA-1.5-family model; allowed: llava-1.5-7b"):
+        apet_in_model.main(["--quick", "--model", "qwen2.5-vl-7b"])

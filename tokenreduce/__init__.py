@@ -27,7 +27,15 @@ from .errors import (
 from .hookspecs import hookimpl
 from .params import ReducerParams
 from .pipeline import Pipeline, Step
-from .reducer import MergingReducer, Reducer, ScoringReducer, identity_reduction, make_reduction, merge_nearest
+from .reducer import (
+    MergingReducer,
+    Reducer,
+    ScoringReducer,
+    identity_reduction,
+    make_reduction,
+    merge_nearest,
+    observe,
+)
 from .reduction import Reduction
 from .registry import create, get_registry, reset_registry
 from .stages import Stage
@@ -72,6 +80,7 @@ __all__ = [
     "loads_config",
     "make_reduction",
     "merge_nearest",
+    "observe",
     "ops",
     "patch",
     "reset_registry",
