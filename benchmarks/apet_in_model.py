@@ -41,6 +41,7 @@ from .models import build_model, make_inputs, model_specs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ("none", "random", "apet-llava")
+WARMUP_ROUNDS = 3
 
 
 def _pipeline(name: str, budget: int) -> Pipeline | None:
@@ -73,9 +74,13 @@ def measure(model, spec, batch: int, budgets: list[int], reps: int, device: str)
         pipes = {name: _pipeline(name, t) for name in SETTINGS}
         times: dict[str, list[float]] = {name: [] for name in SETTINGS}
         with torch.inference_mode():
-            for name, pipe in pipes.items():  # warm-up: kernels, allocator, ApET's graph capture
-                with tokenreduce.apply(model, pipe) if pipe else nullcontext():
-                    prefill()
+            # Warm-up, a few rounds: kernel choices, the allocator, ApET's graph capture, and
+            # the host's clocks (at batch 1 the prefill is bound by the host's launch speed).
+            for _ in range(WARMUP_ROUNDS):
+                for name, pipe in pipes.items():
+                    with tokenreduce.apply(model, pipe) if pipe else nullcontext():
+                        prefill()
+            sync(device)
             for _ in range(reps):
                 for name, pipe in pipes.items():
                     with tokenreduce.apply(model, pipe) if pipe else nullcontext():
@@ -123,7 +128,7 @@ COLUMNS = [
 
 def to_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"# ApET inside the prefill of {meta['model']} on {meta['gpu'] or meta['device']}",
+        f"# {meta['title']} on {meta['gpu'] or meta['device']}",
         "",
         f"torch {meta['torch']}, transformers {meta['transformers']}, bfloat16, sdpa, {meta['date']}; "
         f"command: `{meta['command']}`",
@@ -163,15 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = build_model(spec, device=device, dtype=torch.bfloat16, quick=args.quick, seed=0)
     meta = run_meta(quick=args.quick, device=device, command=command_line(sys.argv[1:] if argv is None else argv, "benchmarks.apet_in_model"))
-    meta["model"] = spec.title
     rows = []
     for b in batches:
         rows += measure(model, spec, b, budgets, reps, device)
         sync(device)
     out = args.out or RESULTS / (f"apet_in_model_{device}{'_quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {"meta": meta, "results": rows})
-    md = to_markdown(meta, rows)
+    write_json(out, {"title": f"ApET inside the prefill of {spec.title}", **meta, "results": rows})
+    md = to_markdown({"title": f"ApET inside the prefill of {spec.title}", **meta}, rows)
     out.with_suffix(".md").write_text(md)
     sys.stdout.write(md)
     print(f"wrote {out} and {out.with_suffix('.md')}")

@@ -224,7 +224,7 @@ def test_apet_in_model_separates_apet_from_the_budget(tmp_path: Path) -> None:
     out = tmp_path / "aim.json"
     assert apet_in_model.main(["--quick", "--reps", "1", "--batches", "2", "--out", str(out)]) == 0
     doc = _load(out)
-    assert doc["meta"]["quick"] is True and "benchmarks.apet_in_model --quick" in doc["meta"]["command"]
+    assert doc["quick"] is True and "benchmarks.apet_in_model --quick" in doc["command"] and "tiny" in doc["title"]
     (row,) = doc["results"]
     assert row["batch"] == 2 and row["budget"] == 16 and row["reducer_input"]["shape"][0] == 2
     assert row["reducer_input"]["dtype"] == "bfloat16"
