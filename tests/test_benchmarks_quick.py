@@ -233,3 +233,19 @@ def test_apet_in_model_separates_apet_from_the_budget(tmp_path: Path) -> None:
     assert 0 < row["apet_alone_ms"] and "| 2 | 16 |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="not a LLaVA-1.5-family model; allowed: llava-1.5-7b"):
         apet_in_model.main(["--quick", "--model", "qwen2.5-vl-7b"])
+
+
+def test_report_reads_apet_in_model_at_the_smallest_budget() -> None:
+    row = {"image_tokens": 576, "reps": 20, "apet_alone_ms": 3.0, "ttft_none_ms": 160.0}
+    doc = {
+        "results": [
+            {**row, "batch": 8, "budget": 64, "ttft_apet_ms": 50.0, "ttft_random_ms": 49.0, "apet_minus_random_ms": 1.0},
+            {**row, "batch": 1, "budget": 64, "ttft_apet_ms": 40.0, "ttft_random_ms": 41.0, "apet_minus_random_ms": -1.0},
+            {**row, "batch": 8, "budget": 128, "ttft_apet_ms": 70.0, "ttft_random_ms": 60.0, "apet_minus_random_ms": 10.0},
+        ]
+    }
+    got = report._apet_in_model_targets(doc)
+    assert [t["value"] for t in got] == [pytest.approx(0.02), 0.0]
+    assert got[0]["met"] is False and "batch 8" in got[0]["target"] and "576→64" in got[0]["target"]
+    assert got[1]["met"] is True and "noise" in got[1]["detail"]
+    assert report._apet_in_model_targets(None) == []
