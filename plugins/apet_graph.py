@@ -6,8 +6,13 @@ small kernels one by one from Python costs several milliseconds of host time (se
 one budget for every row, deterministic basis selection) the sync-free form of the
 algorithm is captured once per (shape, dtype, parameters, stage) and replayed: the same
 kernels on the same inputs, so the same bits, for one launch. Anything else (padding,
-ragged budgets, CPU, random bases) runs eagerly. A capture that fails is remembered and
-that shape runs eagerly from then on.
+ragged budgets, CPU, random bases, inputs that need gradients) runs eagerly. A capture
+that fails is remembered and that shape runs eagerly from then on.
+
+A captured graph keeps its buffers (the static input and every intermediate, a few times
+the input's size) on the GPU for as long as it is cached. Inputs above
+``_MAX_GRAPH_ELEMENTS`` therefore run eagerly: there the GPU work takes longer than
+launching it, and the eager path, which never waits on the GPU, overlaps the two.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 from tokenreduce import Reduction
 
 _MAX_GRAPHS = 16  # shapes kept per process; each holds its static buffers on the GPU
+# 2^25 elements: 128 MiB in float32, e.g. LLaVA-1.5's 576 x 4096 projector output up to batch 14.
+_MAX_GRAPH_ELEMENTS = 2**25
 _graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, Reduction]] = OrderedDict()
 _failed: set[tuple] = set()
 _lock = threading.Lock()
@@ -31,6 +38,7 @@ def graphable(reducer: Any, tokens: torch.Tensor) -> bool:
     p = reducer.params
     return (
         tokens.is_cuda
+        and tokens.numel() <= _MAX_GRAPH_ELEMENTS
         and tokens.dtype != torch.float64
         and p.basis_selection == "fps"
         and p.fps_start == "first"
@@ -55,7 +63,7 @@ def replay_graph(reducer: Any, tokens: torch.Tensor, t: int, stage: Any) -> Redu
         counts = torch.full((b,), t, dtype=torch.long, device=x.device)
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
         active = torch.ones(b, dtype=torch.bool, device=x.device)
-        return reducer._reduce(x, counts, valid, active, stage, t, sync_free=True)
+        return reducer._reduce(x, counts, valid, active, stage, t, sync_free=True, dense=True)
 
     with _lock:
         if key in _failed:

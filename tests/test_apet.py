@@ -592,3 +592,18 @@ def test_cuda_graph_serves_callers_in_and_out_of_inference_mode_and_keeps_autogr
     out.tokens.sum().backward()
     assert leaf.grad is not None and bool((leaf.grad.abs().sum(dim=-1) > 0).any())
     assert torch.equal(out.indices, inside.indices)
+
+
+@pytest.mark.gpu
+def test_cuda_inputs_above_the_graph_size_cap_run_eagerly(monkeypatch):
+    # Large inputs must not pin a graph's buffers on the GPU; they run the eager path.
+    from tokenreduce_plugins import apet_graph
+
+    monkeypatch.setattr(apet_graph, "_MAX_GRAPH_ELEMENTS", 2 * 300 * 64 - 1)
+    x = torch.randn(2, 300, 64, generator=torch.Generator().manual_seed(23)).cuda()
+    before = len(apet_graph._graphs)
+    out = ApET(40, basis_tokens=8)(x)
+    assert len(apet_graph._graphs) == before
+    ref = ApET(40, basis_tokens=8)(x.cpu())
+    assert torch.equal(out.indices.cpu(), ref.indices)
+    torch.testing.assert_close(out.tokens.cpu(), ref.tokens, rtol=1e-4, atol=1e-4)
