@@ -56,14 +56,10 @@ class LlavaAdapter(LlavaFamilyAdapter):
         return self.patch_grid()
 
     def encode(self, kw: dict) -> dict[str, Encoded]:
-        cfg = self.model.config
         inner = self.inner
         if kw.get("image_sizes") is not None:
             raise InvalidInputError("image_sizes (pixtral-style vision towers) is not supported by the llava adapter")
-        layer = kw.get("vision_feature_layer")
-        layer = cfg.vision_feature_layer if layer is None else layer
-        strategy = kw.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
-        start = 1 if strategy == "default" else 0
+        layer, _, start = self.feature_selection(kw)
         out = inner.vision_tower(kw["pixel_values"], output_hidden_states=True, return_dict=True)
         tokens = select_features(out.hidden_states, layer, start)
         n, total = tokens.shape[:2]

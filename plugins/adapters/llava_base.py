@@ -299,6 +299,16 @@ class LlavaFamilyAdapter(Adapter):
 
     # -- helpers for encode() -----------------------------------------------------------------
 
+    def feature_selection(self, kw: dict) -> tuple[Any, str, int]:
+        """``(layer, strategy, start)``: the call's vision feature layer and select strategy
+        (the config's where the call gives none), and the first patch column they select
+        (1 under ``default``, which drops [CLS])."""
+        cfg = self.model.config
+        layer = kw.get("vision_feature_layer")
+        layer = cfg.vision_feature_layer if layer is None else layer
+        strategy = kw.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+        return layer, strategy, 1 if strategy == "default" else 0
+
     def text_context(self, modality: str, lengths: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per item: embeddings of its sample's instruction (text after the last image), if a step needs them."""
         if not self.needs("text_embeds", "text_mask"):

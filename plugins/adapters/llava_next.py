@@ -39,15 +39,11 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
         ]
 
     def encode(self, kw: dict) -> dict[str, Encoded]:
-        cfg = self.model.config
         inner = self.inner
         sizes = kw.get("image_sizes")
         if sizes is None:
             raise InvalidInputError("LLaVA-NeXT needs image_sizes (one (height, width) per image) with pixel_values")
-        layer = kw.get("vision_feature_layer")
-        layer = cfg.vision_feature_layer if layer is None else layer
-        strategy = kw.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
-        start = 1 if strategy == "default" else 0
+        layer, strategy, start = self.feature_selection(kw)
         counts = self.num_patches(sizes)
         pixels = kw["pixel_values"]
         if pixels.dim() == 5:

@@ -43,11 +43,7 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
     pixel_args: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
 
     def encode(self, kw: dict) -> dict[str, Encoded]:
-        cfg = self.model.config
-        layer = kw.get("vision_feature_layer")
-        layer = cfg.vision_feature_layer if layer is None else layer
-        strategy = kw.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
-        start = 1 if strategy == "default" else 0
+        layer, strategy, start = self.feature_selection(kw)
         out = {}
         if kw.get("pixel_values") is not None:
             out["image"] = self._images(kw, layer, strategy, start)
