@@ -63,3 +63,34 @@ class ReductionContext:
             v = getattr(self, f.name)
             out[f.name] = v[rows] if isinstance(v, torch.Tensor) else v
         return ReductionContext(**out)
+
+
+def token_context(
+    tokens: torch.Tensor,
+    attention: torch.Tensor,
+    *,
+    stage: Stage | None = None,
+    layer: int | None = None,
+    grid: tuple[int, int] | None = None,
+) -> ReductionContext:
+    """A stand-in for a model's context, made from ``tokens (B, N, D)`` alone.
+
+    For running reducers that need a model's context where there is none (``tokenreduce
+    run`` on synthetic tokens, the pictures of ``tokenreduce show``): [CLS] = the mean
+    token; ``attention (B, N)`` serves as the [CLS] attention and as the decoder's
+    attention row; keys = the tokens; one "text" token = the mean token, whose keys are
+    itself, as ``keys`` are the tokens.
+    """
+    text = tokens.mean(dim=1).unsqueeze(1)
+    return ReductionContext(
+        stage=stage,
+        layer=layer,
+        cls_token=text[:, 0],
+        cls_attention=attention,
+        keys=tokens,
+        attention=attention.unsqueeze(1),
+        text_embeds=text,
+        text_keys=text,
+        text_mask=torch.ones(text.shape[:2], dtype=torch.bool, device=tokens.device),
+        grid=grid,
+    )

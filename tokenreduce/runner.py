@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .context import ReductionContext
+from .context import ReductionContext, token_context
 from .errors import ConfigError
 from .metrics import reconstruction_error
 from .pipeline import Pipeline, Step
@@ -69,22 +69,11 @@ def run_synthetic(pipeline: Pipeline, *, seed: int = 0, side: int = 24, dims: di
 
 
 def _synthetic_context(tokens: torch.Tensor, step: Step) -> ReductionContext:
-    cls_token = tokens.mean(dim=1)
-    sim = torch.einsum("bnd,bd->bn", tokens, cls_token) / tokens.shape[-1] ** 0.5
-    attn = sim.softmax(dim=-1)
+    # Attention: a softmax of each token's scaled similarity to the mean token.
+    sim = torch.einsum("bnd,bd->bn", tokens, tokens.mean(dim=1)) / tokens.shape[-1] ** 0.5
     side = int(tokens.shape[1] ** 0.5)
-    return ReductionContext(
-        stage=step.stage,
-        layer=step.layer,
-        cls_token=cls_token,
-        cls_attention=attn,
-        keys=tokens,
-        attention=attn.unsqueeze(1),
-        text_embeds=cls_token.unsqueeze(1),
-        text_keys=cls_token.unsqueeze(1),  # one "text" token; its keys are itself, as ``keys`` are
-        text_mask=torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device),
-        grid=(side, side) if side * side == tokens.shape[1] else None,
-    )
+    grid = (side, side) if side * side == tokens.shape[1] else None
+    return token_context(tokens, sim.softmax(dim=-1), stage=step.stage, layer=step.layer, grid=grid)
 
 
 def run_model(pipeline: Pipeline, builder: Callable, *, seed: int = 0) -> tuple[str, list[StageRow]]:

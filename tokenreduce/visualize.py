@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .context import ReductionContext
+from .context import ReductionContext, token_context
 from .errors import InvalidInputError
 from .pipeline import Pipeline, Step
 from .reduction import Reduction
@@ -143,27 +143,13 @@ def stand_in_features(
 def stand_in_context(tokens: torch.Tensor, step: Step, grid: tuple[int, int] | None) -> ReductionContext:
     """Context derived from the tokens themselves, for reducers that need a model's.
 
-    [CLS] = the mean token; [CLS] attention (and the decoder's attention row) = a softmax
-    over how far each token lies from that mean, so distinctive patches draw attention;
-    keys = the tokens; one "text" token = the mean token.
+    As :func:`tokenreduce.context.token_context`, with the attention a softmax over how far
+    each token lies from the mean token, so distinctive patches draw attention.
     """
     x = tokens.float()
-    mean = x.mean(dim=1)
-    dist = (x - mean.unsqueeze(1)).norm(dim=-1)
+    dist = (x - x.mean(dim=1, keepdim=True)).norm(dim=-1)
     attn = (dist / dist.std(dim=1, keepdim=True).clamp_min(1e-6)).softmax(dim=-1)
-    text = mean.unsqueeze(1)
-    return ReductionContext(
-        stage=step.stage,
-        layer=step.layer,
-        cls_token=mean,
-        cls_attention=attn,
-        keys=x,
-        attention=attn.unsqueeze(1),
-        text_embeds=text,
-        text_mask=torch.ones(text.shape[:2], dtype=torch.bool),
-        text_keys=text,
-        grid=grid,
-    )
+    return token_context(x, attn, stage=step.stage, layer=step.layer, grid=grid)
 
 
 def model_features(image: Any, model_id: str, *, device: str | None = None) -> Features:
