@@ -15,6 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokenreduce
 from tokenreduce import Pipeline, Step, create
+from tokenreduce_plugins.adapters import compat
 
 NEW_TOKENS = 5
 
@@ -92,6 +93,29 @@ def logits(model, kw: dict) -> torch.Tensor:
         return model(**kw).logits
 
 
+def with_features(model, call: dict, poolers: dict, pixels: dict):
+    """The stock forward on ``call`` with the features of each modality replaced by ``poolers``.
+
+    ``poolers[m]`` is what the LLM sequence gets (videos: with their newline). Releases
+    whose forward takes ``mm_encoder_outputs`` get them there; older ones get the pixel
+    inputs ``pixels`` and the model's feature getters serve the features.
+    """
+    mm = {m: BaseModelOutputWithPooling(pooler_output=p) for m, p in poolers.items()}
+    inner = model.model
+    with torch.no_grad():
+        if compat.takes_encoder_outputs(model.forward):
+            return model(**call, mm_encoder_outputs=mm)
+        if "video" in mm and compat.forward_adds_video_newline(inner):
+            mm["video"] = BaseModelOutputWithPooling(pooler_output=mm["video"].pooler_output[:, :-1])
+        with compat.serving_features(inner, mm):
+            return model(**call, **pixels)
+
+
+def media_inputs(kw: dict) -> dict:
+    """The pixel arguments of a call (everything but ids, masks, positions and labels)."""
+    return {k: v for k, v in kw.items() if k not in ("input_ids", "attention_mask", "position_ids", "labels")}
+
+
 def check_identity(case: Case, attn: str, env: Env = CPU, rows: list[int] | None = None) -> None:
     """Budget >= tokens everywhere: logits and generated tokens bit-identical to the stock model."""
     model = env.model(case, attn)
@@ -148,11 +172,8 @@ def check_hand_built(case: Case, pipe: Pipeline, *, atol: float = 1e-5, env: Env
     ids, mask = hand_built_ids(kw["input_ids"].cpu(), kw["attention_mask"].cpu(), case.tokens, keep)
     ids, mask = ids.to(env.device), mask.to(env.device)
     feats = {m: [f[k.to(f.device)] for f, k in zip(stock[m], keep[m])] for m in keep}
-    mm = {}
-    for m, fs in feats.items():
-        pooler = fs if m == "image" else torch.cat(fs).unsqueeze(0)
-        mm[m] = BaseModelOutputWithPooling(pooler_output=pooler)
-    hand = {"input_ids": ids, "attention_mask": mask, "mm_encoder_outputs": mm}
+    poolers = {m: fs if m == "image" else torch.cat(fs).unsqueeze(0) for m, fs in feats.items()}
+    hand = {"input_ids": ids, "attention_mask": mask}
     if positions == "original":
         full_ids, full_mask = kw["input_ids"].cpu(), kw["attention_mask"].cpu()
         full = torch.arange(full_ids.shape[1]).expand_as(full_ids)
@@ -162,7 +183,7 @@ def check_hand_built(case: Case, pipe: Pipeline, *, atol: float = 1e-5, env: Env
             kept = full[r][flat_keep[r] & full_mask[r].bool()]
             pos[r, ids.shape[1] - len(kept) :] = kept
         hand["position_ids"] = pos.to(env.device)
-    expect = logits(model, hand)
+    expect = with_features(model, hand, poolers, media_inputs(kw)).logits
     # Compare real tokens only (padding rows attend to nothing; their logits are meaningless).
     assert got.shape == expect.shape
     torch.testing.assert_close(got[mask.bool()], expect[mask.bool()], atol=max(atol, env.atol), rtol=env.rtol)

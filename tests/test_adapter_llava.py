@@ -72,10 +72,9 @@ def test_merging_reducer_features_are_spliced_in():
     pooled = create("pool", 4)(torch.stack(feats)).tokens
     first = [int(k.nonzero()[0]) for k in handle.adapter.last_keep["image"]]
     assert first == [0, 0, 0] and rec.tokens_after == [4, 4, 4]
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     ids, mask = checks.hand_built_ids(kw["input_ids"], kw["attention_mask"], CASE.tokens, handle.adapter.last_keep)
-    expect = checks.logits(model, {"input_ids": ids, "attention_mask": mask, "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(pooled))}})
+    expect = checks.with_features(model, {"input_ids": ids, "attention_mask": mask}, {"image": list(pooled)}, checks.media_inputs(kw)).logits
     torch.testing.assert_close(got[mask.bool()], expect[mask.bool()], atol=1e-5, rtol=1e-4)
 
 
@@ -119,11 +118,11 @@ def test_labels_shrink_with_the_inputs():
         keep = handle.adapter.last_keep
     ids, mask = checks.hand_built_ids(kw["input_ids"], kw["attention_mask"], CASE.tokens, keep)
     feats = [f[k] for f, k in zip(stock_features(model, kw)["image"], keep["image"])]
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     hand_labels = ids.masked_fill(ids == IMAGE_TOKEN, -100).masked_fill(mask == 0, -100)
-    ref = model(input_ids=ids, attention_mask=mask, labels=hand_labels,
-                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)})
+    ref = checks.with_features(
+        model, {"input_ids": ids, "attention_mask": mask, "labels": hand_labels}, {"image": feats}, checks.media_inputs(kw)
+    )
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
     # With an llm_layer step the loss is taken over the kept positions.
     with tokenreduce.apply(model, Step("llm_layer", create("random", 4), layer=2)) as handle:

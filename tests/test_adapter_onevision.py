@@ -12,6 +12,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 import tokenreduce
 from tokenreduce import MissingContextError, Step, create
+from tokenreduce_plugins.adapters import compat
 
 # Row 0: one anyres image; row 1: a 3-frame video; row 2: two single-view images (multi-image prompt).
 ROWS = [["image"], ["video"], ["image", "image"]]
@@ -27,8 +28,17 @@ def lengths(aspect_ratio: str = "anyres_max_9") -> dict:
     model = tiny_onevision(0, aspect_ratio=aspect_ratio)
     n = image_size_to_num_patches(SIZE, PINPOINTS, 16)
     anyres = model.model.get_image_features(pixel_values=torch.zeros(1, n, 3, 16, 16), image_sizes=torch.tensor([SIZE]))
-    video = model.model.get_video_features(pixel_values_videos=torch.zeros(1, FRAMES, 3, 16, 16))
-    return {"anyres": anyres.pooler_output[0].shape[0], "single": 17, "video": video.pooler_output.shape[1]}
+    video = video_features(model, torch.zeros(1, FRAMES, 3, 16, 16))
+    return {"anyres": anyres.pooler_output[0].shape[0], "single": 17, "video": video.shape[1]}
+
+
+def video_features(model, pixels):
+    """``(V, L, D)``: each video's features as the LLM sequence gets them, newline included."""
+    feats = compat.video_features(model.model, pixels).pooler_output
+    if compat.forward_adds_video_newline(model.model):  # older releases append it in forward
+        newline = model.model.image_newline[None, None].expand(feats.shape[0], 1, -1).to(feats.dtype)
+        feats = torch.cat([feats, newline], dim=1)
+    return feats
 
 
 def make_inputs(aspect_ratio: str = "anyres_max_9"):
@@ -77,7 +87,7 @@ def stock_features(model, kw):
             )
             out["image"] = list(img.pooler_output)
         if kw.get("pixel_values_videos") is not None:
-            out["video"] = list(model.model.get_video_features(pixel_values_videos=kw["pixel_values_videos"]).pooler_output)
+            out["video"] = list(video_features(model, kw["pixel_values_videos"]))
     return out
 
 

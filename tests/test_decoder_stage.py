@@ -8,6 +8,7 @@ from typing import ClassVar
 import pytest
 import torch
 from models import VOCAB, _init, tiny_llama, one_thread  # noqa: F401 - fixture
+from tokenreduce_plugins.adapters import compat
 from tokenreduce_plugins.adapters.decoder import DecoderReduction
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -142,7 +143,7 @@ def test_caches_full_before_and_reduced_from_layer_k():
     red.set_image_mask(img)
     out = model(input_ids=ids, attention_mask=mask, use_cache=True)
     red.detach()
-    lengths = [out.cache.get_seq_length(i) for i in range(4)]
+    lengths = [compat.output_cache(out).get_seq_length(i) for i in range(4)]
     # 16 image tokens: 8 kept at layer 1, 3 of those at layer 3.
     assert lengths == [PROMPT, PROMPT - 8, PROMPT - 8, PROMPT - 13]
     assert out.logits.shape[1] == PROMPT - 13
@@ -230,7 +231,7 @@ def test_context_keys_equal_the_cached_keys_of_the_layer():
     model = tiny_llama(0)
     rows, spans = prompts()
     ids, mask, img = batch(rows, spans)
-    stock = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+    stock = compat.output_cache(model(input_ids=ids, attention_mask=mask, use_cache=True))
     probe = type("Probe", (AttentionProbe,), {"seen": [], "required_context": frozenset({"attention", "keys", "text_keys"})})
     red = DecoderReduction(model.model, [Step("llm_layer", probe(0.5), layer=2)])
     red.attach()

@@ -84,9 +84,9 @@ from tokenreduce.ops import gather_rows
 from tokenreduce.pipeline import Step
 from tokenreduce.stages import Stage
 
-__all__ = ["DecoderReduction", "attention_rows", "decoder_layers", "find_text_decoder", "layer_keys"]
+from . import compat
 
-_CACHE_KEYS = ("cache", "past_key_values", "past_key_value")
+__all__ = ["DecoderReduction", "attention_rows", "decoder_layers", "find_text_decoder", "layer_keys"]
 
 
 def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
@@ -378,7 +378,7 @@ class DecoderReduction:
         fwd = _Forward(attention_mask=am, image_mask=mask, grid=grid)
         # Before any layer runs: how many tokens the sequence had before this forward
         # (full length; reduced layers hold fewer) and the state of a reduced cache.
-        cache = next((kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
+        cache = compat.get_cache(kwargs)
         if cache is not None and hasattr(cache, "get_seq_length"):
             state = self._states.get(cache)
             if state is not None and cache.get_seq_length(self.steps[0].layer) == 0:
@@ -441,7 +441,7 @@ class DecoderReduction:
         fwd.capturing_rope = False
         b, q = hidden.shape[:2]
         dev = hidden.device
-        cache = next((kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
+        cache = compat.get_cache(kwargs)
         fwd.cache = cache
         state, fwd.past0 = fwd.state, fwd.past0
         has_images = fwd.image_mask is not None and bool(fwd.image_mask.any())
@@ -582,21 +582,15 @@ class DecoderReduction:
     def _mask_for(self, i: int, hidden: torch.Tensor):
         """The 4-D (or backend-specific) mask of layer ``i`` over the reduced cache, built once per step and type."""
         fwd = self._fwd
-        from transformers.masking_utils import (
-            create_causal_mask,
-            create_sliding_window_causal_mask,
-        )
-
         types = getattr(self.decoder.config, "layer_types", None)
         kind = types[i] if types is not None and i < len(types) else "full_attention"
         if kind not in fwd.masks:
-            fn = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            fwd.masks[kind] = fn(
+            fwd.masks[kind] = compat.causal_mask(
+                kind,
                 config=self.decoder.config,
                 inputs_embeds=hidden,
                 attention_mask=fwd.mask2d,
                 cache=fwd.cache,
-                position_ids=None,
                 layer_idx=i if fwd.cache is not None else None,
             )
         return fwd.masks[kind]

@@ -40,6 +40,7 @@ from tokenreduce.pipeline import Step
 from tokenreduce.reduction import Reduction
 from tokenreduce.stages import Stage
 
+from . import compat
 from .decoder import DecoderReduction, find_text_decoder
 from .sequence import (
     apply_plan,
@@ -105,6 +106,7 @@ class LlavaFamilyAdapter(Adapter):
         self.last_keep: dict[str, list[torch.Tensor]] = {}
         self._kw: dict | None = None
         self._saved: dict[str, Any] = {}
+        self._serving = False  # inside a generate() whose getters serve reduced features
         self._cur_step: dict[Stage, Step | None] = {st: (self.steps(st) or [None])[0] for st in ENCODER_STAGES}
 
     # -- description ---------------------------------------------------------------------
@@ -138,6 +140,7 @@ class LlavaFamilyAdapter(Adapter):
     # -- patching ------------------------------------------------------------------------
 
     def validate(self) -> None:
+        compat.check_supported()
         for step in self.pipeline:
             avail = self.llm_context_fields() if step.stage is Stage.LLM_LAYER else self.encoder_context_fields()
             missing = sorted(set(step.reducer.required_context) - avail)
@@ -180,21 +183,26 @@ class LlavaFamilyAdapter(Adapter):
     def _encoder_side(self, kw: dict) -> bool:
         return (
             self._has_pixels(kw)
+            and not self._serving
             and kw.get("mm_encoder_outputs") is None
             and any(s is not None for s in self._cur_step.values())
         )
 
     def _forward(self, *args, **kwargs):
         kw = bind(self._orig_forward, args, kwargs)
-        if self._has_pixels(kw):
+        if self._has_pixels(kw) and not self._serving:
             self.records.clear()
+        served: dict[str, Any] = {}
         if self._encoder_side(kw):
-            kw = self.reduce_inputs(kw, for_generate=False)
+            kw, served = self.reduce_inputs(kw, for_generate=False)
+        kw = compat.native_kwargs(self._orig_forward, kw)
         if self.decoder is None:
-            return self._orig_forward(**kw)
+            with compat.serving_features(self.inner, served):
+                return self._orig_forward(**kw)
         self.decoder.set_image_mask(self._media_mask(kw), self.llm_grid())
         labels = kw.pop("labels", None)
-        out = self._orig_forward(**kw)
+        with compat.serving_features(self.inner, served):
+            out = self._orig_forward(**kw)
         if labels is not None:
             # Logits cover the reduced sequence: score them against the labels of the kept positions.
             kept = self.decoder.last_kept
@@ -213,9 +221,16 @@ class LlavaFamilyAdapter(Adapter):
             return self._orig_generate(**kw)
         self.records.clear()
         prompt = kw["input_ids"]
-        kw = self.reduce_inputs(kw, for_generate=True)
+        kw, served = self.reduce_inputs(kw, for_generate=True)
         short = kw["input_ids"].shape[1]
-        out = self._orig_generate(**kw)
+        # The pixel inputs may stay in the call (see reduce_inputs): its forwards must not
+        # reduce them again.
+        self._serving = bool(served)
+        try:
+            with compat.serving_features(self.inner, served):
+                out = self._orig_generate(**kw)
+        finally:
+            self._serving = False
         # Give the caller back its own prompt, so `out[:, prompt_len:]` is still the answer.
         if isinstance(out, torch.Tensor):
             return torch.cat([prompt.to(out.device), out[:, short:]], dim=1)
@@ -248,8 +263,13 @@ class LlavaFamilyAdapter(Adapter):
         """Run the vision tower + projector with the encoder-side steps; one entry per modality present."""
         raise NotImplementedError
 
-    def reduce_inputs(self, kw: dict, *, for_generate: bool) -> dict:
-        """Encode and reduce the pixel inputs; shorten every per-token input consistently."""
+    def reduce_inputs(self, kw: dict, *, for_generate: bool) -> tuple[dict, dict[str, Any]]:
+        """Encode and reduce the pixel inputs; shorten every per-token input consistently.
+
+        Returns the new call arguments and, for releases whose forward cannot take
+        pre-encoded features, what the model's feature getters must serve during the call
+        (see :func:`.compat.serving_features`; empty otherwise).
+        """
         ids = kw.get("input_ids")
         if ids is None:
             raise InvalidInputError(
@@ -283,17 +303,24 @@ class LlavaFamilyAdapter(Adapter):
             new["position_ids"] = apply_plan(pos, src, slot, 0)
         elif pos is not None:
             new["position_ids"] = apply_plan(pos - removed_before(keep), src, slot, 0)
-        for name in _MEDIA_ARGS:
-            new.pop(name, None)
-        new["mm_encoder_outputs"] = {m: BaseModelOutputWithPooling(pooler_output=e.pooler) for m, e in encoded.items()}
         self._kw = None
-        return new
+        if compat.takes_encoder_outputs(self._orig_forward):
+            for name in _MEDIA_ARGS:
+                new.pop(name, None)
+            new["mm_encoder_outputs"] = {m: BaseModelOutputWithPooling(pooler_output=e.pooler) for m, e in encoded.items()}
+            return new, {}
+        # The pixel inputs stay, so the stock forward asks its own getters, which serve these.
+        return new, {m: BaseModelOutputWithPooling(pooler_output=self.native_pooler(m, e.pooler)) for m, e in encoded.items()}
+
+    def native_pooler(self, modality: str, pooler: Any) -> Any:
+        """``pooler`` (the features the LLM sequence gets) as this release's feature getter returns them."""
+        return pooler
 
     def _stock_positions(self, ids, am, kw, for_generate: bool) -> torch.Tensor:
         """The position ids the stock model would use for the full prompt."""
         if for_generate and am is not None:
             return self.model._prepare_position_ids_for_generation(ids, {"attention_mask": am})
-        cache = kw.get("cache", kw.get("past_key_values"))
+        cache = compat.get_cache(kw)
         past = cache.get_seq_length() if cache is not None else 0
         return (torch.arange(ids.shape[1], device=ids.device) + past).expand_as(ids)
 

@@ -12,6 +12,7 @@ from tokenreduce.errors import InvalidInputError
 from tokenreduce.ops import gather_rows, keep_mask_from
 from tokenreduce.stages import Stage
 
+from . import compat
 from .anyres import encode_anyres_images
 from .llava import select_features
 from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter, per_row
@@ -50,6 +51,12 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
         if kw.get("pixel_values_videos") is not None:
             out["video"] = self._videos(kw["pixel_values_videos"], layer, start)
         return out
+
+    def native_pooler(self, modality, pooler):
+        # Releases whose forward appends each video's newline itself get the features without it.
+        if modality == "video" and compat.forward_adds_video_newline(self.inner):
+            return pooler[:, :-1]
+        return pooler
 
     def _tower(self, pixels, layer, start):
         tower = self.inner.vision_tower

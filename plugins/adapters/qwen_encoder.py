@@ -125,7 +125,11 @@ class EncoderSide:
         out.pooler_output = tuple(torch.split(flat, counts))
         deepstack = getattr(out, "deepstack_features", None)
         if deepstack:  # Qwen3-VL: the features added to early decoder layers follow the kept tokens
-            out.deepstack_features = [tuple(torch.split(torch.cat(list(f))[source], counts)) for f in deepstack]
+            # Per layer: a tensor of all tokens (older releases) or a tuple per item (newer).
+            out.deepstack_features = [
+                f[source] if isinstance(f, torch.Tensor) else tuple(torch.split(torch.cat(list(f))[source], counts))
+                for f in deepstack
+            ]
         return out, token_mask, keep_tokens
 
     def _run(

@@ -95,6 +95,7 @@ from tokenreduce import Stage
 from tokenreduce.adapter import Adapter
 from tokenreduce.errors import ConfigError, InvalidInputError, MissingContextError
 
+from . import compat
 from .decoder import DecoderReduction
 from .qwen_encoder import MODALITIES, PROVIDED, EncoderSide, Prompt
 from .qwen_sequence import DecodeState, Shrink, sequence_positions
@@ -109,6 +110,10 @@ _WHY_NOT = {
     "attention": "decoder attention exists only at the llm_layer stage",
 }
 _MISSING = object()
+
+
+def _cache_named(cache: Any = None) -> None:
+    """A signature naming the cache ``cache``: the adapter's internal spelling."""
 
 
 class QwenVLAdapter(Adapter):
@@ -139,6 +144,7 @@ class QwenVLAdapter(Adapter):
     # -- patch-time checks -------------------------------------------------------------
 
     def validate(self) -> None:
+        compat.check_supported()
         if self.positions not in ("original", "compact"):
             raise ConfigError(f"positions={self.positions!r} is not supported; use 'original' or 'compact'")
         llm_steps = self.steps(Stage.LLM_LAYER)
@@ -227,8 +233,7 @@ class QwenVLAdapter(Adapter):
             kw = dict(sig.bind(*args, **kwargs).arguments)
             if var_kw is not None:
                 kw.update(kw.pop(var_kw, {}))
-            if "past_key_values" in kw:  # the pre-5.x name of ``cache``
-                kw["cache"] = kw.pop("past_key_values")
+            kw = compat.native_kwargs(_cache_named, kw)  # internally the cache is always ``cache``
             self._busy = True
             try:
                 return self._call(orig, kw)
@@ -269,10 +274,11 @@ class QwenVLAdapter(Adapter):
         self.records.clear()
         if not (has_vision and (self._encoder_steps() or self._renumbers())):
             return self._forward(orig, kw)
-        kw, pending = self._prefill(kw)
-        out = self._forward(orig, kw)
+        kw, pending, served = self._prefill(kw, compat.takes_encoder_outputs(orig))
+        with compat.serving_features(self.inner, served):
+            out = self._forward(orig, kw)
         if pending is not None:
-            fields = out if isinstance(out, tuple) else (getattr(out, "cache", None),)
+            fields = out if isinstance(out, tuple) else (compat.output_cache(out),)
             cache = next((x for x in fields if isinstance(x, Cache)), kw.get("cache"))
             if cache is not None:
                 self._states[cache] = pending
@@ -280,6 +286,7 @@ class QwenVLAdapter(Adapter):
 
     def _forward(self, orig: Callable[..., Any], kw: dict[str, Any]) -> Any:
         """The stock forward, telling the decoder-layer reduction where the image tokens are."""
+        kw = compat.native_kwargs(orig, kw)
         if self._decoder is None:
             return orig(**kw)
         ids = kw.get("input_ids")
@@ -334,7 +341,6 @@ class QwenVLAdapter(Adapter):
             if pos.dim() == 3:
                 return pos, None
             return pos.unsqueeze(0).expand(3, batch, -1), None
-        fn = self.inner.compute_3d_position_ids
         args = {
             "input_ids": ids,
             "inputs_embeds": ids.new_empty((batch, length, 0), dtype=torch.float32),
@@ -345,13 +351,20 @@ class QwenVLAdapter(Adapter):
             "second_per_grid_ts": kw.get("second_per_grid_ts"),
             "mm_token_type_ids": kw.get("mm_token_type_ids"),
         }
-        params = inspect.signature(fn).parameters
-        pos3 = fn(**{k: v for k, v in args.items() if k in params})
+        pos3 = compat.compute_3d_position_ids(self.inner, **args)
         if pos3 is None:  # the stock text model then numbers the sequence 0..L-1 on all axes
             pos3 = torch.arange(length, device=ids.device).expand(3, batch, length)
         return pos3, None
 
-    def _prefill(self, kw: dict[str, Any]) -> tuple[dict[str, Any], DecodeState | None]:
+    def _prefill(
+        self, kw: dict[str, Any], takes_outputs: bool
+    ) -> tuple[dict[str, Any], DecodeState | None, dict[str, Any]]:
+        """The shortened call, how to continue its cache, and what the feature getters must serve.
+
+        ``takes_outputs``: the stock forward accepts the reduced features as
+        ``mm_encoder_outputs``; otherwise the pixel inputs stay and the model's own feature
+        getters serve the reduced features during the call (:func:`.compat.serving_features`).
+        """
         ids = kw.get("input_ids")
         if ids is None:
             raise InvalidInputError(
@@ -388,11 +401,15 @@ class QwenVLAdapter(Adapter):
                 outputs[modality], token_mask, keep_tokens = reduced
                 keep[token_mask] = keep_tokens
                 dropped = dropped or not bool(keep_tokens.all())
-        kw["pixel_values"] = None
-        kw["pixel_values_videos"] = None
-        kw["mm_encoder_outputs"] = outputs
+        served: dict[str, Any] = {}
+        if takes_outputs:
+            kw["pixel_values"] = None
+            kw["pixel_values_videos"] = None
+            kw["mm_encoder_outputs"] = outputs
+        else:
+            served = outputs
         if not dropped and not self._renumbers():  # nothing removed: the stock forward does the rest
-            return kw, None
+            return kw, None, served
 
         shrink = Shrink.from_keep(keep)
         batch, red_len = shrink.index.shape
@@ -426,7 +443,7 @@ class QwenVLAdapter(Adapter):
             text_shift=seq_red[:, -1:] - seq_full[:, -1:],
             rope_shift=rope_shift,
         )
-        return kw, state
+        return kw, state, served
 
     def _pad_id(self) -> int:
         cfg = self.inner.config
