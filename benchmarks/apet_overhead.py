@@ -1,6 +1,6 @@
 """ApET overhead: our batched reducer vs a per-row loop written like the paper's code.
 
-The loop version below is the reference algorithm (shared/fixtures/README.md) written the
+The loop version below is the reference algorithm (tests/fixtures/apet/README.md) written the
 way the published ApET code is: one row at a time, FPS per row, ``torch.linalg.solve``,
 and token merging with a broadcast cosine similarity (an ``(N - T, T - k, D)``
 intermediate, as ``F.cosine_similarity(a.unsqueeze(2), b.unsqueeze(1), dim=3)`` builds).

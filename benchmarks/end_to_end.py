@@ -17,14 +17,23 @@ scaled by the model's image-token count over 576), one run measures:
   actually processed (decoder lengths read per layer from the prefill's KV cache), and
   ``speedup`` / ``ideal_speedup`` / ``ratio`` against the unreduced run.
 
-Published stages: FastV and DART at ``llm_layer`` K=2, PyramidDrop at layers 8/16/24
-(scaled to the decoder depth) with per-step budgets ``N r, N r^2, T`` (``r = (T/N)^(1/3)``,
-which is the published 50% per step for 576 -> 64), every other method after the projector.
+Published forms (:data:`PUBLISHED`; layers of a 32-layer decoder, scaled to the model's
+depth except FastV's and DART's K=2): FastV and DART at ``llm_layer`` K=2; PyramidDrop at
+layers 8/16/24 with per-step budgets ``N r, N r^2, T`` (``r = (T/N)^(1/3)``, the published
+50% per step for 576 -> 64); VisPruner and MustDrop's first step before the projector;
+the multi-step methods as their papers run them: VScan ``1.5 T`` after the projector, then
+``0.5 T`` from the middle decoder layer (a mean of ``T`` over the layers); SparseVLM its
+official per-layer counts at layers 3/7/16; MustDrop a window merge in the encoder, then
+filters at layers 3/7/11/15; every other method after the projector. A setting is labelled
+with the token count its paper reports it under (``target``; the mean over the decoder
+layers for VScan and SparseVLM, the tokens left at the end otherwise); ``budget`` is
+always the tokens left after the last step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -37,6 +46,7 @@ import torch
 import tokenreduce
 from tokenreduce import Pipeline, Stage, Step
 from tokenreduce.errors import MissingContextError
+from tokenreduce_plugins.adapters import compat
 
 from .common import Deadline, Reporter, free_device_memory, peak_memory, summarize, sync, time_call
 from .models import LLAVA, LLAVA_NEXT, QWEN, Inputs, ModelSpec, make_inputs, parameter_bytes, text_model
@@ -44,11 +54,84 @@ from .roofline import Peaks, kv_cache_bytes_analytic, prefill_components, summar
 
 #: Budgets for 576 image tokens (LLaVA-1.5); other models scale them by N / 576.
 BASE_BUDGETS = (192, 128, 64)
-#: The published stage (and decoder layers, for a 32-layer decoder) of each built-in method.
-PUBLISHED: dict[str, tuple[str, tuple[int, ...]]] = {
+#: The decoder depth the published layers refer to (LLaVA-1.5-7B).
+PUBLISHED_DEPTH = 32
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where a method's steps run and what each keeps.
+
+    The first step runs at ``stage``; at an encoder-side ``stage`` it keeps ``budgets[0]``
+    and one ``llm_layer`` step per entry of ``layers`` follows with ``budgets[1:]``; at
+    ``llm_layer`` every step is a decoder layer (``budgets`` pairs with ``layers``).
+    """
+
+    stage: str
+    layers: tuple[int, ...] = ()
+    budgets: tuple[int, ...] = ()
+
+
+def _scaled_layers(layers: tuple[int, ...], n_layers: int) -> list[int]:
+    """Published layers of a 32-layer decoder at the same relative depth of ``n_layers`` (1 .. n_layers - 1)."""
+    return [max(1, min(n_layers - 1, round(k * n_layers / PUBLISHED_DEPTH))) for k in layers]
+
+
+def _pdrop(n: int, n_layers: int, t: int) -> Schedule:
+    layers = _scaled_layers((8, 16, 24), n_layers)
+    k = len(set(layers))
+    r = (t / n) ** (1 / k)
+    budgets = [max(t, round(n * r ** (i + 1))) for i in range(k - 1)] + [t]
+    return Schedule("llm_layer", tuple(sorted(set(layers))), tuple(budgets))
+
+
+def _vscan(n: int, n_layers: int, t: int) -> Schedule:
+    # Published (README, scripts/llava1_5): 96 after the projector, 32 from layer 16 of 32,
+    # "an average of 64"; Qwen2.5-VL: 1/6 of the tokens, then 1/3 of those from layer 14 of
+    # 28: the same 1.5 T then 0.5 T from the middle layer.
+    from tokenreduce_plugins.vscan import PUBLISHED_ENCODER_BUDGET, PUBLISHED_LLM_BUDGET, PUBLISHED_LLM_LAYER
+
+    k = PUBLISHED_LLM_LAYER
+    mean = (PUBLISHED_ENCODER_BUDGET * k + PUBLISHED_LLM_BUDGET * (PUBLISHED_DEPTH - k)) / PUBLISHED_DEPTH
+    budgets = (round(t * PUBLISHED_ENCODER_BUDGET / mean), round(t * PUBLISHED_LLM_BUDGET / mean))
+    return Schedule("projector", tuple(_scaled_layers((k,), n_layers)), budgets)
+
+
+def _sparsevlm(n: int, n_layers: int, t: int) -> Schedule:
+    # The official per-layer selected counts (score.py) of the setting nearest T (at 576
+    # image tokens, scaled to N), plus the recycled clusters each step adds (SparseVLM's own
+    # arithmetic): "64" = 576 -> 82 -> 32 -> 18 at layers 3/7/16.
+    from tokenreduce_plugins.sparsevlm import PUBLISHED_LAYERS, PUBLISHED_SELECTED, step_budgets
+
+    at576 = t * 576 / n
+    key = min(PUBLISHED_SELECTED, key=lambda r: abs(math.log(r / at576)))
+    selected = [max(1, round(s * n / 576)) for s in PUBLISHED_SELECTED[key]]
+    return Schedule("llm_layer", tuple(_scaled_layers(PUBLISHED_LAYERS, n_layers)), step_budgets(selected, n))
+
+
+def _mustdrop(n: int, n_layers: int, t: int) -> Schedule:
+    # The documented example (docs/examples/reducers/mustdrop.yaml): 3x3 window merging to
+    # 432 of 576, then filters after layers 2/6/10/14 down to 192/128/96/64, scaled to T.
+    # (The official code sets thresholds, so its counts vary per image.)
+    from tokenreduce_plugins.mustdrop import EXAMPLE_ENCODER_BUDGET, EXAMPLE_LLM_BUDGETS, OFFICIAL_PRUNING_LAYERS
+
+    layers = _scaled_layers(tuple(k + 1 for k in OFFICIAL_PRUNING_LAYERS), n_layers)
+    scale = t / EXAMPLE_LLM_BUDGETS[-1]
+    budgets = (round(EXAMPLE_ENCODER_BUDGET * n / 576), *(round(b * scale) for b in EXAMPLE_LLM_BUDGETS))
+    return Schedule("vision_encoder", tuple(layers), budgets)
+
+
+#: Each method's published form, where it is not one step after the projector: a fixed
+#: schedule ``(stage, layers of a 32-layer decoder, used as they are)``, or a function of
+#: ``(N image tokens, decoder depth, target T)``.
+PUBLISHED: dict[str, tuple[str, tuple[int, ...]] | Callable[[int, int, int], Schedule]] = {
     "fastv": ("llm_layer", (2,)),
     "dart": ("llm_layer", (2,)),
-    "pdrop": ("llm_layer", (8, 16, 24)),
+    "vispruner": ("vision_encoder", ()),  # official: selects on the vision features, before the projector
+    "pdrop": _pdrop,
+    "vscan": _vscan,
+    "sparsevlm": _sparsevlm,
+    "mustdrop": _mustdrop,
 }
 #: Model-specific variants of a method: only the one matching the model family runs.
 VARIANTS = {"apet": {LLAVA: "apet-llava", LLAVA_NEXT: "apet-llava", QWEN: "apet-qwen"}}
@@ -61,7 +144,10 @@ FALLBACK_PARAMS: dict[str, dict[str, Any]] = {"dart": {"pivot_by": "token_norm"}
 class Setting:
     """One reduction configuration (``reducer=None``: no reduction).
 
-    ``budgets`` has one entry per step (one step except at ``llm_layer`` schedules).
+    Steps as in :class:`Schedule`: ``budgets`` has one entry per step: the encoder-side
+    step's first (``stage`` ``vision_encoder`` / ``projector``), then one per decoder layer
+    of ``layers``. ``target`` is the token count the setting is labelled with (default:
+    the last step's budget).
     """
 
     reducer: str | None
@@ -69,6 +155,7 @@ class Setting:
     budgets: tuple[int, ...] = ()
     layers: tuple[int, ...] = ()
     params: tuple[tuple[str, Any], ...] = ()
+    target: int | None = None
 
     @property
     def budget(self) -> int | None:
@@ -76,45 +163,87 @@ class Setting:
         return self.budgets[-1] if self.budgets else None
 
     @property
+    def label(self) -> int | None:
+        """The token count the method's paper reports this setting under."""
+        return self.budget if self.target is None else self.target
+
+    @property
     def name(self) -> str:
         if self.reducer is None:
             return "none"
-        where = self.stage if not self.layers else "L" + "/".join(map(str, self.layers))
+        where = self.stage
+        if self.layers:
+            where = ("" if self.stage == "llm_layer" else f"{self.stage}+") + "L" + "/".join(map(str, self.layers))
         params = "[" + ",".join(f"{k}={v}" for k, v in self.params) + "]" if self.params else ""
-        return f"{self.reducer}{params}@{where}:{self.budget}"
+        return f"{self.reducer}{params}@{where}:{self.label}"
+
+    def steps(self) -> list[tuple[str, int | None, int]]:
+        """``(stage, decoder layer or None, budget)`` of each step, in order."""
+        if self.reducer is None:
+            return []
+        if self.stage == Stage.LLM_LAYER.value:
+            return [(self.stage, k, b) for k, b in zip(self.layers, self.budgets)]
+        first = [(self.stage, None, self.budgets[0])]
+        return first + [(Stage.LLM_LAYER.value, k, b) for k, b in zip(self.layers, self.budgets[1:])]
 
     def pipeline(self) -> Pipeline | None:
         if self.reducer is None:
             return None
-        st = Stage(self.stage)
         kw = dict(self.params)
-        if st is Stage.LLM_LAYER:
-            steps = [
-                Step(st, tokenreduce.create(self.reducer, b, stage=st, **kw), layer=k)
-                for k, b in zip(self.layers, self.budgets)
-            ]
-        else:
-            steps = [Step(st, tokenreduce.create(self.reducer, self.budgets[0], stage=st, **kw))]
-        return Pipeline(steps)
+        return Pipeline(
+            [Step(Stage(st), tokenreduce.create(self.reducer, b, stage=Stage(st), **kw), layer=k) for st, k, b in self.steps()]
+        )
 
     def image_tokens_per_layer(self, n: int, n_layers: int) -> list[int]:
         """Image tokens entering each decoder layer (analytic; the run measures them too)."""
-        if self.reducer is None:
-            return [n] * n_layers
-        if not self.layers:
-            return [min(n, self.budgets[0])] * n_layers
-        out, cur = [], n
-        steps = dict(zip(self.layers, self.budgets))
+        cur, at_layer = n, {}
+        for _, k, b in self.steps():
+            if k is None:
+                cur = min(cur, b)
+            else:
+                at_layer[k] = b
+        out = []
         for i in range(n_layers):
-            cur = min(cur, steps.get(i, cur))
+            cur = min(cur, at_layer.get(i, cur))
             out.append(cur)
         return out
 
 
+def published_schedule(cls: type, n: int, n_layers: int, t: int) -> Schedule:
+    """A method's steps for ``n`` image tokens, an ``n_layers`` decoder and target ``t``.
+
+    Layers beyond the decoder are left out; two steps that land on one layer (a shallow
+    decoder) keep the later budget; every budget is at most the tokens the step receives.
+    """
+    form = PUBLISHED.get(cls.name)
+    if callable(form):
+        sched = form(n, n_layers, t)
+    else:
+        stage, layers = form if form is not None else published_stage(cls)
+        sched = Schedule(stage, layers, (t,) * (len(layers) if stage == Stage.LLM_LAYER.value else 1 + len(layers)))
+    first = [] if sched.stage == Stage.LLM_LAYER.value else [sched.budgets[0]]
+    per_layer: dict[int, int] = {}
+    for k, b in zip(sched.layers, sched.budgets[len(first) :]):
+        if 0 < k < n_layers:
+            per_layer[k] = b
+    layers = tuple(sorted(per_layer))
+    budgets, cur = [], n
+    for b in first + [per_layer[k] for k in layers]:
+        cur = max(1, min(cur, b))
+        budgets.append(cur)
+    return Schedule(sched.stage, layers, tuple(budgets))
+
+
 def published_stage(cls: type) -> tuple[str, tuple[int, ...]]:
-    """Where a method runs in the benchmark: its published stage, else the first supported encoder-side one."""
-    if cls.name in PUBLISHED:
-        return PUBLISHED[cls.name]
+    """Where a method's (first) step runs in the benchmark, and the decoder layers of its
+    ``llm_layer`` steps (for a 32-layer decoder): its published form, else the first
+    supported encoder-side stage."""
+    form = PUBLISHED.get(cls.name)
+    if callable(form):
+        sched = form(576, PUBLISHED_DEPTH, 64)
+        return sched.stage, sched.layers
+    if form is not None:
+        return form
     for st in (Stage.PROJECTOR, Stage.VISION_ENCODER):
         if st in cls.stages:
             return st.value, ()
@@ -142,20 +271,14 @@ def settings_for(family: str, n: int, n_layers: int, budgets: list[int]) -> list
     for nm in first + rest:
         if nm not in reg.reducers:
             continue
-        stage, layers = published_stage(reg.reducers[nm].cls)
-        if nm == "pdrop":
-            layers = tuple(sorted({max(1, min(n_layers - 1, round(k * n_layers / 32))) for k in layers}))
-        layers = tuple(k for k in layers if k < n_layers)
-        if stage == "llm_layer" and not layers:
-            continue
+        cls = reg.reducers[nm].cls
         per_method[nm] = []
         for t in sorted(budgets):
-            if len(layers) > 1:
-                r = (t / n) ** (1 / len(layers))
-                steps = tuple(max(t, round(n * r ** (i + 1))) for i in range(len(layers) - 1)) + (t,)
-            else:
-                steps = (t,)
-            per_method[nm].append(Setting(nm, stage, steps, layers))
+            sched = published_schedule(cls, n, n_layers, t)
+            if not sched.budgets:  # every step's layer is beyond this decoder
+                continue
+            per_method[nm].append(Setting(nm, sched.stage, sched.budgets, sched.layers, target=t))
+    per_method = {nm: s for nm, s in per_method.items() if s}
     out = [Setting(None)]
     out += [s for nm in first if nm in per_method for s in per_method[nm]]
     others = [nm for nm in rest if nm in per_method]
@@ -351,7 +474,7 @@ def run_model(
 def _wants_profile(setting: Setting, cfg: E2EConfig, budgets: list[int]) -> bool:
     if setting.reducer is None:
         return "none" in cfg.profile
-    return any(setting.reducer.split("-")[0] == p for p in cfg.profile) and setting.budget == min(budgets)
+    return any(setting.reducer.split("-")[0] == p for p in cfg.profile) and setting.label == min(budgets)
 
 
 def _base(spec: ModelSpec, batch: int, s: Setting) -> dict[str, Any]:
@@ -362,6 +485,7 @@ def _base(spec: ModelSpec, batch: int, s: Setting) -> dict[str, Any]:
         "reducer": s.reducer,
         "stage": s.stage,
         "budget": s.budget,
+        "target": s.label,
         "step_budgets": list(s.budgets),
         "layers": list(s.layers),
         "params": dict(s.params),
@@ -435,8 +559,8 @@ def _measure(
         return model(**kw, use_cache=True, logits_to_keep=1)
 
     out = prefill()  # warm-up; its cache tells how many tokens each decoder layer processed
-    lengths = cache_lengths(out.past_key_values)
-    kv_prefill = cache_nbytes(out.past_key_values)
+    lengths = cache_lengths(compat.output_cache(out))
+    kv_prefill = cache_nbytes(compat.output_cache(out))
     records = [_record_dict(r) for r in (handle.records if handle is not None else [])]
     del out
     ms = time_call(prefill, device, reps=cfg.prefill_reps, warmup=0)
@@ -456,7 +580,7 @@ def _measure(
         sync(device)
         gen_ms = (time.perf_counter() - t0) * 1e3
     new = int(gen.sequences.shape[1] - kw["input_ids"].shape[1])
-    kv_final = cache_nbytes(getattr(gen, "past_key_values", None))
+    kv_final = cache_nbytes(compat.output_cache(gen))
     del gen
 
     n_layers = model.config.text_config.num_hidden_layers
@@ -464,7 +588,7 @@ def _measure(
     per_layer = [max(0, length - text) for length in lengths] if lengths and len(lengths) == n_layers else None
     if per_layer is None:
         per_layer = setting.image_tokens_per_layer(inputs.image_tokens, n_layers)
-    proj = None if setting.stage != "vision_encoder" else setting.budget
+    proj = None if setting.stage != "vision_encoder" else setting.budgets[0]
     profile = token_profile(
         spec, model.config, image_tokens=inputs.image_tokens, prompt_len=inputs.prompt_len, per_layer=per_layer
     )

@@ -5,8 +5,9 @@ Grid (full run): batch ``B in {1, 8}``, image tokens ``N in {576, 2880, 8192}``,
 fp16 and bf16, CUDA and CPU. Each point: warm-up calls, then the median of at least 20
 timed calls (CUDA events on the GPU). Reducers that need context get a synthetic one of
 the right shape: CLS attention ``(B, N)``, CLS token ``(B, D)``, keys ``(B, N, D)``,
-decoder attention rows ``(B, 1, N)``, text embeddings / keys ``(B, 32, D)``, the patch
-grid and positions.
+decoder attention rows ``(B, 1, N)`` (``(B, 32, N)``, one per text token, for reducers whose
+``attention_query`` is ``"text"``), text embeddings / keys ``(B, 32, D)``, the patch grid
+and positions.
 
 The grid is run in priority order (CUDA before CPU, small N before large) under a
 time budget; points that do not fit are listed as skipped. A call slower than
@@ -17,6 +18,7 @@ model from the end-to-end suite.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import traceback
@@ -91,7 +93,8 @@ def synthetic_context(tokens: torch.Tensor, stage: Stage, gen: torch.Generator) 
         text_embeds=randn(b, TEXT_TOKENS, d).to(dt),
         text_mask=torch.ones(b, TEXT_TOKENS, dtype=torch.bool, device=dev),
         text_keys=randn(b, TEXT_TOKENS, d).to(dt),
-        attention=(randn(b, 1, n) * 2).softmax(dim=-1),
+        # One row per text token; reducers that query the last token get its row alone (_time_one).
+        attention=(randn(b, TEXT_TOKENS, n) * 2).softmax(dim=-1),
         grid=grid_shape(n),
         positions=torch.arange(n, device=dev).expand(b, n),
     )
@@ -183,6 +186,8 @@ def _time_one(
 ) -> dict[str, Any]:
     try:
         reducer = tokenreduce.create(name, budget, stage=stage)
+        if reducer.attention_query != "text" and context.attention is not None:
+            context = dataclasses.replace(context, attention=context.attention[:, -1:])
 
         def call():
             return reducer(tokens, context=context)

@@ -539,12 +539,10 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
                 by = defaultdict(list)
                 for r in sel:
                     if r["reducer"] is not None and r.get(metric) is not None:
-                        by[
-                            f"{r['reducer']}@{r['stage'] if not r['layers'] else 'L' + '/'.join(map(str, r['layers']))}"
-                        ].append(r)
+                        by[f"{r['reducer']}@{_where(r)}"].append(r)
                 for name, rs in sorted(by.items()):
-                    rs.sort(key=lambda r: r["budget"])
-                    ax.plot([r["budget"] for r in rs], [r[metric] for r in rs], label=name)
+                    rs.sort(key=_label)
+                    ax.plot([_label(r) for r in rs], [r[metric] for r in rs], label=name)
                 base = [r for r in sel if r["reducer"] is None and r.get(metric) is not None]
                 if base:
                     ax.axhline(base[0][metric], color="black", linestyle="--", marker="", label="no reduction")
@@ -552,7 +550,7 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
                     ideal = {
                         r["budget"]: r["ideal_ms"]
                         for r in sel
-                        if r["reducer"] is not None and r["stage"] == "projector"
+                        if r["reducer"] is not None and r["stage"] == "projector" and not r["layers"]
                     }
                     if ideal:
                         xs = sorted(ideal)
@@ -565,7 +563,7 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
                             label="roofline ideal (projector)",
                         )
                 ax.set_title(f"{key}, batch {b}")
-                ax.set_xlabel("image tokens kept")
+                ax.set_xlabel("image tokens kept (multi-step methods: as their papers count them)")
                 ax.set_ylabel(label)
                 ax.grid(alpha=0.3)
             axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -604,6 +602,18 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
         plt.close(fig)
         names.append("overhead_vs_n.png")
     return names
+
+
+def _where(r: dict[str, Any]) -> str:
+    """Where a record's steps ran, as in its setting's name: ``projector``, ``L8/16/24``, ``projector+L16``."""
+    if not r["layers"]:
+        return r["stage"]
+    return ("" if r["stage"] == "llm_layer" else f"{r['stage']}+") + "L" + "/".join(map(str, r["layers"]))
+
+
+def _label(r: dict[str, Any]) -> int:
+    """The token count a record's setting is labelled with (``target``; older files: the final ``budget``)."""
+    return r.get("target") or r["budget"]
 
 
 def _home_stages() -> dict[str, str]:

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.errors import InvalidInputError
+from tokenreduce.numerics import safe_scale
 
 
 class DARTParams(ReducerParams):
@@ -41,6 +42,14 @@ class DART(Reducer):
        kept; each pivot gets an equal share of the ``T - pivot_image_tokens``
        remaining budget (the first ``(T - P_img) % P`` pivots one more). Image
        pivots are kept; text pivots only guide the choice.
+
+    Pivot order: pivots are visited in position order. The official code iterates a
+    Python ``set`` of the pivots' sequence positions (``for item in list(tmp_set)``), in
+    an order set by hashing (for ints, the position modulo the table size, probing on
+    collisions), not by position. As each pivot takes the tokens least similar to it
+    among those not yet kept, the order can change which tokens are kept when two
+    pivots compete for the same token. The faithfulness fixture uses inputs whose set
+    order is ascending.
 
     Budget mapping: the official code keeps the image pivots *plus*
     ``max_num_trunction // P`` tokens per pivot (132 for "128" with 4+4 pivots); here
@@ -89,19 +98,22 @@ class DART(Reducer):
                 need.add("text_keys")
         self.required_context = frozenset(need)  # type: ignore[misc]  # per-instance, shadows the class default
 
-    def _pivots(self, tokens, counts, valid, context):
-        """Pivot features ``(B, P, D)`` in sequence order, their mask, and the kept image pivots."""
+    def _pivots(self, x, tokens, counts, valid, context):
+        """Pivot features ``(B, P, D)`` in sequence order, their mask, and the kept image pivots.
+
+        ``x`` are the tokens in float32, rows of extreme magnitude divided by a power of
+        two (which changes neither norm rankings within a row nor cosine similarities)."""
         b, n, d = tokens.shape
         p = self.params
         if p.pivot_by == "key_norm":
             _check("keys", context.keys, b, n, "keys of the image tokens")
             img_norm = context.keys.float().abs().sum(dim=-1)
         else:
-            img_norm = tokens.float().abs().sum(dim=-1)
+            img_norm = x.abs().sum(dim=-1)
         n_img = counts.clamp(max=p.pivot_image_tokens)
         order, img_slots = ops.topk_per_row(img_norm.to(tokens.device), n_img, valid)
         img_idx = ops.ascending(order, img_slots)
-        feats, ok = [ops.gather_rows(tokens.float(), img_idx)], [img_slots]
+        feats, ok = [ops.gather_rows(x, img_idx)], [img_slots]
         if p.pivot_text_tokens > 0:
             text = context.text_embeds
             _check("text_embeds", text, b, None, "hidden states of the text tokens")
@@ -133,13 +145,15 @@ class DART(Reducer):
 
     def reduce(self, tokens, counts, valid, context):
         b, n, _ = tokens.shape
-        pivots, pivot_ok, img_idx, img_slots = self._pivots(tokens, counts, valid, context)
+        # Float32 tokens, rows of extreme magnitude divided by a power of two (exact), so
+        # L1 norms and cosine similarities cannot overflow float32 (bfloat16 near 1e38).
+        x, _ = safe_scale(tokens, valid)
+        pivots, pivot_ok, img_idx, img_slots = self._pivots(x, tokens, counts, valid, context)
         n_piv = pivot_ok.sum(dim=1)
         rest = counts - img_slots.sum(dim=1)  # budget left after the kept image pivots
         base, extra = rest // n_piv.clamp(min=1), rest % n_piv.clamp(min=1)
 
         kept = ops.keep_mask_from(img_idx, img_slots, n)
-        x = tokens.float()
         for j in range(pivots.shape[1]):  # a handful of pivots; each step is batched
             quota = torch.where(j < n_piv, base + (j < extra).long(), torch.zeros_like(base))
             if not bool((quota > 0).any()):

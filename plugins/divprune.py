@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tokenreduce import Reducer, Stage, make_reduction, ops
+from tokenreduce.numerics import safe_scale
 
 
 def max_min_select(
@@ -24,7 +25,10 @@ def max_min_select(
     b, n, _ = tokens.shape
     dev = tokens.device
     t = int(counts.max())
-    x = ops.normalize(tokens)
+    # Rows of extreme magnitude are first divided by a power of two (exact), so the squared
+    # norms cannot overflow float32 (bfloat16 tokens near 1e19 and beyond would all
+    # normalise to zero and every distance would tie).
+    x = ops.normalize(safe_scale(tokens, valid)[0])
     dist = 1.0 - x @ x.transpose(1, 2)  # (B, N, N) cosine distance, float32
     pair_ok = valid.unsqueeze(2) & valid.unsqueeze(1)
     dist = dist.masked_fill(~pair_ok, float("inf"))
@@ -66,6 +70,12 @@ class DivPrune(Reducer):
     input (``projector``), keeping 9.8% (``budget: 0.098``, 56 of 576). The rule only
     needs features, so ``vision_encoder`` and ``llm_layer`` work too.
 
+    Counts: a ratio budget ``r`` keeps ``round(r * N)`` tokens with Python's ``round``
+    (half to even, ``ratio_rounding = "half_even"``), as the official
+    ``int(round(threshold_ratio * N))``: ratio 0.5 keeps 288 of 577 and 50 of 101
+    (``0.5 * 101 = 50.5``). At least one token is kept, where the official count is 0
+    for ``r * N < 0.5``.
+
     Stages: any.
 
     Paper: Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large
@@ -75,6 +85,7 @@ class DivPrune(Reducer):
 
     name = "divprune"
     stages = frozenset(Stage)
+    ratio_rounding = "half_even"  # official: int(round(threshold_ratio * N))
     paper = (
         'Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models", CVPR 2025, '
         "arXiv:2503.02175 (github.com/vbdi/divprune)"

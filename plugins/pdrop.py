@@ -30,7 +30,21 @@ class PDrop(ScoringReducer):
     part shrinks as a pyramid.
 
     Each boundary is one ``llm_layer`` step of this reducer with a ratio budget; see
-    ``docs/examples/reducers/pdrop.yaml`` or :meth:`schedule`. The adapter recomputes
+    ``docs/examples/reducers/pdrop.yaml`` or :meth:`schedule`.
+
+    Counts: a ratio budget ``r`` keeps ``floor(r * n)`` of the ``n`` image tokens present
+    (``ratio_rounding = "floor"``), as the official code truncates
+    (``int(N * ratio)``): 577 -> 288 -> 144 -> 72 and 203 -> 101 -> 50 -> 25 at the
+    published 0.5. The official code takes cumulative ratios of the original ``N``
+    (``image_token_ratio_list = [0.5, 0.25, 0.125]``, keeping ``int(N * ratio)`` at
+    each stage), where each step here sees only its own input. The counts are the same
+    whenever ``r`` is ``1/2``, ``1/4``, ... (``floor(floor(N r) r) = floor(N r^2)``
+    for ``r = 1/m``), in particular for the published schedule; for other per-step
+    ratios (``0.6`` against the official ``[0.6, 0.36, ...]``) a later stage may keep
+    one token fewer than ``int(N * 0.36)``, or use an int budget per step. A step keeps
+    at least one token, where the official code would keep none when ``N * ratio < 1``.
+
+    The adapter recomputes
     the one attention row per step from q/k (``attention_query = "last"``,
     ``attention_layer = "current"``), so the model keeps SDPA / FlashAttention rather
     than the eager attention the official code switches to.
@@ -47,6 +61,7 @@ class PDrop(ScoringReducer):
     required_context = frozenset({"attention"})
     attention_query = "last"
     attention_layer = "current"
+    ratio_rounding = "floor"  # official: int(N * ratio)
     paper = (
         'Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual '
         'Redundancy Reduction", CVPR 2025, arXiv:2410.17247 (github.com/Cooperx521/PyramidDrop)'

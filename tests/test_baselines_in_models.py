@@ -47,7 +47,7 @@ PIPELINES = {
 }
 EXPECTED_COUNTS = {  # per step: tokens before -> after, both rows
     "fastv": [(36, 18)],
-    "pdrop": [(36, 18), (18, 9), (9, 5)],  # ratio 0.5 rounds half up: 4.5 -> 5
+    "pdrop": [(36, 18), (18, 9), (9, 4)],  # floors as the official int(N * ratio): 4.5 -> 4
     "cls_attn": [(36, 4)],
     "visionzip": [(36, 8)],
     "tome": [(36, 4)],

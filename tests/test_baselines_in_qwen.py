@@ -35,6 +35,7 @@ PIPELINES = {
     "tome": ([Step("projector", create("tome", 6))], [6, 6]),
     "divprune": ([Step("projector", create("divprune", 6))], [6, 6]),
     "apet-qwen": ([Step("projector", create("apet-qwen", 8, basis_tokens=2))], [8, 8]),
+    "cdpruner": ([Step("projector", create("cdpruner", 6))], [6, 6]),
 }
 
 

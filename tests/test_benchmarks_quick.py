@@ -81,14 +81,30 @@ def test_end_to_end_records(results: Path, model: str) -> None:
         assert r["image_tokens_per_layer"] == [n] * doc["model"]["decoder_layers"]
         assert r["kv_prefill_bytes"] == r["kv_prefill_bytes_analytic"]
         assert r["speedup"] == pytest.approx(1.0) and r["ratio"] == pytest.approx(1.0)
+    # Every registered method has its rows (the family's variant of ApET), run or refused at patch time.
+    reg = tokenreduce.get_registry()
+    family = next(s.family for s in models.QUICK_SPECS if s.key == model)
+    variants = {v for fam in end_to_end.VARIANTS.values() for v in fam.values()} | set(end_to_end.VARIANTS)
+    expected = {nm for nm in reg.reducers if nm not in variants}
+    expected |= {fam[family] for fam in end_to_end.VARIANTS.values()}
+    assert {r["reducer"] for r in rows if r["reducer"] is not None} == expected
     reduced = [r for r in rows if r["reducer"] is not None and r["status"] == "ok"]
     assert any(r["reducer"].startswith("apet") for r in reduced), "ApET did not run"
-    assert {r["stage"] for r in reduced} == {"projector", "llm_layer"}
+    assert {r["stage"] for r in reduced} == {"projector", "vision_encoder", "llm_layer"}
+    layers = doc["model"]["decoder_layers"]
     for r in reduced:
         # The decoder really saw the reduced sequence (LLaVA-NeXT keeps its row-newline tokens on top).
         last = r["image_tokens_per_layer"][-1]
         assert last == r["budget"] if model != "llava-next-7b" else r["budget"] <= last < n, r["setting"]
         assert r["stage_records"][-1]["tokens_after"] == [r["budget"]] * r["batch"]
+        # One record per step, each keeping its step's budget (multi-step methods included).
+        assert [s["tokens_after"] for s in r["stage_records"]] == [[b] * r["batch"] for b in r["step_budgets"]]
+        setting = end_to_end.Setting(
+            r["reducer"], r["stage"], tuple(r["step_budgets"]), tuple(r["layers"]), tuple(r["params"].items()), r["target"]
+        )
+        assert setting.name == r["setting"]
+        if model != "llava-next-7b":
+            assert r["image_tokens_per_layer"] == setting.image_tokens_per_layer(n, layers), r["setting"]
         assert r["kv_prefill_bytes"] < base[r["batch"]]["kv_prefill_bytes"]
         assert r["ideal_speedup"] > 1 and r["ratio"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
         assert {"vision", "projector", "decoder", "lm_head"} == set(r["roofline"]["components"])
@@ -169,6 +185,49 @@ def test_settings_budgets_and_token_profile() -> None:
         14,
         21,
     )
+
+
+def _mean_tokens(setting: end_to_end.Setting, n: int, layers: int) -> float:
+    per_layer = setting.image_tokens_per_layer(n, layers)
+    return sum(per_layer) / len(per_layer)
+
+
+def test_multi_step_methods_run_their_published_schedules() -> None:
+    by = {s.reducer: s for s in end_to_end.settings_for(models.LLAVA, 576, 32, [64])}
+    # VScan (README, scripts/llava1_5): 96 after the projector, 32 from layer 16 on: 64 on average.
+    vscan = by["vscan"]
+    assert (vscan.stage, vscan.layers, vscan.budgets, vscan.name) == ("projector", (16,), (96, 32), "vscan@projector+L16:64")
+    assert vscan.image_tokens_per_layer(576, 32) == [96] * 16 + [32] * 16 and _mean_tokens(vscan, 576, 32) == 64
+    assert [(s.stage.value, s.layer, s.reducer.budget) for s in vscan.pipeline()] == [
+        ("projector", None, 96),
+        ("llm_layer", 16, 32),
+    ]
+    # SparseVLM "64": the official 66 / 30 / 17 selected tokens plus 16 / 2 / 1 recycled clusters.
+    sparse = by["sparsevlm"]
+    assert (sparse.stage, sparse.layers, sparse.budgets, sparse.budget) == ("llm_layer", (3, 7, 16), (82, 32, 18), 18)
+    assert sparse.name == "sparsevlm@L3/7/16:64" and len(sparse.pipeline()) == 3
+    # MustDrop: the documented example, a window merge to 432 then four decoder filters.
+    must = by["mustdrop"]
+    assert (must.stage, must.layers, must.budgets) == ("vision_encoder", (3, 7, 11, 15), (432, 192, 128, 96, 64))
+    assert [s.stage.value for s in must.pipeline()] == ["vision_encoder"] + ["llm_layer"] * 4
+    assert must.image_tokens_per_layer(576, 32) == [432] * 3 + [192] * 4 + [128] * 4 + [96] * 4 + [64] * 17
+    assert (by["vispruner"].stage, by["vispruner"].budgets) == ("vision_encoder", (64,))
+    for name in ("cdpruner", "holov"):
+        assert (by[name].stage, by[name].layers, by[name].budgets) == ("projector", (), (64,))
+    # Other budgets and depths: VScan keeps 1.5 T / 0.5 T from the middle layer (Qwen2.5-VL:
+    # layer 14 of 28, as its official script), SparseVLM's official "128" / "192" schedules.
+    at = {(s.reducer, s.label): s for s in end_to_end.settings_for(models.LLAVA, 576, 32, [128, 192])}
+    assert at["vscan", 192].budgets == (288, 96) and at["vscan", 128].budgets == (192, 64)
+    assert at["sparsevlm", 128].budgets == (312, 117, 39) and at["sparsevlm", 192].budgets == (309, 204, 113)
+    assert at["mustdrop", 192].budgets == (432, 432, 384, 288, 192)  # never more than a step receives
+    qwen = {s.reducer: s for s in end_to_end.settings_for(models.QWEN, 2304, 28, [256])}
+    assert (qwen["vscan"].layers, qwen["vscan"].budgets) == ((14,), (384, 128)) and _mean_tokens(qwen["vscan"], 2304, 28) == 256
+    assert qwen["sparsevlm"].layers == (3, 6, 14) and qwen["mustdrop"].layers == (3, 6, 10, 13)
+    # A decoder too shallow for every published layer: steps that land on one layer keep the later budget.
+    tiny = {s.reducer: s for s in end_to_end.settings_for(models.LLAVA, 36, 4, [12])}
+    assert (tiny["vscan"].layers, tiny["vscan"].budgets) == ((2,), (18, 6))
+    assert (tiny["mustdrop"].layers, tiny["mustdrop"].budgets) == ((1, 2), (27, 18, 12))
+    assert end_to_end.published_stage(type(vscan.pipeline().steps[0].reducer)) == ("projector", (16,))
 
 
 def test_roofline_counts_match_a_hand_count() -> None:

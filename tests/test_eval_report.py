@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from tokenreduce import ConfigError, Stage
+import tokenreduce as tr
+from tokenreduce import ConfigError, InvalidInputError, Stage
 from tokenreduce.evaluation.benchmark import describe, primary_metric
-from tokenreduce.evaluation.commands import named_pipelines, parse_budget, parse_pairs
+from tokenreduce.evaluation.commands import check_limit, named_pipelines, parse_budget, parse_pairs
 from tokenreduce.evaluation.report import BASELINE, EvalTable, PipelineRun
 from tokenreduce.evaluation.stats import TaskStats, merge_stats
 from tokenreduce.evaluation.vlm import TokenCount, count_tokens
@@ -70,8 +73,14 @@ def test_primary_metric_order():
 def test_parse_budget_and_pairs():
     assert parse_budget("64") == 64 and isinstance(parse_budget("64"), int)
     assert parse_budget("1.0") == 1.0 and isinstance(parse_budget("1.0"), float)
-    with pytest.raises(ConfigError, match="'abc' is not a number"):
+    with pytest.raises(InvalidInputError, match="'abc' is not a number"):
         parse_budget("abc")
+    with pytest.raises(InvalidInputError, match="64.5"):  # never truncated to 64
+        parse_budget("64.5")
+    assert check_limit(3.0) == 3 and check_limit(0.25) == 0.25
+    for bad in (2.5, 0, -1):
+        with pytest.raises(ConfigError, match="--limit"):
+            check_limit(bad)
     assert parse_pairs(["dtype=float16", "batch=2", "x=true"], "--model-arg") == {"dtype": "float16", "batch": 2, "x": True}
     with pytest.raises(ConfigError, match="key=value"):
         parse_pairs(["oops"], "--model-arg")
@@ -114,3 +123,51 @@ def test_stats_merge_across_processes():
     assert merged["tokens"] == pytest.approx((16 + 36) / 3)
     assert merged["seconds_per_sample"] == pytest.approx(1.0)
     assert math.isnan(PipelineRun("x", "", {}).tokens)
+
+
+def test_pipeline_files_can_name_their_rows(tmp_path):
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(
+        "pipeline:\n  - {stage: projector, reducer: pool, budget: 16}\n"
+        "  - {stage: llm_layer, layer: 2, reducer: random, budget: 8}\n"
+    )
+    pipes = dict(named_pipelines([f"pool-16={cfg}", cfg], None, None, None, None))
+    assert set(pipes) == {"pool-16", "two"}
+    assert describe(pipes["pool-16"]) == "pool@projector:16 + random@llm_layer[2]:8" == describe(pipes["two"])
+    odd = tmp_path / "a=b.yaml"  # a file whose name has '=' is still a file
+    odd.write_text(cfg.read_text())
+    assert [n for n, _ in named_pipelines([odd], None, None, None, None)] == ["a=b"]
+    with pytest.raises(ConfigError, match="NAME=FILE"):
+        named_pipelines([f"={cfg}"], None, None, None, None)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _eval_command(page: Path) -> list[str]:
+    """The paper-style ``tokenreduce.cli eval`` command of a page, as argv after ``eval``."""
+    text = page.read_text()
+    start = text.index("-m tokenreduce.cli eval")
+    block = text[start : text.index("```", start)].replace("\\\n", " ")
+    return shlex.split(block)[3:]
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/evaluation.md"])
+def test_paper_style_command_has_a_row_for_every_image_method(page):
+    argv = _eval_command(ROOT / page)
+    opts: dict[str, list[str]] = {}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        opts.setdefault(flag, []).append(value)
+    (reducers,), (budgets,) = opts["--reducers"], opts["--budgets"]
+    files = [f"{name}={ROOT / path}" for name, _, path in (p.partition("=") for p in opts["--pipeline"])]
+    pipes = named_pipelines(files, reducers, budgets, None, None)
+    methods = {s.reducer.name for _, p in pipes for s in p}
+    # Every registered method (LLaVA's ApET preset; not the random / pool references) has rows.
+    names = set(tr.get_registry().reducers) - {"random", "pool", "apet", "apet-qwen"}
+    # PyramidDrop's published schedule is a ratio per step; the page shows its YAML separately.
+    assert methods == names - {"pdrop"}
+    # Multi-step methods come in their published form, not as their first step alone.
+    steps = {s.reducer.name: len(p) for _, p in pipes for s in p}
+    assert steps["vscan"] == 2 and steps["sparsevlm"] == 3 and steps["mustdrop"] == 5
+    assert all(n == 1 for m, n in steps.items() if m not in ("vscan", "sparsevlm", "mustdrop"))
+    assert {n for n, _ in pipes} >= {"vscan-64", "sparsevlm-64", "mustdrop-64", "holov-128", "vispruner-192"}

@@ -35,6 +35,8 @@ STEPS = [
     ("pdrop", "llm_layer", 0.5, {}, 1),
     ("dart", "llm_layer", 8, {}, 2),
     ("dart", "projector", 8, {"pivot_by": "token_norm", "pivot_text_tokens": 0}, None),
+    ("cdpruner", "projector", 8, {}, None),
+    ("cdpruner", "projector", 0.5, {"theta": 0.5}, None),
 ]
 NEEDS_CLS = {"cls_attn", "visionzip"}
 
@@ -64,7 +66,8 @@ def test_reducer_runs_with_exact_budgets(family, name, stage, budget, params, la
         gen = model.generate(**kw, max_new_tokens=2, do_sample=False)
     assert records and all(r.reducer == name and r.stage.value == stage for r in records)
     for rec in records:
-        assert rec.tokens_after == [resolve_budget(budget, n) for n in rec.tokens_before]
+        rounding = step.reducer.ratio_rounding  # each method rounds ratios as its official code does
+        assert rec.tokens_after == [resolve_budget(budget, n, rounding=rounding) for n in rec.tokens_before]
         assert len(rec.indices) == len(rec.tokens_before) == len(rec.info)
     assert torch.isfinite(out).all() and out.shape[1] < stock.shape[1]
     assert gen.shape == (kw["input_ids"].shape[0], kw["input_ids"].shape[1] + 2)

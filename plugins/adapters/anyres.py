@@ -28,6 +28,7 @@ from tokenreduce.pipeline import Step
 from tokenreduce.stages import Stage
 
 from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter, per_row
+from .vision import SHALLOW_CLS_KEY
 
 Pack = Callable[[list[torch.Tensor], torch.Tensor | None], list[torch.Tensor]]
 
@@ -98,7 +99,7 @@ def reduce_parts(
     """
     is_base = current < layout.n_base
     n_base, n_crop = int(is_base.sum()), int((~is_base).sum())
-    total = resolve_budget(step.reducer.budget, n_base + n_crop)
+    total = resolve_budget(step.reducer.budget, n_base + n_crop, rounding=step.reducer.ratio_rounding)
     if total >= n_base + n_crop:
         return tokens, torch.arange(current.numel(), device=current.device), {"identity": True}, 0.0
     budgets = split_budget(total, n_base, n_crop)
@@ -119,6 +120,7 @@ def reduce_parts(
             cls_token=context.get("cls_token"),
             cls_attention=None if context.get("cls_attention") is None else context["cls_attention"][rows][None],
             keys=None if context.get("keys") is None else context["keys"][rows][None],
+            extra={} if context.get(SHALLOW_CLS_KEY) is None else {SHALLOW_CLS_KEY: context[SHALLOW_CLS_KEY][rows][None]},
         )
         red, dt = adapter.run_step(step, tokens[rows][None], None, ctx, budget)
         seconds += dt
@@ -179,9 +181,9 @@ def encode_anyres_images(
     content_v = pack(list(torch.split(selected, num_patches)), None) if step_v is not None else None
     packed_ctx: dict[str, list] = {}
     if vctx is not None:
-        if vctx.cls_attention is not None:
-            att = pack(list(torch.split(vctx.cls_attention.unsqueeze(-1), num_patches)), None)
-            packed_ctx["cls_attention"] = [a[:, 0] for a in att]
+        for key, att in (("cls_attention", vctx.cls_attention), (SHALLOW_CLS_KEY, vctx.shallow_cls_attention)):
+            if att is not None:
+                packed_ctx[key] = [a[:, 0] for a in pack(list(torch.split(att.unsqueeze(-1), num_patches)), None)]
         packed_ctx["keys"] = pack(list(torch.split(vctx.keys, num_patches)), None)
         if vctx.cls_token is not None:
             starts = torch.tensor([0] + num_patches[:-1], device=dev).cumsum(0)
@@ -210,7 +212,7 @@ def encode_anyres_images(
             indices.append(current)
             infos.append(info)
             records[stage] = (before, after, indices, infos, secs + seconds)
-            ctx = {k: (v[pos] if k in ("cls_attention", "keys") else v) for k, v in ctx.items()}
+            ctx = {k: (v[pos] if k in ("cls_attention", SHALLOW_CLS_KEY, "keys") else v) for k, v in ctx.items()}
         out, keep = assemble(layout, feats, current, newline)
         pooler.append(out)
         keeps.append(keep)

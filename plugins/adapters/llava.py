@@ -10,7 +10,7 @@ from tokenreduce.ops import gather_rows, keep_mask_from
 from tokenreduce.stages import Stage
 
 from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter, per_row
-from .vision import vision_context
+from .vision import SHALLOW_CLS_KEY, vision_context
 
 
 def select_features(hidden_states, feature_layer, start: int) -> torch.Tensor:
@@ -24,6 +24,7 @@ def select_features(hidden_states, feature_layer, start: int) -> torch.Tensor:
 
 def encoder_context(stage: Stage, vctx, idx: torch.Tensor, text, text_mask, grid) -> ReductionContext:
     """Context of an encoder-side step for rows whose tokens sit at patch indices ``idx (U, N)``."""
+    shallow = None if vctx is None else vctx.shallow_cls_attention
     return ReductionContext(
         stage=stage,
         cls_token=None if vctx is None else vctx.cls_token,
@@ -32,6 +33,7 @@ def encoder_context(stage: Stage, vctx, idx: torch.Tensor, text, text_mask, grid
         text_embeds=text,
         text_mask=text_mask,
         grid=grid,
+        extra={} if shallow is None else {SHALLOW_CLS_KEY: gather_rows(shallow.unsqueeze(-1), idx).squeeze(-1)},
     )
 
 
@@ -67,7 +69,7 @@ class LlavaAdapter(LlavaFamilyAdapter):
         grid = (h, w) if h * w == total else None
         vctx = None
         if self.needs("cls_token", "cls_attention", "keys"):
-            vctx = vision_context(inner.vision_tower, out.hidden_states, layer, start)
+            vctx = vision_context(inner.vision_tower, out.hidden_states, layer, start, map(self.step, ENCODER_STAGES))
         text, text_mask = self.text_context("image", [total] * n)
         idx = torch.arange(total, device=tokens.device).expand(n, total)
         valid = torch.ones(n, total, dtype=torch.bool, device=tokens.device)

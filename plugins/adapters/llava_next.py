@@ -8,7 +8,7 @@ from tokenreduce.errors import InvalidInputError
 
 from .anyres import encode_anyres_images
 from .llava import select_features
-from .llava_base import Encoded, LlavaFamilyAdapter
+from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter
 from .vision import vision_context
 
 
@@ -52,7 +52,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
         selected = select_features(out.hidden_states, layer, start)
         vctx = None
         if self.needs("cls_token", "cls_attention", "keys"):
-            vctx = vision_context(inner.vision_tower, out.hidden_states, layer, start)
+            vctx = vision_context(inner.vision_tower, out.hidden_states, layer, start, map(self.step, ENCODER_STAGES))
 
         def pack(feats, newline):
             return inner.pack_image_features(feats, sizes, strategy, image_newline=newline)[0]

@@ -16,7 +16,7 @@ from . import compat
 from .anyres import encode_anyres_images
 from .llava import select_features
 from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter, per_row
-from .vision import vision_context
+from .vision import SHALLOW_CLS_KEY, vision_context
 
 
 class LlavaOnevisionAdapter(LlavaFamilyAdapter):
@@ -62,7 +62,9 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
         tower = self.inner.vision_tower
         out = tower(pixels, output_hidden_states=True, return_dict=True)
         selected = select_features(out.hidden_states, layer, start)
-        vctx = vision_context(tower, out.hidden_states, layer, start) if self.needs("cls_token", "cls_attention", "keys") else None
+        vctx = None
+        if self.needs("cls_token", "cls_attention", "keys"):
+            vctx = vision_context(tower, out.hidden_states, layer, start, map(self.step, ENCODER_STAGES))
         return selected, vctx
 
     def _images(self, kw, layer, strategy, start) -> Encoded:
@@ -107,6 +109,8 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
             if vctx.cls_attention is not None:
                 ctx_fields["cls_attention"] = inner.apply_pooling(vctx.cls_attention.unsqueeze(-1))[..., 0]
                 ctx_fields["cls_token"] = vctx.cls_token
+            if vctx.shallow_cls_attention is not None:
+                ctx_fields[SHALLOW_CLS_KEY] = inner.apply_pooling(vctx.shallow_cls_attention.unsqueeze(-1))[..., 0]
         video_mode = self.pipeline.video_budget == "per_video"
         n_items = [per_frame * f + 1] * b
         text, text_mask = self.text_context("video", n_items)
@@ -138,6 +142,9 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
                 cls_token=ctx_units.get("cls_token"),
                 cls_attention=None if "cls_attention" not in ctx_units else gather_rows(ctx_units["cls_attention"].unsqueeze(-1), idx).squeeze(-1),
                 keys=None if "keys" not in ctx_units else gather_rows(ctx_units["keys"], idx),
+                extra={} if SHALLOW_CLS_KEY not in ctx_units else {
+                    SHALLOW_CLS_KEY: gather_rows(ctx_units[SHALLOW_CLS_KEY].unsqueeze(-1), idx).squeeze(-1)
+                },
             )
             red, seconds = self.run_step(step, src, valid, ctx)
             before = valid.sum(1).tolist()

@@ -2,17 +2,25 @@
 
 Recomputed from the selected layer's own projections, so the tower keeps running under
 ``sdpa`` / ``flash_attention_2``: only the CLS query row is materialised, never the full
-``(N, N)`` attention map.
+``(N, N)`` attention map. A reducer that also scores by a shallower layer's [CLS] attention
+(VScan's local scan) declares that layer as the class attribute ``shallow_cls_layer``; the
+row is then recomputed the same way and handed over as ``context.extra[SHALLOW_CLS_KEY]``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tokenreduce.errors import ConfigError
+from tokenreduce.pipeline import Step
+
+#: ``context.extra`` key of the ``(B, N)`` head-averaged [CLS] attention of the encoder layer
+#: a step's reducer names in ``shallow_cls_layer``.
+SHALLOW_CLS_KEY = "shallow_cls_attention"
 
 
 def encoder_layers(tower: nn.Module) -> nn.ModuleList:
@@ -48,10 +56,45 @@ class VisionContext:
     cls_token: torch.Tensor | None  # (B, D_v)
     cls_attention: torch.Tensor | None  # (B, N)
     keys: torch.Tensor  # (B, N, head_dim), head-averaged
+    shallow_cls_attention: torch.Tensor | None = None  # (B, N), as cls_attention at layer shallow_cls_layer
+
+
+def shallow_cls_layer(steps: Iterable[Step | None], num_layers: int) -> int | None:
+    """The encoder layer whose [CLS] attention a step's reducer asks for (``shallow_cls_layer``).
+
+    None when no step asks, or the tower has no such layer (the reducer then falls back on
+    ``cls_attention``, as it documents). Steps asking for different layers are refused.
+    """
+    asked = {getattr(s.reducer, "shallow_cls_layer", None) for s in steps if s is not None} - {None}
+    if len(asked) > 1:
+        raise ConfigError(f"encoder-side steps ask for the [CLS] attention of different layers {sorted(asked)}; "
+                          "one vision tower pass provides one shallow layer")
+    layer = next(iter(asked), None)
+    return layer if layer is not None and 0 <= layer < num_layers else None
+
+
+def _layer_keys(layer: nn.Module, h_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(normed input (B, N+1, D), keys (B, H, N+1, d))`` of an encoder layer given its input."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(h_in)
+    b, n, _ = x.shape
+    return x, attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
+
+
+def _cls_row(layer: nn.Module, x: torch.Tensor, k: torch.Tensor, start: int) -> torch.Tensor:
+    """``(B, N)`` head-averaged attention of the [CLS] query (position 0) to the tokens from ``start``."""
+    attn = layer.self_attn
+    q = attn.q_proj(x[:, :1]).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)
+    scores = torch.matmul(q.float(), k.float().transpose(2, 3)) * attn.scale
+    return scores.softmax(dim=-1).mean(dim=1)[:, 0, start:].to(x.dtype)
 
 
 def vision_context(
-    tower: nn.Module, hidden_states: tuple[torch.Tensor, ...], feature_layer: int | list[int], start: int
+    tower: nn.Module,
+    hidden_states: tuple[torch.Tensor, ...],
+    feature_layer: int | list[int],
+    start: int,
+    steps: Iterable[Step | None] = (),
 ) -> VisionContext:
     """CLS token, CLS->patch attention (head-averaged) and head-averaged keys of the selected layer.
 
@@ -60,20 +103,18 @@ def vision_context(
         hidden_states: the tower's hidden states (embeddings first).
         feature_layer: the model's ``vision_feature_layer``.
         start: index of the first feature token (1 when the CLS token is dropped).
+        steps: the encoder-side steps; if one's reducer declares ``shallow_cls_layer``, that
+            layer's [CLS] attention row is recomputed too (:func:`shallow_cls_layer`).
     """
     layers = encoder_layers(tower)
     li = selected_layer(feature_layer, len(layers))
-    layer = layers[li]
-    attn = layer.self_attn
-    h_in = hidden_states[li]
-    x = layer.layer_norm1(h_in)
-    b, n, _ = x.shape
-    k = attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)  # (B, H, N, d)
+    x, k = _layer_keys(layers[li], hidden_states[li])
     keys = k.mean(dim=1)[:, start:]
-    cls_token = cls_attention = None
+    cls_token = cls_attention = shallow = None
     if has_cls(tower):
-        q = attn.q_proj(x[:, :1]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-        scores = torch.matmul(q.float(), k.float().transpose(2, 3)) * attn.scale
-        cls_attention = scores.softmax(dim=-1).mean(dim=1)[:, 0, start:].to(x.dtype)
+        cls_attention = _cls_row(layers[li], x, k, start)
         cls_token = hidden_states[li + 1][:, 0]
-    return VisionContext(cls_token, cls_attention, keys)
+        si = shallow_cls_layer(steps, len(layers))
+        if si is not None:
+            shallow = _cls_row(layers[si], *_layer_keys(layers[si], hidden_states[si]), start)
+    return VisionContext(cls_token, cls_attention, keys, shallow)

@@ -18,34 +18,60 @@ TINY = "tiny"
 
 
 def parse_budget(text: str) -> int | float:
-    """``"64"`` -> 64 tokens, ``"0.25"`` / ``"1.0"`` -> a ratio (as in YAML); a clear error otherwise."""
-    text = str(text).strip()
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"budget {text!r} is not a number (an int >= 1 or a ratio in (0, 1])") from None
+    """``"64"`` -> 64 tokens, ``"0.25"`` / ``"1.0"`` -> a ratio (as in YAML); a clear error otherwise.
+
+    The same reading as ``run --budget`` (``"64.5"`` and ``"0"`` are refused, never truncated).
+    """
+    from ..budget import parse_budget as parse
+
+    return parse(text, "--budgets")
+
+
+def check_limit(limit: float | None) -> int | float | None:
+    """``--limit``: a whole number of samples per task (>= 1), or a fraction of each task in (0, 1)."""
+    if limit is None:
+        return None
+    if limit >= 1:
+        if limit != int(limit):
+            raise ConfigError(f"--limit={limit} must be a whole number of samples (>= 1) or a fraction in (0, 1)")
+        return int(limit)
+    if limit <= 0:
+        raise ConfigError(f"--limit={limit} must be a whole number of samples (>= 1) or a fraction in (0, 1)")
+    return limit
 
 
 def split_list(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
+def named_file(spec: str | Path) -> tuple[str, Pipeline]:
+    """A YAML pipeline file, named by its stem, or ``NAME=FILE`` to name its row.
+
+    Naming rows ``method-budget`` (``vscan-64=docs/examples/reducers/vscan.yaml``) puts a
+    multi-step method's files on one line of the plot, like the ``--reducers`` rows.
+    """
+    text = str(spec)
+    name, sep, path = text.partition("=")
+    if sep and not Path(text).is_file():
+        if not name.strip() or not path.strip():
+            raise ConfigError(f"pipeline {text!r}: write NAME=FILE (e.g. vscan-64=vscan.yaml) or just FILE")
+        return name.strip(), Pipeline.coerce(path.strip())
+    return Path(text).stem, Pipeline.coerce(text)
+
+
 def named_pipelines(
     files: Sequence[str | Path], reducers: str | None, budgets: str | None, stage: str | None, layer: int | None
 ) -> list[tuple[str, Pipeline]]:
-    """YAML files (named by their stem) plus one pipeline per reducer x budget (``name-budget``).
+    """YAML files (named by their stem, or ``NAME=FILE``) plus one pipeline per reducer x budget (``name-budget``).
 
     A reducer may carry its own stage and layer, ``name@stage`` or ``name@llm_layer:K``,
     overriding ``stage`` / ``layer`` for its rows (so one command can mix encoder-side and
-    decoder-layer methods).
+    decoder-layer methods). A ``--reducers`` row is one step: methods published as several
+    steps (PyramidDrop, SparseVLM, VScan, MustDrop) come as YAML pipelines.
     """
     from ..runner import pipeline_from_arg
 
-    out = [(Path(f).stem, Pipeline.coerce(str(f))) for f in files]
+    out = [named_file(f) for f in files]
     names, sizes = split_list(reducers), [parse_budget(b) for b in split_list(budgets)]
     if names and not sizes:
         raise ConfigError("--reducers needs --budgets (e.g. --budgets 64,128,192)")
@@ -136,7 +162,7 @@ def eval_command(
         with Accelerator().main_process_first():
             model, task_dir = tiny_assets(Path(output_dir) / "_tiny", tasks=True)
         paths.append(str(task_dir))
-    lim: int | float | None = None if limit is None else (int(limit) if limit >= 1 else limit)
+    lim = check_limit(limit)
     table, _ = run_benchmark(
         model,
         pipes,
@@ -194,4 +220,13 @@ def fidelity_command(
     return measure_fidelity(vlm, items, pipes, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
-__all__ = ["TINY", "eval_command", "fidelity_command", "named_pipelines", "parse_budget", "parse_pairs", "split_list"]
+__all__ = [
+    "TINY",
+    "eval_command",
+    "fidelity_command",
+    "named_file",
+    "named_pipelines",
+    "parse_budget",
+    "parse_pairs",
+    "split_list",
+]

@@ -12,10 +12,16 @@ For each sample the unreduced model decodes a greedy answer ``A`` (at most
 * per step: tokens before/after and the reconstruction error of the dropped tokens by the
   kept set (:func:`tokenreduce.metrics.reconstruction_error`: 0 = nothing lost, ~1 = the
   kept set explains nothing), measured on the features the step actually received.
+
+A step that kept every token of every input it saw (a budget >= the model's ``N`` tokens,
+e.g. ``--budgets 64`` on a model with 36 image tokens) reduced nothing: its row would show
+KL 0 and agreement 1 as if the reduction were free. Such a step raises a
+:class:`UserWarning` and is listed in :attr:`FidelityResult.warnings`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -52,6 +58,8 @@ class FidelityResult:
     top1: float
     exact: float
     steps: list[StepFidelity] = field(default_factory=list)
+    #: Why the figures may not measure what they seem to (a step that reduced nothing).
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,8 +174,30 @@ def measure_fidelity(
                     reconstruction_error=a.step_error(i),
                 )
             )
-        results.append(a.result(name, len(samples), steps))
+        result = a.result(name, len(samples), steps)
+        result.warnings = _no_op_steps(name, pipe, records[name])
+        for text in result.warnings:
+            warnings.warn(text, UserWarning, stacklevel=2)
+        results.append(result)
     return results
+
+
+def _no_op_steps(name: str, pipe: Pipeline, records: list[list[Any]]) -> list[str]:
+    """A warning for each step that kept every token of every unit it reduced."""
+    out = []
+    for step, recs in zip(pipe.steps, records):
+        before = [b for r in recs for b in r.tokens_before]
+        after = [t for r in recs for t in r.tokens_after]
+        if before and before == after:
+            n = max(before)
+            where = f"{step.reducer.name}@{step.stage.value}" + ("" if step.layer is None else f"[{step.layer}]")
+            out.append(
+                f"pipeline {name!r}: step {where} with budget {step.reducer.budget} kept every token "
+                f"(this model gives it {n if min(before) == n else f'{min(before)} to {n}'} per input): nothing was "
+                f"reduced, so its KL and agreement measure no reduction; use a budget below {min(before)} tokens "
+                f"or a ratio < 1"
+            )
+    return out
 
 
 def _step_index(pipe: Pipeline, record: Any) -> int:
