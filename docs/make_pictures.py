@@ -30,7 +30,7 @@ HOOKS = (
     (515, 2, "projector", "image embeddings"),
     (705, 3, "llm_layer", "hidden states at layer K"),
 )
-TOKENS = ((335, 144), (515, 64))  # as in examples/pipeline.yaml
+TOKENS = ((335, 144), (515, 64))  # an example schedule: the one docs/index.md describes
 
 
 def stages_svg() -> str:
@@ -143,8 +143,18 @@ def figures() -> dict[str, list]:
             ("", pipeline_from_arg(n, 64, s, None))
             for n, s in (("cls_attn", "projector"), ("visionzip", "projector"), ("fastv", "llm_layer"))
         ],
-        "show-pipeline.png": [("examples/pipeline.yaml", Pipeline.coerce(ROOT / "examples" / "pipeline.yaml"))],
+        "show-pipeline.png": pipeline_steps(Pipeline.coerce(ROOT / "examples" / "pipeline.yaml")),
     }
+
+
+def pipeline_steps(pipeline) -> list:
+    """``examples/pipeline.yaml`` step by step: one column after each of its steps."""
+    from tokenreduce import Pipeline
+
+    return [
+        (f"examples/pipeline.yaml, step{'s' if k > 1 else ''} 1{f'-{k}' if k > 1 else ''}", Pipeline(pipeline.steps[:k]))
+        for k in range(1, len(pipeline.steps) + 1)
+    ]
 
 
 def pictures(out: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """``apet``, ``apet-llava``, ``apet-qwen``: approximation-error guided token compression.
 
-Exact reference: ``shared/fixtures/README.md`` (reproduced by ``tests/test_apet.py``).
+Exact reference: ``tests/fixtures/apet/README.md`` (reproduced by ``tests/test_apet.py``).
 Method page: ``docs/reducers/apet.md``.
 """
 

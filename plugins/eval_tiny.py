@@ -4,9 +4,11 @@ Everything is made here, seeded, with no download, so that ``tokenreduce fidelit
 ``tokenreduce eval --model tiny`` run anywhere and the tests exercise the real code paths
 (``from_pretrained``, the processor, lmms-eval's task loading):
 
-* :func:`write_tiny_checkpoint`: a ``LlavaForConditionalGeneration`` (CLIP 24 px / patch 4,
-  36 image tokens, 4-layer Llama width 64) saved with its processor; the tokenizer is a
-  word-level vocabulary of 96 tokens (ids 0-3: pad, bos, eos, ``<image>``).
+* :func:`write_tiny_checkpoint`: a ``LlavaForConditionalGeneration`` with LLaVA-1.5's token
+  layout at tiny widths (CLIP at 336 px with 14-pixel patches: a 24 x 24 grid, 576 image
+  tokens + CLS; 4-layer Llama of width 64) saved with its processor; the tokenizer is a
+  word-level vocabulary of 96 tokens (ids 0-3: pad, bos, eos, ``<image>``). Budgets of
+  64/128/192 tokens mean what they mean for LLaVA-1.5.
 * :func:`tiny_samples`: seeded synthetic images (coloured shapes) with questions.
 * :func:`write_tiny_tasks`: two lmms-eval tasks over such images, saved with
   ``datasets.save_to_disk`` and loaded by lmms-eval with ``load_from_disk``:
@@ -28,6 +30,9 @@ import numpy as np
 
 PAD, BOS, EOS, IMAGE = 0, 1, 2, 3
 VOCAB = 96
+#: LLaVA-1.5's vision geometry (CLIP-L/14 at 336 px): 24 x 24 = 576 patches + CLS.
+IMAGE_SIZE = 336
+PATCH = 14
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "bar")
 WORDS = (
@@ -43,7 +48,7 @@ def tokenizer_vocab() -> list[str]:
 
 
 def tiny_processor() -> Any:
-    """A ``LlavaProcessor`` for the tiny model: CLIP-style 24 px images, word-level tokenizer."""
+    """A ``LlavaProcessor`` for the tiny model: CLIP-style 336 px images (576 patches), word-level tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
@@ -59,11 +64,13 @@ def tiny_processor() -> Any:
         unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
     )
-    images = CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
+    images = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
     return LlavaProcessor(
         image_processor=images,
         tokenizer=fast,
-        patch_size=4,
+        patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
@@ -86,7 +93,7 @@ def tiny_model(seed: int = 0, std: float = 0.15) -> Any:
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=VOCAB,
-        max_position_embeddings=512,
+        max_position_embeddings=1024,  # 576 image tokens + prompt + answer
         pad_token_id=PAD,
         bos_token_id=BOS,
         eos_token_id=EOS,
@@ -97,8 +104,8 @@ def tiny_model(seed: int = 0, std: float = 0.15) -> Any:
         intermediate_size=64,
         num_hidden_layers=3,
         num_attention_heads=4,
-        image_size=24,
-        patch_size=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
         projection_dim=32,
     )
     cfg = LlavaConfig(
@@ -123,12 +130,22 @@ def tiny_model(seed: int = 0, std: float = 0.15) -> Any:
 def write_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
     """Save the tiny model and its processor to ``path`` (loadable with ``from_pretrained``)."""
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "processor_config.json").is_file():
+    if (path / "config.json").is_file() and (path / "processor_config.json").is_file() and _current(path):
         return path
     path.mkdir(parents=True, exist_ok=True)
     tiny_model(seed).save_pretrained(path)
     tiny_processor().save_pretrained(path)
     return path
+
+
+def _current(path: Path) -> bool:
+    """Whether a checkpoint written earlier has today's layout (older versions had 36 image
+    tokens: a cache written by them is rewritten rather than silently reused)."""
+    try:
+        vision = json.loads((path / "config.json").read_text())["vision_config"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return vision.get("image_size") == IMAGE_SIZE and vision.get("patch_size") == PATCH
 
 
 # -- images and questions -------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.errors import InvalidInputError
+from tokenreduce.numerics import safe_scale, unscale
 
 
 class PoolParams(ReducerParams):
@@ -82,11 +83,14 @@ class PoolReducer(Reducer):
         cell = torch.where(valid, cell, torch.full_like(cell, -1))
 
         t_max = int(counts.max())
-        sums, sizes = ops.merge_into(tokens.float(), cell, t_max)
+        # Sums on rows divided by a power of two when their magnitude is extreme (exact), so
+        # bfloat16 tokens near 1e38 cannot overflow the float32 sum.
+        x, scale = safe_scale(tokens, valid)
+        sums, sizes = ops.merge_into(x, cell, t_max)
         pos = torch.arange(n, device=tokens.device).expand(b, n)
         first = torch.full((b, t_max + 1), n, dtype=torch.long, device=tokens.device)
         first.scatter_reduce_(1, torch.where(valid, cell, t_max), pos, reduce="amin")
         slots = ops.slot_mask(counts, t_max)
         indices = first[:, :t_max].masked_fill(~slots, -1)
-        features = sums / sizes.clamp_min(1).unsqueeze(-1)
+        features = unscale(sums / sizes.clamp_min(1).unsqueeze(-1), scale, tokens.dtype)
         return make_reduction(tokens, indices, slots, features=features, sizes=sizes, info={"cell": cell})

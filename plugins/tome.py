@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tokenreduce import Reducer, Stage, make_reduction, ops
+from tokenreduce.numerics import safe_scale, unscale
 
 
 class ToMe(Reducer):
@@ -44,7 +45,10 @@ class ToMe(Reducer):
         # Working state, in the current token order with live tokens first (padding last):
         # features, sizes, liveness and each token's representative (original index).
         perm = torch.sort((~valid).long(), dim=1, stable=True).indices
-        state = (ops.gather_rows(tokens.float(), perm), valid.gather(1, perm).float(), valid.gather(1, perm), perm)
+        # Rows of extreme magnitude are divided by a power of two (exact; cosine
+        # similarities and weighted means do not change), so float32 sums cannot overflow.
+        x, scale = safe_scale(tokens, valid)
+        state = (ops.gather_rows(x, perm), valid.gather(1, perm).float(), valid.gather(1, perm), perm)
         owner = torch.arange(n, device=dev).expand(b, n)  # per input token: its group's representative
         rounds = 0
         while True:
@@ -69,7 +73,7 @@ class ToMe(Reducer):
             tokens,
             indices,
             slots,
-            features=ops.gather_rows(x, order),
+            features=unscale(ops.gather_rows(x, order), scale, tokens.dtype),
             sizes=size.gather(1, order),
             info={"assignment": assignment, "rounds": rounds},
         )

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.errors import InvalidInputError
+from tokenreduce.numerics import safe_scale, unscale
 
 from .cls_attn import cls_scores
 
@@ -123,11 +124,15 @@ class VisionZip(Reducer):
             nearest = sim.masked_fill(~slot_ok[:, None, :], float("-inf")).argmax(dim=2)
             others = rest & ~target & (n_ctx[:, None] > 0)
             assign = torch.where(others, nearest, torch.full_like(nearest, -1))
-            sums, merged = ops.merge_into(x, assign, c_max)
+            # Sums on rows rescaled by a power of two (exact), so bfloat16 tokens near 1e38
+            # cannot overflow float32; the result is saturated to the output dtype.
+            xs, scale = safe_scale(tokens, valid)
+            sums, merged = ops.merge_into(xs, assign, c_max)
             # Official rule: contextual = target feature + mean of the tokens merged into it.
             agg = sums / merged.clamp(min=1).unsqueeze(-1)
             tid = target_id.clamp(min=0)
-            features = torch.where(target.unsqueeze(-1), x + ops.gather_rows(agg, tid), x)
+            contextual = unscale(xs + ops.gather_rows(agg, tid), scale, tokens.dtype)
+            features = torch.where(target.unsqueeze(-1), contextual, x)
             sizes = torch.where(target, 1.0 + merged.gather(1, tid), sizes)
             merged_into = torch.where(assign >= 0, tpos.gather(1, assign.clamp(min=0)), merged_into)
 

@@ -183,7 +183,7 @@ def test_embedded_default_model_runs_a_three_stage_yaml_pipeline():
     from tokenreduce_plugins.adapters.tiny import build_tiny_llava
 
     model, kw = build_tiny_llava(seed=0)
-    assert kw["input_ids"].shape == (1, 5 + 576 + 12) and kw["pixel_values"].shape == (1, 3, 96, 96)
+    assert kw["input_ids"].shape == (1, 5 + 576 + 12) and kw["pixel_values"].shape == (1, 3, 336, 336)
     pipe = tokenreduce.loads_config(
         "pipeline:\n"
         "  - {stage: vision_encoder, reducer: pool, budget: 144}\n"

@@ -219,3 +219,59 @@ def test_bad_parameters_name_field_and_range(name, params, match):
 def test_cls_methods_reject_llm_layer_stage(name):
     with pytest.raises(tr.StageError, match="does not support stage 'llm_layer'"):
         tr.create(name, budget=4, stage="llm_layer")
+
+
+# -- numerics: extreme magnitudes --------------------------------------------------------------
+
+
+def test_visionzip_float16_contextual_tokens_saturate_instead_of_overflowing():
+    # Issue 16: tokens near 33000 in float16; a contextual token is target + mean (~66000).
+    n, d = 40, 4
+    x = torch.full((1, n, d), 33024.0)  # exact in float16
+    x[0, :, 1] = -33024.0
+    ctx = ReductionContext(cls_attention=torch.linspace(1, 0, n)[None], keys=torch.randn(1, n, 3))
+    reducer = VisionZip(20, contextual=8)
+    half = reducer(x.half(), context=ctx)
+    exact = reducer(x, context=ctx)  # float32: the sums themselves
+    assert bool(torch.isfinite(half.tokens).all())
+    # Where the float32 result lies beyond float16's range it is saturated, with its sign;
+    # everything else is the float32 result exactly.
+    over = exact.tokens.abs() > 65504
+    assert int(over.any(dim=-1).sum()) >= 6  # most of the 8 contextual tokens overflow
+    want = torch.where(over, exact.tokens.sign() * 65504, exact.tokens)
+    assert torch.equal(half.tokens.float(), want)
+    assert torch.equal(half.indices, exact.indices)
+
+
+# Reducers whose choice and output do not depend on the features' scale: multiplying the
+# tokens by 2^123 (exact in float32 and bfloat16) must multiply the output by 2^123 and
+# keep the same tokens. Float32 sums and squared norms of such tokens overflow unless the
+# reducer rescales first.
+SCALE_FREE = [
+    ("tome", {}, None),
+    ("divprune", {}, None),
+    ("pool", {}, None),
+    ("visionzip", {}, cls_context),
+    ("visionzip", {"contextual_ratio": 0.5}, cls_context),
+    ("cls_attn", {}, cls_context),
+    ("dart", {"pivot_by": "token_norm", "pivot_text_tokens": 0, "pivot_image_tokens": 2}, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("name", "params", "factory"), SCALE_FREE, ids=[f"{n}-{len(p)}" for n, p, _ in SCALE_FREE])
+def test_power_of_two_scaling_to_near_the_dtype_range_changes_nothing_but_the_scale(name, params, factory, dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 36, 8, generator=gen) * 4).to(dtype)
+    x[0] = x[0].abs() + 8  # a row of entries in [8, 21): at 2^123 any sum of four overflows float32
+    x[1, 5] = x[1, 0]  # a duplicate: ties must resolve the same way at any scale
+    k = 2.0**123
+    big = x * k  # exact (a power of two), up to about 2^127
+    ctx = factory(x, None, None) if factory else ReductionContext()
+    reducer = tr.create(name, budget=9, stage="projector", **params)
+    out, out_big = reducer(x, context=ctx), reducer(big, context=ctx)
+    assert bool(torch.isfinite(out_big.tokens.float()).all())
+    assert torch.equal(out_big.indices, out.indices)
+    assert torch.equal(out_big.tokens.float(), out.tokens.float() * k)
+    if out.sizes is not None:
+        assert torch.equal(out_big.sizes, out.sizes)

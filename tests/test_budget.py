@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenreduce import InvalidInputError, create, resolve_budget
-from tokenreduce.budget import resolve_budgets
+from tokenreduce.budget import parse_budget, resolve_budgets
 
 
 @pytest.mark.parametrize(
@@ -64,3 +64,42 @@ def test_per_row_budgets_follow_each_rows_valid_count():
     counts = torch.tensor([576, 100, 3])
     assert resolve_budgets(64, counts).tolist() == [64, 64, 3]
     assert resolve_budgets(0.5, counts).tolist() == [288, 50, 2]
+
+
+@pytest.mark.parametrize("budget", [0, -1, 0.0, 1.5, 64.5, float("nan"), True, "64"])
+def test_every_budget_error_states_the_whole_rule(budget):
+    # Not only the rule of the form given: a user who typed 0 or 64.5 learns both forms.
+    with pytest.raises(InvalidInputError, match=r"budget must be a positive int \(tokens to keep\) or a ratio in \(0, 1\]"):
+        create("random", budget=budget)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("64", 64), (" 7 ", 7), ("+3", 3), ("0.25", 0.25), ("1.0", 1.0), ("1", 1), (".5", 0.5), ("1e-1", 0.1)],
+)
+def test_parse_budget_reads_the_form_as_written(text, expected):
+    value = parse_budget(text)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("64.5", r"--budget=64\.5 is out of range: .*a number of tokens must be an int"),
+        ("64.0", r"--budget=64\.0 is out of range"),  # never read as 64 tokens
+        ("0", r"--budget=0 is out of range: an absolute budget must be >= 1; --budget must be a positive int"),
+        ("0.0", r"--budget must be a positive int \(tokens to keep\) or a ratio in \(0, 1\]"),
+        ("-3", "--budget=-3 is out of range"),
+        ("nan", r"--budget=nan is out of range"),
+        ("true", r"--budget='true' is not a number"),
+        ("", r"--budget='' is not a number"),
+    ],
+)
+def test_parse_budget_refuses_what_it_would_have_to_guess(text, match):
+    with pytest.raises(InvalidInputError, match=match):
+        parse_budget(text, "--budget")
+
+
+@given(st.integers(1, 10**6))
+def test_parse_budget_round_trips_token_counts(n):
+    assert parse_budget(str(n)) == n

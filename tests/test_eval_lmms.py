@@ -47,7 +47,7 @@ def test_eval_writes_the_table(run):
     assert list(rows) == ["unreduced", "random-4"] and table["tasks"] == ["tiny_pope", "tiny_mc"]
     base, red = rows["unreduced"], rows["random-4"]
     assert base["mean_relative"] == pytest.approx(100.0)
-    assert base["tokens"] == 36.0 and red["tokens"] == 4.0
+    assert base["tokens"] == 576.0 and red["tokens"] == 4.0  # LLaVA-1.5's 24 x 24 patches
     assert red["description"] == "random@projector:4"
     for row in rows.values():
         assert set(row["scores"]) == {"tiny_pope", "tiny_mc"}

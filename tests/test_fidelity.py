@@ -37,15 +37,17 @@ def test_identity_is_exact_and_a_harsh_budget_is_measurably_worse(vlm):
     samples = tiny_samples(3, seed=1)
     identity = _projector("random", 1.0, seed=0)  # a ratio of 1: every token kept
     harsh = _projector("random", 2, seed=0)
-    ident, empty, bad = measure_fidelity(
-        vlm, samples, [("identity", identity), ("empty", Pipeline([])), ("harsh", harsh)], max_new_tokens=5, batch_size=3
-    )
+    with pytest.warns(UserWarning, match=r"pipeline 'identity': step random@projector with budget 1.0 kept every token"):
+        ident, empty, bad = measure_fidelity(
+            vlm, samples, [("identity", identity), ("empty", Pipeline([])), ("harsh", harsh)], max_new_tokens=5, batch_size=3
+        )
+    assert len(ident.warnings) == 1 and not empty.warnings and not bad.warnings
     for r in (ident, empty):
         assert r.kl < 1e-6 and r.kl_first < 1e-6
         assert r.top1 == 1.0 and r.exact == 1.0
     assert ident.answer_tokens == bad.answer_tokens > 0
     step = ident.steps[0]
-    assert (step.tokens_before, step.tokens_after) == (36, 36) and step.reconstruction_error < 1e-5
+    assert (step.tokens_before, step.tokens_after) == (576, 576) and step.reconstruction_error < 1e-5
     assert bad.kl > 0.05 and bad.top1 < 1.0
     assert bad.steps[0].tokens_after == 2 and bad.steps[0].reconstruction_error > 0.1
 
@@ -67,7 +69,7 @@ def test_recording_changes_nothing_but_records(vlm):
 def test_batched_generation_and_loss_match_one_by_one(vlm):
     samples = tiny_samples(3, seed=2)
     texts, ids, count, _ = vlm.generate(samples, max_new_tokens=5)
-    assert count.visual_in == 3 * 36 and count.llm_input == 3 * 36
+    assert count.visual_in == 3 * 576 and count.llm_input == 3 * 576
     losses, _, _ = vlm.continuation_loss(samples, [" red", " green blue", " yes"])
     for i, s in enumerate(samples):
         t1, ids1, _, _ = vlm.generate([s], max_new_tokens=5)
@@ -151,8 +153,33 @@ def test_prompt_formats():
     assert templated.prompt_format == "processor"
     assert templated.prompt(sample) == "USER: <image>\nwhat color is the shape in the image ASSISTANT:"
     texts, _, count, _ = templated.generate([sample], max_new_tokens=3)
-    assert count.visual_in == 36 and len(texts) == 1
+    assert count.visual_in == 576 and len(texts) == 1
     forced = VLM(plain.model, processor, device="cpu", prompt_format="llava_hf")
     assert forced.prompt(sample).startswith("A chat between")
     with pytest.raises(InvalidInputError, match="prompt_format='chat'"):
         VLM(plain.model, processor, prompt_format="chat")
+
+
+def test_embedded_model_has_the_llava_1_5_token_layout(vlm):
+    """336 px images in 14-pixel patches: 24 x 24 = 576 image tokens (+ CLS in the tower)."""
+    vision = vlm.model.config.vision_config
+    assert (vision.image_size, vision.patch_size) == (336, 14)
+    (sample,) = tiny_samples(1, seed=4)
+    inputs = vlm.encode([vlm.prompt(sample)], [sample])
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 336, 336)
+    assert int((inputs["input_ids"] == vlm.model.config.image_token_id).sum()) == 576
+
+
+def test_budgets_at_or_above_the_token_count_are_flagged(vlm):
+    """Budgets 64/128/192 reduce the 576 tokens; 576 and more reduce nothing and say so."""
+    samples = tiny_samples(2, seed=5)
+    pipes = [(f"pool-{b}", _projector("pool", b)) for b in (64, 576, 1000)]
+    with pytest.warns(UserWarning) as caught:
+        r64, r576, r1000 = measure_fidelity(vlm, samples, pipes, max_new_tokens=3, batch_size=2)
+    assert r64.steps[0].tokens_after == 64 and not r64.warnings
+    for r, budget in ((r576, 576), (r1000, 1000)):
+        assert r.steps[0].tokens_after == 576 and r.kl < 1e-6
+        (text,) = r.warnings
+        assert f"with budget {budget} kept every token (this model gives it 576 per input): nothing was reduced" in text
+        assert "use a budget below 576 tokens" in text
+    assert sorted(str(w.message) for w in caught) == sorted(r576.warnings + r1000.warnings)

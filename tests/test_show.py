@@ -18,6 +18,7 @@ from tokenreduce.reducer import make_reduction
 from tokenreduce.runner import pipeline_from_arg
 from tokenreduce.visualize import (
     SIDE,
+    figure,
     kept_picture,
     model_features,
     stand_in_features,
@@ -72,7 +73,7 @@ def test_pruning_keeps_budget_patches_and_drops_the_rest(features):
     assert trace.kept.sum() == 64 and (trace.group >= 0).sum() == 64
     assert sorted(trace.group[trace.kept].tolist()) == list(range(64))
     assert not trace.merged
-    assert trace.heat_label == "random scores"
+    assert trace.heat_label == "random@projector scores"
 
 
 def test_merging_assigns_every_patch_to_one_of_the_kept_tokens(features):
@@ -85,7 +86,7 @@ def test_merging_assigns_every_patch_to_one_of_the_kept_tokens(features):
 
 def test_apet_heat_map_is_its_reconstruction_error(features):
     trace = trace_pipeline(features, one_step("apet"))
-    assert trace.heat_label == "apet errors"
+    assert trace.heat_label == "apet@projector errors"
     direct = tr.create("apet", 64, stage="projector")(features.tokens)
     assert np.allclose(trace.heat, direct.info["errors"][0].numpy())
     # ApET keeps the worst-reconstructed tokens.
@@ -160,10 +161,62 @@ def test_cli_show_writes_a_grid_png(image_file, tmp_path):
     assert res.exit_code == 0, res.output
     assert "3 column(s)" in res.output
     with Image.open(out) as img:
-        # apet + its error map, tome, the pipeline + its score map: 5 panels of 300 x 350 px.
-        assert img.size == (1500, 350)
+        # Three columns of 300 px (apet, tome, the pipeline); each picture above its heat map.
+        assert img.size[0] == 900 and 600 <= img.size[1] <= 760
         pixels = np.asarray(img.convert("L"), dtype=np.float32)
     assert pixels.std() > 20
+
+
+def test_stand_in_source_names_the_patch_geometry(features):
+    assert features.source == "stand-in tokens (14-pixel patches on a 24×24 grid)"
+
+
+def _boxes(fig):
+    """Window extents of the main title and of every non-empty axes title, after layout."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    titles = [ax.title for ax in fig.axes if ax.get_title()]
+    return fig._suptitle.get_window_extent(renderer), [t.get_window_extent(renderer) for t in titles]
+
+
+def test_titles_clear_the_main_title_and_each_other(features):
+    import matplotlib.pyplot as plt
+
+    pipeline = tr.Pipeline.coerce(ROOT / "examples" / "pipeline.yaml")
+    traces = [trace_pipeline(features, pipeline, "examples/pipeline.yaml")]
+    traces += [trace_pipeline(features, one_step(n)) for n in ("apet", "tome", "cls_attn")]
+    fig = figure(features, traces)
+    try:
+        main, titles = _boxes(fig)
+        assert len(titles) == 4 + 3  # four pictures, three heat maps (tome reports none)
+        for i, box in enumerate(titles):
+            assert not box.overlaps(main), f"axes title {i} overlaps the main title"
+            for other in titles[i + 1 :]:
+                assert not box.overlaps(other)
+        # Every title lies inside the figure (none is cut off at an edge).
+        width, height = fig.canvas.get_width_height()
+        for box in (main, *titles):
+            assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize(("columns", "expected"), [(1, (1, 1)), (4, (1, 4)), (5, (2, 3)), (6, (2, 3)), (9, (3, 3))])
+def test_many_columns_wrap_into_balanced_bands(features, columns, expected):
+    import matplotlib.pyplot as plt
+
+    trace = trace_pipeline(features, one_step("random"))  # every column with a heat map
+    fig = figure(features, [trace] * columns)
+    try:
+        bands, cols = expected
+        grid = fig.axes[0].get_subplotspec().get_gridspec()
+        assert (grid.nrows, grid.ncols) == (2 * bands, cols)  # a picture row and a heat row per band
+        width, height = fig.get_size_inches() * 100
+        assert width == 300 * cols and height < 700 * bands + 60  # 3300 px wide no more
+        main, titles = _boxes(fig)
+        assert all(not t.overlaps(main) for t in titles)
+    finally:
+        plt.close(fig)
 
 
 @pytest.mark.parametrize(

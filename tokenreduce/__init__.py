@@ -11,11 +11,12 @@ Quick use::
 from __future__ import annotations
 
 from . import ops
-from .adapter import Adapter, Handle, StageRecord, apply, patch
+from .adapter import Adapter, Handle, StageRecord, apply, live_handle, patch
 from .budget import Budget, resolve_budget
 from .config import json_schema, load_config, loads_config
 from .context import ReductionContext
 from .errors import (
+    AlreadyPatchedError,
     ConfigError,
     InvalidInputError,
     MissingContextError,
@@ -28,6 +29,7 @@ from .hookspecs import hookimpl
 from .params import ReducerParams
 from .pipeline import Pipeline, Step
 from .reducer import (
+    ContextByStage,
     MergingReducer,
     Reducer,
     ScoringReducer,
@@ -50,8 +52,10 @@ def available() -> list[str]:
 
 __all__ = [
     "Adapter",
+    "AlreadyPatchedError",
     "Budget",
     "ConfigError",
+    "ContextByStage",
     "Handle",
     "InvalidInputError",
     "MergingReducer",
@@ -76,6 +80,7 @@ __all__ = [
     "hookimpl",
     "identity_reduction",
     "json_schema",
+    "live_handle",
     "load_config",
     "loads_config",
     "make_reduction",

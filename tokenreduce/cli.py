@@ -10,9 +10,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .errors import TokenReduceError
+from .errors import ConfigError, TokenReduceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pluggable visual-token reduction for VLMs.")
 
@@ -30,8 +31,21 @@ def _console(stderr: bool = False) -> Console:
 
 
 def _fail(err: Exception) -> None:
-    _console(stderr=True).print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+    # Escaped: messages hold brackets ("tokenreduce[eval]", "[CLS]") that rich would read as markup.
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", markup=True, highlight=False)
     raise typer.Exit(code=1)
+
+
+def _budget(text: str | None, option: str = "--budget") -> int | float | None:
+    """A budget option as typed: "64" is 64 tokens, "0.25" a ratio; "64.5" or "0" fail (never truncated)."""
+    from .budget import parse_budget
+
+    return None if text is None else parse_budget(text, option)
+
+
+def _is_config_file(arg: str) -> bool:
+    """Whether ``run``'s CONFIG is a pipeline file (as :func:`~tokenreduce.runner.pipeline_from_arg` decides)."""
+    return Path(arg).suffix in {".yaml", ".yml", ".json"} or Path(arg).is_file()
 
 
 @app.command("list")
@@ -90,21 +104,30 @@ def info_cmd(name: str = typer.Argument(..., help="Reducer name.")) -> None:
 @app.command("run")
 def run_cmd(
     config: str = typer.Argument(..., help="A YAML pipeline file, or a reducer name."),
-    budget: Optional[float] = typer.Option(None, help="Budget when CONFIG is a reducer name (int, or ratio < 1)."),
+    budget: Optional[str] = typer.Option(
+        None, help="Budget when CONFIG is a reducer name: tokens (an int >= 1) or a ratio in (0, 1]."
+    ),
     stage: Optional[str] = typer.Option(None, help="Stage when CONFIG is a reducer name."),
-    layer: Optional[int] = typer.Option(None, help="Decoder layer for an llm_layer step."),
+    layer: Optional[int] = typer.Option(None, help="Decoder layer when CONFIG is a reducer name (llm_layer)."),
     seed: int = typer.Option(0, help="Seed of the embedded default model / workload."),
     synthetic: bool = typer.Option(False, help="Use the synthetic tensor workload instead of the tiny model."),
+    repeats: int = typer.Option(10, min=1, help="Timed runs after a warm-up; times are their median (p10–p90)."),
 ) -> None:
     """Run a pipeline on the embedded default (tiny seeded model, no download) and print per-stage figures."""
     from .runner import pipeline_from_arg, run_default
 
-    b: int | float | None = None
-    if budget is not None:
-        b = int(budget) if budget >= 1 else budget
     try:
+        b = _budget(budget)
+        if _is_config_file(config):
+            given = [f"--{n}" for n, v in (("budget", budget), ("stage", stage), ("layer", layer)) if v is not None]
+            if given:  # the file's own values win; ignoring the options silently would mislead
+                raise ConfigError(
+                    f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} when CONFIG is a reducer "
+                    f"name; {config} is a pipeline file: "
+                    "set the budget, stage and layer in the file"
+                )
         pipeline = pipeline_from_arg(config, b, stage, layer)
-        title, rows = run_default(pipeline, seed=seed, synthetic=synthetic)
+        title, rows = run_default(pipeline, seed=seed, synthetic=synthetic, repeats=repeats)
     except TokenReduceError as err:
         _fail(err)
     table = Table(title=title)
@@ -117,7 +140,7 @@ def run_cmd(
             "" if r.layer is None else str(r.layer),
             str(r.tokens_before),
             str(r.tokens_after),
-            f"{r.milliseconds:.2f}",
+            r.time_text,
             "" if r.error is None else f"{r.error:.4f}",
         )
     _console().print(table)
@@ -125,11 +148,16 @@ def run_cmd(
 
 @app.command("validate")
 def validate_cmd(file: Path = typer.Argument(..., help="YAML pipeline file.")) -> None:
-    """Check a YAML pipeline; errors point at the line and field."""
-    from .config import load_config
+    """Check a YAML pipeline as `run` would, without a model; errors point at the line and field.
+
+    Each step also runs once on the synthetic tokens of `run --synthetic`, so a reducer's
+    own rules on its budget and parameters are checked; what needs the model (its layer
+    count) is checked by `run`.
+    """
+    from .config import validate_config
 
     try:
-        pipe = load_config(file)
+        pipe = validate_config(file)
     except TokenReduceError as err:
         _fail(err)
     steps = ", ".join(f"{s.reducer.name}@{s.stage.value}" + (f"[{s.layer}]" if s.layer is not None else "") for s in pipe)
@@ -152,9 +180,9 @@ def schema_cmd(output: Optional[Path] = typer.Option(None, "-o", "--output", hel
 @app.command("show")
 def show_cmd(
     image: Path = typer.Argument(..., help="Image file (PNG, JPEG, ...)."),
-    pipeline: list[Path] = typer.Option([], "--pipeline", "-p", help="YAML pipeline file; repeat for several columns."),
+    pipeline: list[Path] = typer.Option([], "--pipeline", "-p", help="YAML pipeline, or NAME=FILE to name its row; repeat for several rows."),
     reducers: Optional[str] = typer.Option(None, help="Comma-separated reducer names, one column each (e.g. apet,tome,pool)."),
-    budget: float = typer.Option(64, help="Budget of each --reducers column (int, or ratio < 1)."),
+    budget: str = typer.Option("64", help="Budget of each --reducers column: tokens (an int >= 1) or a ratio in (0, 1]."),
     stage: Optional[str] = typer.Option(None, help="Stage of the --reducers columns (default: each reducer's first)."),
     model: Optional[str] = typer.Option(
         None, help="Checkpoint (hub id or path) whose vision tower makes the tokens; default: the offline stand-in."
@@ -167,8 +195,8 @@ def show_cmd(
     from .runner import pipeline_from_arg
     from .visualize import show
 
-    b: int | float = int(budget) if budget >= 1 else budget
     try:
+        b = _budget(budget)
         columns = [(path.stem, Pipeline.coerce(path)) for path in pipeline]
         for name in (reducers or "").split(","):
             if name.strip():
@@ -183,7 +211,7 @@ def show_cmd(
 def eval_cmd(
     model: str = typer.Option(..., help="Checkpoint (hub id or folder), or 'tiny' for the embedded tiny model and tasks."),
     tasks: str = typer.Option(..., help="Comma-separated lmms-eval tasks, e.g. gqa,pope,mme."),
-    pipeline: list[Path] = typer.Option([], "--pipeline", "-p", help="YAML pipeline; repeat for several rows."),
+    pipeline: list[Path] = typer.Option([], "--pipeline", "-p", help="YAML pipeline, or NAME=FILE to name its row; repeat for several rows."),
     reducers: Optional[str] = typer.Option(None, help="Comma-separated reducers (name, name@stage or name@llm_layer:K), one row per reducer x budget."),
     budgets: Optional[str] = typer.Option(None, help="Comma-separated budgets for --reducers, e.g. 64,128,192."),
     stage: Optional[str] = typer.Option(None, help="Stage of the --reducers rows (default: each reducer's first)."),
@@ -199,7 +227,7 @@ def eval_cmd(
 ) -> None:
     """Benchmark the unreduced model and each pipeline with lmms-eval: one table (Markdown, JSON, plot).
 
-    Needs the [eval] extra. Data parallel: `accelerate launch -m tokenreduce.cli eval ...`.
+    Needs the \\[eval] extra: pip install "tokenreduce\\[eval]". Data parallel: `accelerate launch -m tokenreduce.cli eval ...`.
     """
     try:
         from .evaluation.commands import eval_command

@@ -33,7 +33,11 @@ class ReductionContext:
             averaged over heads, softmax over the full causal row.
         grid: ``(h, w)`` patch grid of the tokens when they form an image grid.
         positions: ``(B, N)`` or ``(B, N, 3)`` position ids of the tokens.
-        extra: free-form additions for third-party reducers.
+        extra: free-form additions, keyed by name. Filled by adapters where a reducer
+            class asks for it: ``"shallow_cls_attention"``, ``(B, N)`` as
+            ``cls_attention`` but of vision encoder layer ``shallow_cls_layer`` (a class
+            attribute, e.g. VScan's 5; LLaVA-family adapters with a [CLS] token, for
+            encoder-side steps). Third-party reducers may read their own keys.
         text_keys: ``(B, L, D_k)`` keys of the text tokens of ``text_embeds``, from the
             same layer as ``keys`` (DART ranks text pivots by their norm).
         uniform_count: set by :meth:`Reducer.__call__` (whatever the caller passed) when

@@ -14,6 +14,35 @@ Positions = Literal["compact", "original"]
 VideoBudget = Literal["per_frame", "per_video"]
 
 
+# Context fields an llm_layer step can only get from a decoder layer's queries and keys.
+DECODER_QK_CONTEXT = frozenset({"attention", "keys", "text_keys"})
+
+
+def reads_decoder_qk(reducer: Reducer) -> bool:
+    """Whether an ``llm_layer`` step of ``reducer`` reads a decoder layer's q/k (attention rows or keys)."""
+    return bool(DECODER_QK_CONTEXT & set(reducer.required_context))
+
+
+def check_decoder_step(reducer: Reducer, layer: int) -> None:
+    """The rules of an ``llm_layer`` step that hold for every model (the layer count needs one).
+
+    Part of building every :class:`Step`, so ``tokenreduce validate`` and ``tokenreduce run``
+    reject the same steps; the decoder adapter checks the layer range once it has the model.
+    """
+    if not reads_decoder_qk(reducer):
+        return
+    if reducer.attention_query not in ("last", "text"):
+        raise ConfigError(f"reducer {reducer.name!r}: attention_query={reducer.attention_query!r}; allowed: 'last', 'text'")
+    if reducer.attention_layer not in ("previous", "current"):
+        raise ConfigError(
+            f"reducer {reducer.name!r}: attention_layer={reducer.attention_layer!r}; allowed: 'previous', 'current'"
+        )
+    if reducer.attention_layer == "previous" and layer == 0:
+        raise ConfigError(
+            f"reducer {reducer.name!r} reads the attention of the previous layer, so its layer must be >= 1, got layer=0"
+        )
+
+
 @dataclass
 class Step:
     """One reducer at one stage (and, for ``llm_layer``, one decoder layer)."""
@@ -34,8 +63,9 @@ class Step:
         if self.reducer.budget is None:
             raise ConfigError(f"step {self.reducer.name!r} at {self.stage.value} has no budget")
         if self.stage is Stage.LLM_LAYER:
-            if self.layer is None or self.layer < 0:
-                raise ConfigError(f"an llm_layer step needs layer >= 0, got layer={self.layer!r}")
+            if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+                raise ConfigError(f"an llm_layer step needs layer >= 0 (an int), got layer={self.layer!r}")
+            check_decoder_step(self.reducer, self.layer)
         elif self.layer is not None:
             raise ConfigError(f"layer={self.layer} is only allowed at stage llm_layer, not {self.stage.value}")
 

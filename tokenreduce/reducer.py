@@ -18,13 +18,19 @@ from typing import Any, ClassVar
 import torch
 
 from . import ops
-from .budget import Budget, check_budget, resolve_budget, resolve_budgets
+from .budget import Budget, RatioRounding, check_budget, resolve_budget, resolve_budgets
 from .context import ReductionContext
 from .errors import InvalidInputError, MissingContextError, StageError
+from .numerics import safe_scale, unscale
 from .params import ReducerParams, build_params
 from .reduction import Reduction
 from .stages import ALL_STAGES, Stage
 from .validation import check_mask, check_tokens
+
+#: Context fields that hold tensors (a reducer requiring one gets a clear error for anything else).
+_TENSOR_FIELDS = frozenset(
+    {"cls_token", "cls_attention", "keys", "text_embeds", "text_mask", "attention", "positions", "text_keys"}
+)
 
 
 Observer = Callable[["Reducer", torch.Tensor, torch.Tensor, ReductionContext, Reduction], None]
@@ -43,6 +49,25 @@ def observe(callback: Observer) -> Iterator[None]:
         yield
     finally:
         _observers.remove(callback)
+
+
+class ContextByStage:
+    """A ``required_context`` that depends on the stage a reducer instance runs at.
+
+    For methods whose rule differs by stage (an encoder-side scan and a decoder-layer
+    filter in one class): the class itself (docs, CLI, schema) reports every stage's
+    needs together; an instance reports those of its own stage (``unset`` when it was
+    created without one), so an adapter prepares only the signal a step actually reads.
+    """
+
+    def __init__(self, needs: dict[Stage, frozenset[str]], unset: Stage):
+        self.needs = {Stage(k): frozenset(v) for k, v in needs.items()}
+        self.unset = Stage(unset)
+
+    def __get__(self, obj: Any, owner: type | None = None) -> frozenset[str]:
+        if obj is None:
+            return frozenset().union(*self.needs.values())
+        return self.needs.get(obj.stage or self.unset, frozenset())
 
 
 class Reducer(abc.ABC):
@@ -72,6 +97,10 @@ class Reducer(abc.ABC):
     # input). The adapter recomputes only these rows, so the model keeps fast attention.
     attention_query: ClassVar[str] = "last"
     attention_layer: ClassVar[str] = "previous"
+    # How a ratio budget r becomes a count out of n tokens (tokenreduce.budget.RATIO_ROUNDINGS):
+    # "half_up" by default; a method whose official code rounds otherwise declares its rule
+    # here, so ratio budgets keep the official counts.
+    ratio_rounding: ClassVar[RatioRounding] = "half_up"
 
     def __init__(self, budget: Budget | None = None, *, stage: Stage | str | None = None, **params: Any):
         self.budget = None if budget is None else check_budget(budget)
@@ -153,11 +182,19 @@ class Reducer(abc.ABC):
                 f"reducer {self.name!r} needs context {', '.join(missing)}; pass "
                 f"context=ReductionContext({', '.join(f'{m}=...' for m in missing)}) or run it through an adapter"
             )
+        wrong = sorted(
+            f for f in self.required_context & _TENSOR_FIELDS if not isinstance(getattr(context, f), torch.Tensor)
+        )
+        if wrong:
+            raise InvalidInputError(
+                f"reducer {self.name!r}: context.{wrong[0]} must be a torch.Tensor, "
+                f"got {type(getattr(context, wrong[0])).__name__}"
+            )
         if mask is None:
             # Every row holds all N tokens, so every row keeps the same count, worked out on
             # the host: no device read here, and reducers may skip theirs (uniform_count).
             b, n, _ = tokens.shape
-            t = resolve_budget(budget, n)
+            t = resolve_budget(budget, n, rounding=self.ratio_rounding)
             if t == n:
                 out = identity_reduction(tokens, valid)
             else:
@@ -165,7 +202,7 @@ class Reducer(abc.ABC):
                 out = self.reduce(tokens, torch.full((b,), t, dtype=torch.long, device=tokens.device), valid, context)
         else:
             valid_counts = valid.sum(dim=1)
-            counts = resolve_budgets(budget, valid_counts)
+            counts = resolve_budgets(budget, valid_counts, rounding=self.ratio_rounding)
             if bool((counts == valid_counts).all()):
                 out = identity_reduction(tokens, valid)
             else:
@@ -249,12 +286,32 @@ class ScoringReducer(Reducer):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Ascending kept indices ``(B, T)``, their slot mask and diagnostics."""
         scores = self.score(tokens, valid, context).float()
+        if scores.device.type == "cpu":
+            _check_finite_scores(self.name, scores, valid)
         order, slots = ops.topk_per_row(scores, counts, valid, context.uniform_count)
         return ops.ascending(order, slots), slots, {"scores": scores}
 
     def reduce(self, tokens, counts, valid, context):  # noqa: D102 - documented on Reducer
         indices, slots, info = self.select(tokens, counts, valid, context)
         return make_reduction(tokens, indices, slots, sizes=slots.float(), info=info)
+
+
+def _check_finite_scores(name: str, scores: torch.Tensor, valid: torch.Tensor) -> None:
+    """Raise if a valid token's score is NaN or infinite: a descending sort ranks NaN first,
+    so a NaN (a broken context, or an overflow in ``score()``) would silently decide what is
+    kept. Checked on CPU only, where reading the result costs no device synchronisation;
+    on accelerators the conformance kit (:func:`tokenreduce.testing.check_reducer`) checks
+    ``score()`` instead, keeping the hot path free of host reads."""
+    if scores.shape != valid.shape:
+        return  # a shape error is for the selection to report
+    bad = ~torch.isfinite(scores) & valid
+    if bool(bad.any()):
+        row, tok = (int(i) for i in bad.nonzero()[0])
+        raise InvalidInputError(
+            f"reducer {name!r}: score() gave {float(scores[row, tok])} for valid token {tok} of row {row} "
+            f"({int(bad.sum())} non-finite scores in all); scores must be finite. Check the context the "
+            "scores come from (e.g. attention computed in float16) or the reducer's score()"
+        )
 
 
 class MergingReducer(ScoringReducer):
@@ -297,8 +354,10 @@ def merge_nearest(
         ``assignment`` is the slot each token went to (its own slot for kept tokens, -1
         for padding). Similarity uses a ``(B, N, T)`` matrix: memory grows with N·T, not N·T·D.
     """
-    x = tokens.float()
-    kept = ops.gather_rows(x, indices) if kept_features is None else kept_features.float()
+    # Rows of extreme magnitude are divided by a power of two (exact; cosine similarities and
+    # weighted means do not change), so the float32 sums cannot overflow.
+    x, scale = safe_scale(tokens, valid)
+    kept = ops.gather_rows(x, indices) if kept_features is None else kept_features.float() / scale
     targets = slots if targets is None else (targets & slots)
     n, t = x.shape[1], indices.shape[1]
     keep_mask = ops.keep_mask_from(indices, slots, n)
@@ -310,7 +369,7 @@ def merge_nearest(
     sums, counts = ops.merge_into(x, assign, t)
     w = torch.where(targets, torch.full_like(counts, kept_weight), torch.ones_like(counts))
     merged = (kept * w.unsqueeze(-1) + sums) / (w + counts).clamp_min(1e-12).unsqueeze(-1)
-    features = torch.where((counts > 0).unsqueeze(-1), merged, kept)
+    features = unscale(torch.where((counts > 0).unsqueeze(-1), merged, kept), scale, tokens.dtype)
     sizes = (1.0 + counts) * slots
     # Kept tokens point at their own slot so the assignment covers every valid token;
     # padded slots write to a spare column n that is cut off.

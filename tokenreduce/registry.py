@@ -69,7 +69,8 @@ def validate_reducer_class(cls: object) -> None:
     from .reducer import Reducer
 
     if not isinstance(cls, type) or not issubclass(cls, Reducer):
-        raise PluginError(f"{cls!r} is not a subclass of tokenreduce.Reducer")
+        what = "" if isinstance(cls, type) else f" (it is a {type(cls).__name__}, not a class)"
+        raise PluginError(f"{cls!r} is not a subclass of tokenreduce.Reducer{what}")
     name = getattr(cls, "name", "")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise PluginError(f"{cls.__name__}.name={name!r} must be a lower-case name matching {_NAME_RE.pattern}")
@@ -198,6 +199,12 @@ class Registry:
                 continue
             try:
                 if ep.group == REDUCER_GROUP:
+                    # What the object is comes first: a name mismatch is beside the point
+                    # when the entry point names a function or a module.
+                    try:
+                        validate_reducer_class(obj)
+                    except PluginError as err:
+                        raise PluginError(f"entry point {ep.name!r} = {ep.value!r}: {err}") from None
                     if getattr(obj, "name", None) != ep.name:
                         raise PluginError(
                             f"entry point {ep.name!r} points at {obj!r} whose name is {getattr(obj, 'name', None)!r}; "
@@ -212,10 +219,14 @@ class Registry:
     # -- lookup ----------------------------------------------------------------------
 
     def reducer_class(self, name: str) -> type:
-        try:
-            return self.reducers[name].cls
-        except KeyError:
-            raise UnknownNameError("reducer", name, self.reducers) from None
+        """The class registered as ``name``; :class:`UnknownNameError` (saying why) otherwise."""
+        entry = self.reducers.get(name) if isinstance(name, str) else None
+        if entry is None:
+            broken = {b.name: f"{b.error} (from {b.source})" for b in self.broken}
+            if not isinstance(name, str):
+                raise UnknownNameError("reducer", name, self.reducers)
+            raise UnknownNameError("reducer", name, self.reducers, broken)
+        return entry.cls
 
     def adapter_for(self, model: Any) -> type:
         """The first registered adapter whose ``matches(model)`` is true."""

@@ -14,9 +14,14 @@ Checked for random batches, lengths, widths, dtypes, padding masks and budgets:
 * indices unique, ascending, in range, never a padded token; ``-1`` at padded slots;
 * ``keep_mask`` consistent with the indices; ``valid`` marks the real slots;
 * ``sizes`` (if given) >= 1 at real slots and 0 at padded ones; features finite;
+* :class:`~tokenreduce.ScoringReducer` s: ``score()`` is ``(B, N)`` and finite at every valid token;
+* finite float16 / bfloat16 input of large magnitude (up to 0.99 of the dtype's largest
+  value, so that sums of a few tokens overflow the input dtype) gives finite output;
 * deterministic (same call, same result);
 * batch rows independent (reducing a batch = reducing each row alone);
 * identity at budget >= N (every valid token kept, features unchanged).
+
+On success it prints one line: what was checked, on how many examples at each stage.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from hypothesis import strategies as st
 
 from .budget import resolve_budget
 from .context import ReductionContext
-from .reducer import Reducer
+from .reducer import Reducer, ScoringReducer
 from .reduction import Reduction
 from .stages import Stage
 
@@ -39,6 +44,13 @@ ContextFactory = Callable[[torch.Tensor, torch.Tensor, Stage], ReductionContext]
 # Low precision inputs are reduced in float32 internally but rounded on output, and
 # batched and unbatched kernels may differ in the last bits.
 _TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-9}
+
+#: What one example checks, for the summary printed on success.
+CHECKED = (
+    "shapes/dtype/device, kept count = min(budget, valid N), indices unique ascending in range and never padding, "
+    "keep_mask/valid/sizes consistent, finite features, finite scores, finite output for large-magnitude "
+    "float16/bfloat16 input, determinism, row independence, identity at budget >= N"
+)
 
 
 def _case(draw: st.DrawFn, *, square: bool, min_budget: int, max_n: int, devices: tuple[str, ...]) -> dict[str, Any]:
@@ -72,17 +84,63 @@ def _case(draw: st.DrawFn, *, square: bool, min_budget: int, max_n: int, devices
     return {"tokens": tokens.to(device=device, dtype=dtype), "valid": valid.to(device), "budget": budget}
 
 
-def _call(reducer: Reducer, tokens, valid, budget, factory: ContextFactory | None, stage: Stage) -> Reduction:
+def _context(factory: ContextFactory | None, tokens: torch.Tensor, valid: torch.Tensor, stage: Stage) -> ReductionContext:
     ctx = factory(tokens, valid, stage) if factory else ReductionContext()
     ctx.stage = stage
-    return reducer(tokens, budget, mask=valid, context=ctx)
+    return ctx
 
 
-def check_reduction(out: Reduction, tokens: torch.Tensor, valid: torch.Tensor, budget: Any) -> None:
-    """Assert the structural properties of one reduction (raises ``AssertionError``)."""
+def _call(reducer: Reducer, tokens, valid, budget, factory: ContextFactory | None, stage: Stage) -> Reduction:
+    return reducer(tokens, budget, mask=valid, context=_context(factory, tokens, valid, stage))
+
+
+def check_scores(
+    reducer: Reducer, tokens: torch.Tensor, valid: torch.Tensor, context: ReductionContext, what: str = ""
+) -> None:
+    """For a :class:`ScoringReducer`: ``score()`` is ``(B, N)`` and finite at every valid token.
+
+    NaN scores would be ranked silently (NaN sorts above every number in a descending
+    sort), so a NaN from a broken context or formula would decide what is kept.
+    """
+    if not isinstance(reducer, ScoringReducer):
+        return
+    scores = reducer.score(tokens, valid, context)
+    assert isinstance(scores, torch.Tensor), f"score() must return a tensor, got {type(scores).__name__}"
+    assert tuple(scores.shape) == tuple(valid.shape), (
+        f"score() must return (B, N)={tuple(valid.shape)}, got {tuple(scores.shape)}"
+    )
+    bad = (~torch.isfinite(scores.float()) & valid.to(scores.device)).cpu()
+    if bool(bad.any()):
+        row, tok = (int(i) for i in bad.nonzero()[0])
+        raise AssertionError(
+            f"score() returned a non-finite score for a valid token{what} ({int(bad.sum())} in all; first at "
+            f"row {row}, token {tok}: {float(scores[row, tok])}); scores must be finite"
+        )
+
+
+def large_magnitude(tokens: torch.Tensor, dtype: torch.dtype, fraction: float, positive: bool) -> torch.Tensor:
+    """``tokens`` rescaled so that the largest magnitude is ``fraction`` of ``dtype``'s largest value.
+
+    With ``positive`` every entry is made non-negative, so that sums of a few of the
+    largest entries overflow ``dtype`` (float16: 65504; bfloat16: about 3.39e38, which
+    overflows float32 too).
+    """
+    x = tokens.float().abs() if positive else tokens.float()
+    peak = x.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    big = fraction * torch.finfo(dtype).max
+    return (x / peak * big).clamp(-big, big).to(dtype)
+
+
+def check_reduction(
+    out: Reduction, tokens: torch.Tensor, valid: torch.Tensor, budget: Any, *, rounding: str = "half_up"
+) -> None:
+    """Assert the structural properties of one reduction (raises ``AssertionError``).
+
+    ``rounding`` is the reducer's ``ratio_rounding`` (how a ratio budget becomes a count).
+    """
     b, n, d = tokens.shape
     n_valid = valid.sum(dim=1).tolist()
-    expected = [min(resolve_budget(budget, nv), nv) for nv in n_valid]
+    expected = [min(resolve_budget(budget, nv, rounding=rounding), nv) for nv in n_valid]
     t = max(expected)
     assert out.tokens.shape == (b, t, d), f"tokens shape {tuple(out.tokens.shape)} != {(b, t, d)}"
     assert out.tokens.dtype == tokens.dtype, f"dtype {out.tokens.dtype} != input {tokens.dtype}"
@@ -152,11 +210,22 @@ def check_reducer(
     stages = [Stage(stage)] if stage is not None else sorted(getattr(cls, "stages", Stage), key=lambda s: s.value)
     devices = devices or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
 
-    for st_ in stages:
-        _check_stage(cls, st_, params, context_factory, max_examples, min_budget, max_n, square_grid, devices)
+    name = getattr(cls, "name", "") or getattr(cls, "__name__", repr(cls))
+    ran = {
+        st_.value: _check_stage(cls, st_, params, context_factory, max_examples, min_budget, max_n, square_grid, devices)
+        for st_ in stages
+    }
+    counts = ", ".join(f"{n} at {stage}" for stage, n in ran.items())
+    print(
+        f"check_reducer({name!r}{f', params={params!r}' if params else ''}): passed {sum(ran.values())} examples "
+        f"({counts}) on {', '.join(devices)}, float32/float16/bfloat16 with padding and int and ratio budgets; "
+        f"checked: {CHECKED}"
+    )
 
 
-def _check_stage(cls, st_, params, context_factory, max_examples, min_budget, max_n, square_grid, devices) -> None:
+def _check_stage(cls, st_, params, context_factory, max_examples, min_budget, max_n, square_grid, devices) -> int:
+    ran = 0
+
     @settings(
         max_examples=max_examples,
         deadline=None,
@@ -167,13 +236,16 @@ def _check_stage(cls, st_, params, context_factory, max_examples, min_budget, ma
     )
     @given(st.data())
     def run(data: st.DataObject) -> None:
+        nonlocal ran
         case = data.draw(
             st.composite(lambda draw: _case(draw, square=square_grid, min_budget=min_budget, max_n=max_n, devices=devices))()
         )
         tokens, valid, budget = case["tokens"], case["valid"], case["budget"]
         reducer = cls(budget, stage=st_, **params)
+        check_scores(reducer, tokens, valid, _context(context_factory, tokens, valid, st_))
+        rounding = getattr(reducer, "ratio_rounding", "half_up")
         out = _call(reducer, tokens, valid, budget, context_factory, st_)
-        check_reduction(out, tokens, valid, budget)
+        check_reduction(out, tokens, valid, budget, rounding=rounding)
 
         again = _call(cls(budget, stage=st_, **params), tokens, valid, budget, context_factory, st_)
         assert torch.equal(out.indices, again.indices), "not deterministic: indices differ between two calls"
@@ -190,13 +262,34 @@ def _check_stage(cls, st_, params, context_factory, max_examples, min_budget, ma
 
         n_max = int(valid.sum(dim=1).max())
         ident = _call(reducer, tokens, valid, n_max, context_factory, st_)
-        check_reduction(ident, tokens, valid, n_max)
+        check_reduction(ident, tokens, valid, n_max, rounding=rounding)
         for row in range(tokens.shape[0]):
             assert torch.equal(ident.tokens[row][ident.valid[row]], tokens[row][valid[row]]), (
                 f"row {row}: budget >= N must keep every valid token unchanged"
             )
 
+        # Large magnitude: the same tokens scaled towards the top of a low-precision range.
+        # The context is made from the tokens at their usual scale: attention and keys come
+        # from the model, not from the features' magnitude.
+        low = tokens.dtype if tokens.dtype in (torch.float16, torch.bfloat16) else data.draw(
+            st.sampled_from([torch.float16, torch.bfloat16]), label="large dtype"
+        )
+        fraction = data.draw(st.sampled_from([0.5, 0.99]), label="fraction of the dtype's range")
+        positive = data.draw(st.booleans(), label="all positive")
+        big = large_magnitude(tokens, low, fraction, positive)
+        ctx = _context(context_factory, tokens.to(low), valid, st_)
+        peak = float(big.float().abs().max())
+        check_scores(reducer, big, valid, ctx, f" of {low} input of magnitude up to {peak:.4g}")
+        large = reducer(big, budget, mask=valid, context=ctx)
+        assert bool(torch.isfinite(large.tokens.float()).all()), (
+            f"non-finite output for finite {low} input of magnitude up to {peak:.4g} "
+            f"({fraction} of the dtype's range): compute in float32 (or rescale) and keep results in range"
+        )
+        check_reduction(large, big, valid, budget, rounding=rounding)
+        ran += 1
+
     run()
+    return ran
 
 
 def _row_factory(factory: ContextFactory | None, tokens: torch.Tensor, valid: torch.Tensor, row: int) -> ContextFactory | None:

@@ -80,7 +80,7 @@ class Trace:
         kept: ``(N,)`` bool: the patch's own token survived every step (not merged away).
         heat: ``(N,)`` float per-patch quantity from one step's ``info`` (NaN for patches
             already dropped before that step), or ``None``.
-        heat_label: what ``heat`` is, e.g. ``"apet errors"``.
+        heat_label: what ``heat`` is and which step reported it, e.g. ``"apet@projector errors"``.
         merged: whether any step merged tokens (colours mean groups, not just kept).
     """
 
@@ -136,7 +136,10 @@ def stand_in_features(
     proj = torch.randn(patches.shape[1], dim, generator=gen) / math.sqrt(dim)
     tokens = (patches @ proj).unsqueeze(0)
     return Features(
-        image=pixels, grid=(side, side), tokens=tokens, source=f"stand-in tokens ({side}x{side} pixel patches)"
+        image=pixels,
+        grid=(side, side),
+        tokens=tokens,
+        source=f"stand-in tokens ({patch}-pixel patches on a {side}×{side} grid)",
     )
 
 
@@ -152,6 +155,28 @@ def stand_in_context(tokens: torch.Tensor, step: Step, grid: tuple[int, int] | N
     return token_context(x, attn, stage=step.stage, layer=step.layer, grid=grid)
 
 
+def image_processor(model_id: str) -> Any:
+    """The checkpoint's image processor.
+
+    ``AutoImageProcessor`` of some transformers releases (5.17) needs torchvision for every
+    processor; without it, the class the checkpoint names is loaded directly, which works
+    with PIL alone.
+    """
+    import transformers
+    from transformers import AutoImageProcessor
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    try:
+        return AutoImageProcessor.from_pretrained(model_id)
+    except ImportError:
+        config, _ = ImageProcessingMixin.get_image_processor_dict(model_id)
+        name = config.get("image_processor_type")
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if cls is None:
+            raise
+        return cls.from_pretrained(model_id)
+
+
 def model_features(image: Any, model_id: str, *, device: str | None = None) -> Features:
     """Patch tokens from a real checkpoint's vision tower (LLaVA-style models).
 
@@ -161,7 +186,7 @@ def model_features(image: Any, model_id: str, *, device: str | None = None) -> F
     receives. [CLS] attention is head-averaged from the same layer; keys are that
     layer's keys, heads concatenated.
     """
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch.float32)
     model.eval()
@@ -176,7 +201,7 @@ def model_features(image: Any, model_id: str, *, device: str | None = None) -> F
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     tower.set_attn_implementation("eager")  # attention weights are needed for [CLS] attention
-    processor = AutoImageProcessor.from_pretrained(model_id)
+    processor = image_processor(model_id)
     pixel_values = processor(images=image, return_tensors="pt")["pixel_values"].to(device)
     layer = getattr(model.config, "vision_feature_layer", -2)
     if not isinstance(layer, int):
@@ -305,7 +330,8 @@ def trace_pipeline(features: Features, pipeline: Pipeline, title: str | None = N
             values = torch.full((n0,), float("nan"))
             alive = group >= 0
             values[alive] = found[0].cpu()[group[alive]]
-            heat = (values, f"{step.reducer.name} {found[1]}")
+            layer = f"[{step.layer}]" if step.layer is not None else ""
+            heat = (values, f"{step.reducer.name}@{step.stage.value}{layer} {found[1]}")
         alive = group >= 0
         own = out.keep_mask[0].cpu()
         kept = kept & alive & own[group.clamp(min=0)]
@@ -381,41 +407,80 @@ def kept_picture(image: np.ndarray, grid: tuple[int, int], trace: Trace) -> np.n
     return np.clip(np.where(edge, 1.0, out), 0.0, 1.0)
 
 
-def render(features: Features, traces: Sequence[Trace], output: str | Path, *, suptitle: str | None = None) -> Path:
-    """Write a PNG: one panel per trace, each followed by its heat map when it has one."""
-    import matplotlib
+#: Pipelines per band of the picture; more columns wrap into further bands below.
+COLUMNS_PER_ROW = 4
+PANEL_INCHES = 3.0  # at 100 dpi: 300 pixels per column
 
-    matplotlib.use("Agg", force=False)
+
+def render(
+    features: Features,
+    traces: Sequence[Trace],
+    output: str | Path,
+    *,
+    suptitle: str | None = None,
+    columns_per_row: int = COLUMNS_PER_ROW,
+) -> Path:
+    """Write :func:`figure` as a PNG (100 dpi: 300 pixels per column)."""
     import matplotlib.pyplot as plt
 
-    panels = sum(1 + (t.heat is not None) for t in traces)
-    fig, axes = plt.subplots(1, panels, figsize=(3.0 * panels, 3.5), squeeze=False)
-    shape = features.image.shape[:2]
-    col = 0
-    for trace in traces:
-        ax = axes[0][col]
-        ax.imshow(kept_picture(features.image, features.grid, trace), interpolation="nearest")
-        n_out = len(set(trace.group[trace.group >= 0].tolist()))
-        ax.set_title(f"{trace.title}\n{n_out} of {trace.group.size} tokens", fontsize=8)
-        ax.set_axis_off()
-        col += 1
-        if trace.heat is not None:
-            ax = axes[0][col]
-            ax.set_axis_off()
-            grey = features.image.astype(np.float32).mean(axis=-1) / 255.0
-            ax.imshow(grey, cmap="gray", vmin=0, vmax=1, alpha=0.6)
-            heat = np.ma.masked_invalid(_upsample(trace.heat, features.grid, shape))
-            im = ax.imshow(heat, cmap="inferno", alpha=0.75, interpolation="nearest")
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
-            ax.set_title(trace.heat_label, fontsize=8)
-            col += 1
-    fig.suptitle(suptitle or f"tokens: {features.source}", fontsize=8)
-    fig.tight_layout()
+    fig = figure(features, traces, suptitle=suptitle, columns_per_row=columns_per_row)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=100)
     plt.close(fig)
     return output
+
+
+def figure(
+    features: Features, traces: Sequence[Trace], *, suptitle: str | None = None, columns_per_row: int = COLUMNS_PER_ROW
+) -> Any:
+    """The matplotlib figure: one column per trace, its kept-patch picture on top and its heat
+    map (when any trace has one) below; beyond ``columns_per_row`` columns the picture wraps
+    into further bands, so it stays readable however many pipelines are compared."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if columns_per_row < 1:
+        raise InvalidInputError(f"columns_per_row={columns_per_row}: must be >= 1")
+    if not traces:
+        raise InvalidInputError("nothing to draw: give at least one trace")
+    bands = math.ceil(len(traces) / columns_per_row)
+    cols = math.ceil(len(traces) / bands)  # balanced: 6 columns wrap as 3 + 3, not 4 + 2
+    heat_rows = any(t.heat is not None for t in traces)
+    per_band = 2 if heat_rows else 1
+    title = textwrap.fill(suptitle or f"tokens: {features.source}", 40 * cols)  # ~40 characters per 300 px
+    top = 0.2 + 0.15 * (title.count("\n") + 1)
+    # Constrained layout keeps the column titles clear of the main title and of each other.
+    fig = plt.figure(figsize=(PANEL_INCHES * cols, top + 3.3 * per_band * bands), layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.08, w_pad=0.05)
+    axes = fig.subplots(per_band * bands, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    shape = features.image.shape[:2]
+    for i, trace in enumerate(traces):
+        band, col = divmod(i, cols)
+        ax = axes[band * per_band][col]
+        ax.imshow(kept_picture(features.image, features.grid, trace), interpolation="nearest")
+        n_out = len(set(trace.group[trace.group >= 0].tolist()))
+        ax.set_title(f"{trace.title}\n{n_out} of {trace.group.size} tokens", fontsize=8)
+        if not heat_rows:
+            continue
+        ax = axes[band * per_band + 1][col]
+        if trace.heat is None:
+            ax.text(0.5, 0.5, "no per-token values\nreported", ha="center", va="center", fontsize=8, color="0.4")
+            continue
+        grey = features.image.astype(np.float32).mean(axis=-1) / 255.0
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=1, alpha=0.6)
+        heat = np.ma.masked_invalid(_upsample(trace.heat, features.grid, shape))
+        im = ax.imshow(heat, cmap="inferno", alpha=0.75, interpolation="nearest")
+        # Below the map, so that it keeps the width of the picture above it.
+        bar = fig.colorbar(im, ax=ax, location="bottom", fraction=0.05, pad=0.02, aspect=30)
+        bar.ax.tick_params(labelsize=6)
+        ax.set_title(trace.heat_label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return fig
 
 
 def show(
@@ -438,6 +503,7 @@ def show(
 __all__ = [
     "Features",
     "Trace",
+    "figure",
     "kept_picture",
     "load_image",
     "model_features",

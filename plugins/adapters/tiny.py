@@ -2,8 +2,9 @@
 
 ``build_tiny_llava(seed)`` returns a real ``LlavaForConditionalGeneration`` (CLIP vision
 tower, 2-layer MLP projector, Llama decoder) with the LLaVA-1.5 token layout scaled down
-in width and depth only: a 24 x 24 patch grid (576 image tokens per image, as
-LLaVA-1.5-336), a CLS token, ``vision_feature_layer = -2``, the ``default`` strategy; and
+in width and depth only: a 336 x 336 image cut into 14-pixel patches, a 24 x 24 grid
+(576 image tokens per image, as LLaVA-1.5's CLIP-L/14-336) plus a CLS token,
+``vision_feature_layer = -2``, the ``default`` strategy; and
 processor-free inputs (``input_ids`` with the 576 image placeholders between text tokens,
 ``attention_mask``, ``pixel_values``) ready for ``model(**inputs)`` or
 ``model.generate(**inputs)``. Deterministic for a given seed, CPU or CUDA.
@@ -15,7 +16,7 @@ import torch
 
 IMAGE_TOKEN_ID = 3
 GRID = 24  # patches per side, as LLaVA-1.5 at 336 px
-PATCH = 4
+PATCH = 14  # pixels per patch side, as CLIP-L/14: a 336-pixel image
 
 
 def build_tiny_llava(
@@ -38,7 +39,7 @@ def build_tiny_llava(
 
     Returns:
         ``(model, inputs)``: the model in eval mode and a dict with ``input_ids (1, L)``,
-        ``attention_mask (1, L)`` and ``pixel_values (1, 3, 96, 96)``; ``L = 5 + 576 +
+        ``attention_mask (1, L)`` and ``pixel_values (1, 3, 336, 336)``; ``L = 5 + 576 +
         prompt_tokens``.
     """
     from transformers import (

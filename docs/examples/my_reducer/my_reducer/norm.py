@@ -4,6 +4,7 @@ import torch
 from pydantic import Field
 
 import tokenreduce as tr
+from tokenreduce.numerics import safe_scale
 
 
 class NormParams(tr.ReducerParams):
@@ -30,7 +31,10 @@ class Norm(tr.ScoringReducer):
     paper = "Tutorial example (no paper)."
 
     def score(self, tokens, valid, context):
-        x = tokens.float()  # score in float32 whatever the input dtype
+        # Float32 whatever the input dtype; rows of extreme magnitude (bfloat16 reaches 3e38,
+        # whose sums and squares overflow float32) divided by a power of two, which changes
+        # no ranking within a row.
+        x, _ = safe_scale(tokens, valid)
         if self.params.centre:
             w = valid.unsqueeze(-1).float()  # padded tokens must not move the mean
             count = w.sum(dim=1, keepdim=True).clamp_min(1)

@@ -1,0 +1,62 @@
+"""Float32 work on low-precision tokens of any finite magnitude, without overflow.
+
+Reducers compute in float32 and return the input dtype. Two things can still overflow:
+
+* sums inside float32: bfloat16 shares float32's exponent range, so a few bfloat16
+  tokens near 1e38 overflow a float32 sum, a squared norm overflows from about 1e19 on;
+* the result itself: VisionZip's contextual token is a target *plus* a mean, which can
+  exceed the input dtype's largest value (float16: 65504) even when computed exactly.
+
+:func:`safe_scale` divides each row whose largest magnitude lies outside
+``[2^-40, 2^40]`` by the power of two that brings it into ``[1, 2)``; dividing by a power
+of two is exact, and means, cosine similarities and rankings are unchanged by it, so
+rows in range (scale 1, the usual case) give the same bits as before. :func:`unscale`
+multiplies back and saturates to the output dtype's finite range. Neither reads a
+device value on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Rows whose largest magnitude lies in ``[1 / SAFE_PEAK, SAFE_PEAK]`` are not rescaled:
+#: a sum of a million such tokens or a squared norm of 4096 of their entries stays finite
+#: and normal in float32.
+SAFE_PEAK = 2.0**40
+
+
+def safe_scale(tokens: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, scale)``: float32 tokens divided per row by ``scale (B, 1, 1)``, a power of two.
+
+    ``scale`` is 1 for rows whose largest valid magnitude is within ``[2^-40, 2^40]`` (or
+    zero); other rows are brought to a largest magnitude in ``[1, 2)``. Padded tokens
+    (``valid`` False) do not count for the scale and are zeroed.
+    """
+    x = tokens.float()
+    # max |x| as max(max x, -min x): two plain reductions, no elementwise |x| copy.
+    peak = torch.maximum(x.amax(dim=-1), x.amin(dim=-1).neg())
+    if valid is not None:
+        peak = peak.masked_fill(~valid, 0.0)
+    peak = peak.amax(dim=1)
+    out_of_range = (peak > SAFE_PEAK) | ((peak < 1.0 / SAFE_PEAK) & (peak > 0))
+    exponent = torch.where(out_of_range, torch.floor(torch.log2(peak)), torch.zeros_like(peak))
+    scale = torch.exp2(exponent).view(-1, 1, 1)
+    # A division, not a product with 1/scale: 2^-127 (the inverse of the largest scale)
+    # is subnormal in float32, while dividing by any power of two is exact.
+    x = x / scale
+    if valid is not None:
+        x = x.masked_fill(~valid.unsqueeze(-1), 0.0)
+    return x, scale
+
+
+def unscale(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x * scale`` in float32, saturated to the finite range of ``dtype`` (the output dtype).
+
+    A value beyond the range (a sum that exceeds the dtype's largest value) becomes that
+    largest value, with its sign, instead of ``inf``.
+    """
+    big = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
+    return (x.float() * scale).clamp(-big, big)
+
+
+__all__ = ["SAFE_PEAK", "safe_scale", "unscale"]
