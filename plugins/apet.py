@@ -29,6 +29,9 @@ LLM_RIDGE = 1e-1
 # which is then solved with ridge max(ridge, _FALLBACK_RIDGE * max diag(Gram)).
 _PIVOT_RTOL = 1e-4
 _FALLBACK_RIDGE = 1e-4
+# Reconstruction errors below this fraction of the token's norm are rounding noise (see
+# reconstruction_errors); real features' errors are orders of magnitude above it.
+_NOISE_RTOL = 2.0**-14
 # Rows whose largest magnitude lies outside [1/_SAFE_PEAK, _SAFE_PEAK] are rescaled:
 # squares summed over D then stay far from float32 overflow and underflow.
 _SAFE_PEAK = 2.0**40
@@ -313,7 +316,13 @@ def reconstruction_errors(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Ten
     coef = torch.linalg.lu_solve(lu, piv, basis @ x.transpose(1, 2))  # (B, k, N)
     # x - C^T S in one pass (no separate (B, N, D) reconstruction).
     residual = torch.baddbmm(x, coef.transpose(1, 2), basis, alpha=-1.0)
-    return torch.linalg.vector_norm(residual, dim=-1)
+    errors = torch.linalg.vector_norm(residual, dim=-1)
+    # An error at the rounding level of the token itself is noise: a token that the basis
+    # spans (a basis as wide as the features, a duplicate) is reconstructed exactly up to
+    # rounding, whose bits differ between batch shapes on CUDA. Counted as an exact zero,
+    # such tokens tie and the lower index wins, the same alone and in any batch.
+    floor = _NOISE_RTOL * torch.linalg.vector_norm(x, dim=-1)
+    return torch.where(errors > floor, errors, torch.zeros_like(errors))
 
 
 def _place_basis(

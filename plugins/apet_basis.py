@@ -84,8 +84,12 @@ def density_peak_basis(x: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[to
     """
     b, n, d = x.shape
     pair = valid.unsqueeze(2) & valid.unsqueeze(1)
-    sq = (x * x).sum(-1)
-    d2 = (sq.unsqueeze(2) + sq.unsqueeze(1) - 2.0 * (x @ x.transpose(1, 2))).clamp_min(0.0)
+    # Distances from a float64 Gram matrix: in float32 its rounding (which differs between
+    # batch shapes on CUDA) flips near-tied densities, so a row could get other centres
+    # alone than in a batch; float64 leaves only true ties, broken by index below.
+    x64 = x.double()
+    sq = (x64 * x64).sum(-1)
+    d2 = (sq.unsqueeze(2) + sq.unsqueeze(1) - 2.0 * (x64 @ x64.transpose(1, 2))).clamp_min(0.0).float()
     eye = torch.eye(n, dtype=torch.bool, device=x.device)
     dist = (d2.masked_fill(eye, 0.0) / d).sqrt()
 
