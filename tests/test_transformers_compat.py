@@ -61,6 +61,7 @@ def test_cache_keywords_follow_the_callee():
             assert fn(1, **compat.native_kwargs(fn, {name: "C"})) == "C"
     assert compat.get_cache({"past_key_values": None, "cache": "C"}) == "C"
     assert compat.native_kwargs(new, {"x": 1}) == {"x": 1}
+    assert compat.canonical_kwargs({"past_key_values": "C", "x": 1}) == {"cache": "C", "x": 1}
 
 
 def test_serving_features_restores_the_getters():

@@ -94,6 +94,15 @@ def native_kwargs(fn: Callable[..., Any], kw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def canonical_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` with the cache under ``cache``, the name adapters use internally (a copy)."""
+    return native_kwargs(_takes_cache, kw)
+
+
+def _takes_cache(cache: Any = None) -> None:
+    """A signature naming the cache ``cache``."""
+
+
 def output_cache(out: Any) -> Any:
     """The cache a model output carries (``out.cache`` or ``out.past_key_values``), or None."""
     if isinstance(out, tuple):

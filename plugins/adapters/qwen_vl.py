@@ -112,10 +112,6 @@ _WHY_NOT = {
 _MISSING = object()
 
 
-def _cache_named(cache: Any = None) -> None:
-    """A signature naming the cache ``cache``: the adapter's internal spelling."""
-
-
 class QwenVLAdapter(Adapter):
     """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: all three stages with 3-D M-RoPE bookkeeping (see the module docs)."""
 
@@ -233,7 +229,7 @@ class QwenVLAdapter(Adapter):
             kw = dict(sig.bind(*args, **kwargs).arguments)
             if var_kw is not None:
                 kw.update(kw.pop(var_kw, {}))
-            kw = compat.native_kwargs(_cache_named, kw)  # internally the cache is always ``cache``
+            kw = compat.canonical_kwargs(kw)  # internally the cache is always ``cache``
             self._busy = True
             try:
                 return self._call(orig, kw)
