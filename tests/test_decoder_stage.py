@@ -292,3 +292,60 @@ def test_layer_zero_step_and_text_only_forwards():
     text_only = model(input_ids=ids, attention_mask=mask).logits
     red.detach()
     assert torch.equal(text_only, model(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_forward_phases_are_explicit_per_layer():
+    """The per-forward state is one phase object: not started before the first hooked layer, the stock
+    computation until a step removes tokens (or the cache is reduced), reduced from there on, gone after."""
+    from tokenreduce_plugins.adapters.decoder_state import NotStarted, Passthrough, Reduced, Reducing
+
+    model = tiny_llama(0)
+    rows, spans = prompts()
+    ids, mask, img = batch(rows[:1], spans[:1])
+
+    def phases(red, **kw):
+        seen = []
+
+        def spy(i):
+            def hook(module, args, kwargs):  # runs after the reduction's own hook on that layer
+                phase = red._phase
+                seen.append((type(phase), getattr(phase, "step", None)))
+
+            return hook
+
+        handles = [layer.register_forward_pre_hook(spy(i), with_kwargs=True) for i, layer in enumerate(model.model.layers)]
+        try:
+            out = model(**kw)
+        finally:
+            for h in handles:
+                h.remove()
+        assert red._phase is None  # the decoder post-hook ends the forward's state
+        return seen, out
+
+    red = DecoderReduction(model.model, pyramid())  # steps at layers 1 and 3
+    red.attach()
+    try:
+        red.set_image_mask(img)
+        seen, out = phases(red, input_ids=ids, attention_mask=mask, use_cache=True)
+        assert seen == [(NotStarted, None), (Reduced, 0), (Reduced, 0), (Reduced, 1)]
+        # A decoding step on the reduced cache: stock layers before the first step, then its reduced layers.
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        am = torch.cat([mask, torch.ones_like(nxt)], 1)
+        cache = compat.native_kwargs(model.forward, {"cache": compat.output_cache(out)})
+        seen, _ = phases(red, input_ids=nxt, attention_mask=am, use_cache=True, **cache)
+        assert seen == [(NotStarted, None), (Reduced, 0), (Reduced, 0), (Reduced, 1)]
+        # A text-only forward on a fresh cache is the stock forward.
+        seen, _ = phases(red, input_ids=ids, attention_mask=mask)
+        assert seen == [(NotStarted, None)] + [(Passthrough, None)] * 3
+    finally:
+        red.detach()
+    # Nothing removed (identity budgets): layers keep the stock computation after every step.
+    steps = [Step("llm_layer", create("random", 100), layer=1), Step("llm_layer", create("pool", 16), layer=2)]
+    red = DecoderReduction(model.model, steps)
+    red.attach()
+    try:
+        red.set_image_mask(img)
+        seen, _ = phases(red, input_ids=ids, attention_mask=mask)
+        assert seen == [(NotStarted, None)] + [(Reducing, None)] * 3
+    finally:
+        red.detach()
