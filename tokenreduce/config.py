@@ -13,268 +13,29 @@ The format (kept stable; docs and tools rely on it)::
 Strict on purpose (a typo must never become a silent setting): unknown keys, duplicate
 keys, booleans where numbers belong (``budget: yes``, ``layer: true``), quoted numbers
 and non-UTF-8 files are errors that name the file, line and field.
+
+Where things live (all of them importable from here): the format (schema, strict reading)
+is :mod:`tokenreduce.config_format`, building the pipeline from it is
+:mod:`tokenreduce.pipeline` (so that ``Pipeline.coerce`` takes a file); this module adds
+what needs more: :func:`validate_config` (a trial run) and :func:`json_schema` (the registry).
 """
 
 from __future__ import annotations
 
-import codecs
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
+from pydantic import Field, create_model
 
-from .budget import check_budget
-from .errors import ConfigError, StageError, TokenReduceError, UnknownNameError, did_you_mean
-from .params import FIELD_CUTOFF, format_validation_error
-from .pipeline import Pipeline, Positions, Step, VideoBudget
+from .config_format import PipelineConfig, StepConfig, read_file, where
+from .errors import ConfigError, TokenReduceError
+from .params import format_validation_error
+from .pipeline import Pipeline, load_config, load_with_nodes, loads_config, parse_config
+from .reducer import observe
 from .registry import get_registry
-from .stages import Stage
-
-
-def _yaml_budget(value: Any) -> Any:
-    """The budget rules of the Python API (:func:`~tokenreduce.budget.check_budget`), minus callables."""
-    if callable(value):
-        raise ValueError("a budget in a config is a number: an int >= 1 (tokens to keep) or a ratio in (0, 1]")
-    return check_budget(value)  # raises InvalidInputError, a ValueError, stating the rule
-
-
-class StepConfig(BaseModel):
-    """One step of a pipeline as written in YAML."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    stage: Stage = Field(description="Hook point: vision_encoder, projector or llm_layer.")
-    reducer: str = Field(description="Registered reducer name (see `tokenreduce list`).")
-    # The budget rules run before pydantic's int/float coercion, which would read
-    # ``budget: yes`` as 1 and ``budget: "64"`` as 64.
-    budget: Annotated[Union[int, float], BeforeValidator(_yaml_budget)] = Field(  # noqa: UP007
-        description="Tokens to keep: an int >= 1, or a float in (0, 1] as a ratio of the tokens present."
-    )
-    # Strict: ``layer: true`` would otherwise mean layer 1, and ``layer: 2.0`` layer 2.
-    layer: int | None = Field(default=None, ge=0, strict=True, description="Decoder layer index (llm_layer steps only).")
-    params: dict[str, Any] = Field(default_factory=dict, description="Reducer parameters.")
-
-
-class PipelineConfig(BaseModel):
-    """A whole YAML file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pipeline: list[StepConfig] = Field(min_length=1, description="Reducer steps, applied in model order.")
-    positions: Positions | None = Field(
-        default=None, description="compact (renumber) or original (keep position ids); default: the adapter's."
-    )
-    video_budget: VideoBudget = Field(default="per_frame", description="Budget per video frame or per whole video.")
-
-
-# -- loading ---------------------------------------------------------------------------------
-
-
-def _locate(node: yaml.Node | None, path: tuple, at_key: bool = False) -> yaml.Node | None:
-    """The deepest YAML node along ``path`` (keys and list indices).
-
-    With ``at_key`` the last mapping step yields the key node (for "unknown key" errors).
-    """
-    found = node
-    for i, part in enumerate(path):
-        if isinstance(found, yaml.MappingNode):
-            want_key = at_key and i == len(path) - 1
-            nxt = next(((k if want_key else v) for k, v in found.value if k.value == str(part)), None)
-        elif isinstance(found, yaml.SequenceNode) and isinstance(part, int) and part < len(found.value):
-            nxt = found.value[part]
-        else:
-            nxt = None
-        if nxt is None:
-            break
-        found = nxt
-    return found
-
-
-def _where(source: str, root: yaml.Node | None, path: tuple, at_key: bool = False) -> str:
-    node = _locate(root, path, at_key)
-    dotted = ".".join(str(p) for p in path) or "(root)"
-    if node is None:
-        return f"{source}: {dotted}"
-    mark = node.start_mark
-    return f"{source}:{mark.line + 1}:{mark.column + 1}: {dotted}"
-
-
-def _build_step(cfg: StepConfig) -> Step:
-    cls = get_registry().reducer_class(cfg.reducer)
-    reducer = cls(cfg.budget, stage=cfg.stage, **cfg.params)
-    return Step(cfg.stage, reducer, cfg.layer)
-
-
-def _field_names(loc: tuple) -> Any:
-    """The keys allowed where an unknown key ``loc`` was found (for "did you mean")."""
-    if len(loc) == 1:
-        return PipelineConfig.model_fields
-    if len(loc) == 3 and loc[0] == "pipeline":
-        return StepConfig.model_fields
-    return None
-
-
-def _pydantic_lines(err: ValidationError, source: str, root: yaml.Node | None) -> list[str]:
-    lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
-        extra = e["type"] == "extra_forbidden"
-        hint = did_you_mean(loc[-1], _field_names(loc) or (), cutoff=FIELD_CUTOFF) if extra and loc else ""
-        # A validator's own ValueError reads "Value error, ..." in pydantic; its text is enough.
-        msg = str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
-        lines.append(f"{_where(source, root, loc, at_key=extra)}: {msg}{got}{'.' if hint else ''}{hint}")
-    return lines
-
-
-def parse_config(data: Any, source: str = "<config>", root: yaml.Node | None = None) -> Pipeline:
-    """Validate a parsed YAML/JSON mapping and build the :class:`Pipeline`.
-
-    Raises :class:`ConfigError` with ``file:line:col: field.path: message`` lines.
-    """
-    if not isinstance(data, dict):
-        what = "an empty file" if data is None else f"a {type(data).__name__}"
-        raise ConfigError(
-            f"invalid pipeline config:\n{_where(source, root, ())}: the top level must be a mapping with a "
-            f"'pipeline' list of steps, got {what}"
-        )
-    try:
-        cfg = PipelineConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError("invalid pipeline config:\n" + "\n".join(_pydantic_lines(err, source, root))) from None
-    steps, problems = [], []
-    for i, step_cfg in enumerate(cfg.pipeline):
-        base = ("pipeline", i)
-        try:
-            steps.append(_build_step(step_cfg))
-        except UnknownNameError as err:
-            problems.append(f"{_where(source, root, base + ('reducer',))}: {err}")
-        except StageError as err:
-            problems.append(f"{_where(source, root, base + ('stage',))}: {err}")
-        except ConfigError as err:
-            msg = str(err)
-            if msg.startswith("invalid parameters"):
-                # Point at the first parameter the message names, else at params.
-                named = [p for p in step_cfg.params if f"\n{p}:" in msg]
-                path = base + (("params", named[0]) if named else ("params",))
-                problems.append(f"{_where(source, root, path, at_key=bool(named))}: {msg}")
-            else:  # the step's own rules (layer)
-                problems.append(f"{_where(source, root, base + ('layer',))}: {msg}")
-        except ValueError as err:  # budget range and similar
-            problems.append(f"{_where(source, root, base + ('budget',))}: {err}")
-    if problems:
-        raise ConfigError("invalid pipeline config:\n" + "\n".join(problems))
-    try:
-        return Pipeline(steps, positions=cfg.positions, video_budget=cfg.video_budget)
-    except ConfigError as err:
-        raise ConfigError(f"{_where(source, root, ('pipeline',))}: {err}") from None
-
-
-def _decode(raw: bytes, source: str) -> str:
-    """UTF-8 text (a UTF-8 or UTF-16 byte-order mark is honoured); anything else is a ConfigError."""
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        encoding = "utf-16"
-    else:
-        encoding = "utf-8-sig"
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        col = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        bad = raw[err.start : err.end].hex(" ")
-        raise ConfigError(
-            f"{source}:{line}:{col}: the file is not UTF-8 text (byte {bad}); save it as UTF-8"
-        ) from None
-
-
-def _read(path: Path) -> str:
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a directory, not a YAML file")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
-    return _decode(raw, str(path))
-
-
-def load_config(path: str | os.PathLike[str]) -> Pipeline:
-    """Load and validate a YAML pipeline file."""
-    path = Path(path)
-    return loads_config(_read(path), source=str(path))
-
-
-def _yaml_error(err: yaml.YAMLError, source: str) -> ConfigError:
-    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
-    problem = getattr(err, "problem", None)
-    context = getattr(err, "context", None)
-    text = "; ".join(p for p in (context, problem) if p) if problem else str(err)
-    if "\\t" in text or "\t" in text:  # PyYAML writes the tab escaped
-        text += " (YAML indents with spaces, not tabs)"
-    return ConfigError(f"{where}: not valid YAML: {text}")
-
-
-def _duplicate_keys(root: yaml.Node | None, source: str) -> list[str]:
-    """``file:line:col: path: duplicate key`` for every key repeated in one mapping.
-
-    PyYAML keeps the last value silently; here a repeated key is an error. Merge keys
-    (``<<: *defaults``) may be overridden, as YAML intends.
-    """
-    problems: list[str] = []
-    seen_nodes: set[int] = set()
-
-    def walk(node: yaml.Node, path: tuple) -> None:
-        if id(node) in seen_nodes:  # aliases point at nodes already visited
-            return
-        seen_nodes.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            first: dict[tuple[str, str], yaml.Node] = {}
-            for key, value in node.value:
-                if key.tag == "tag:yaml.org,2002:merge":
-                    continue
-                ident = (key.tag, key.value) if isinstance(key, yaml.ScalarNode) else None
-                if ident is not None and ident in first:
-                    line = first[ident].start_mark.line + 1
-                    dotted = ".".join(str(p) for p in (*path, key.value))
-                    m = key.start_mark
-                    problems.append(
-                        f"{source}:{m.line + 1}:{m.column + 1}: {dotted}: duplicate key {key.value!r} "
-                        f"(first given on line {line}); give each key once"
-                    )
-                elif ident is not None:
-                    first[ident] = key
-                walk(value, (*path, key.value if isinstance(key, yaml.ScalarNode) else "?"))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, (*path, i))
-
-    if root is not None:
-        walk(root, ())
-    return problems
-
-
-def _load(text: str, source: str) -> tuple[Pipeline, yaml.Node | None]:
-    """The pipeline and the YAML node tree (for pointing later errors at lines)."""
-    try:
-        # Composed once for locating errors (constructing a mapping rewrites merge keys in
-        # place), and parsed again for the values.
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise _yaml_error(err, source) from None
-    duplicates = _duplicate_keys(root, source)
-    if duplicates:
-        raise ConfigError("invalid pipeline config:\n" + "\n".join(duplicates))
-    return parse_config(data, source, root), root
-
-
-def loads_config(text: str, source: str = "<string>") -> Pipeline:
-    """Load and validate a YAML pipeline from a string."""
-    return _load(text, source)[0]
+from .runner import run_synthetic
 
 
 # -- validation without a model ----------------------------------------------------------------
@@ -292,15 +53,12 @@ def validate_config(path: str | os.PathLike[str]) -> Pipeline:
     What needs the model (its layer count, its adapter) is checked by ``run``.
     """
     path = Path(path)
-    pipe, root = _load(_read(path), str(path))
+    pipe, root = load_with_nodes(read_file(path), str(path))
     _trial_run(pipe, str(path), root)
     return pipe
 
 
 def _trial_run(pipe: Pipeline, source: str, root: yaml.Node | None) -> None:
-    from .reducer import observe
-    from .runner import run_synthetic
-
     called: list[int] = []
     with observe(lambda reducer, *_: called.append(id(reducer))):
         try:
@@ -310,7 +68,7 @@ def _trial_run(pipe: Pipeline, source: str, root: yaml.Node | None) -> None:
             step = pipe.steps[i]
             kind = "" if isinstance(err, TokenReduceError) else f"{type(err).__name__} (a bug in the reducer): "
             raise ConfigError(
-                f"invalid pipeline config:\n{_where(source, root, ('pipeline', i))}: step {i} "
+                f"invalid pipeline config:\n{where(source, root, ('pipeline', i))}: step {i} "
                 f"({step.reducer.name} at {step.stage.value}) fails on the synthetic workload of "
                 f"`tokenreduce run --synthetic` (no model needed): {kind}{err}"
             ) from None

@@ -1,17 +1,36 @@
-"""A pipeline: the ordered reducer steps applied to a model."""
+"""A pipeline: the ordered reducer steps applied to a model, and how one is built from YAML.
+
+Building a pipeline from YAML lives here because :meth:`Pipeline.coerce` accepts a file
+and the YAML loader returns a :class:`Pipeline`: in two modules they would import each
+other. The format itself (schema, strict reading, error places) is
+:mod:`tokenreduce.config_format`; :mod:`tokenreduce.config` is the public face of both.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any
 
-from .errors import ConfigError
+import yaml
+from pydantic import ValidationError
+
+from .config_format import (
+    PipelineConfig,
+    Positions,
+    StepConfig,
+    VideoBudget,
+    pydantic_lines,
+    read_file,
+    read_yaml,
+    where,
+)
+from .errors import ConfigError, StageError, UnknownNameError
 from .reducer import Reducer
+from .registry import get_registry
 from .stages import Stage
-
-Positions = Literal["compact", "original"]
-VideoBudget = Literal["per_frame", "per_video"]
 
 
 # Context fields an llm_layer step can only get from a decoder layer's queries and keys.
@@ -119,8 +138,6 @@ class Pipeline:
 
         A bare reducer becomes one step at its own ``stage`` (or its default stage).
         """
-        from .config import load_config
-
         if isinstance(obj, Pipeline):
             return obj
         if isinstance(obj, (str,)) or hasattr(obj, "__fspath__"):
@@ -140,3 +157,72 @@ class Pipeline:
             else:
                 raise ConfigError(f"cannot build a pipeline step from {item!r}")
         return cls(steps)
+
+
+# -- from YAML ------------------------------------------------------------------------------------
+
+
+def _build_step(cfg: StepConfig) -> Step:
+    cls = get_registry().reducer_class(cfg.reducer)
+    reducer = cls(cfg.budget, stage=cfg.stage, **cfg.params)
+    return Step(cfg.stage, reducer, cfg.layer)
+
+
+def parse_config(data: Any, source: str = "<config>", root: yaml.Node | None = None) -> Pipeline:
+    """Validate a parsed YAML/JSON mapping and build the :class:`Pipeline`.
+
+    Raises :class:`ConfigError` with ``file:line:col: field.path: message`` lines.
+    """
+    if not isinstance(data, dict):
+        what = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(
+            f"invalid pipeline config:\n{where(source, root, ())}: the top level must be a mapping with a "
+            f"'pipeline' list of steps, got {what}"
+        )
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError("invalid pipeline config:\n" + "\n".join(pydantic_lines(err, source, root))) from None
+    steps, problems = [], []
+    for i, step_cfg in enumerate(cfg.pipeline):
+        base = ("pipeline", i)
+        try:
+            steps.append(_build_step(step_cfg))
+        except UnknownNameError as err:
+            problems.append(f"{where(source, root, base + ('reducer',))}: {err}")
+        except StageError as err:
+            problems.append(f"{where(source, root, base + ('stage',))}: {err}")
+        except ConfigError as err:
+            msg = str(err)
+            if msg.startswith("invalid parameters"):
+                # Point at the first parameter the message names, else at params.
+                named = [p for p in step_cfg.params if f"\n{p}:" in msg]
+                path = base + (("params", named[0]) if named else ("params",))
+                problems.append(f"{where(source, root, path, at_key=bool(named))}: {msg}")
+            else:  # the step's own rules (layer)
+                problems.append(f"{where(source, root, base + ('layer',))}: {msg}")
+        except ValueError as err:  # budget range and similar
+            problems.append(f"{where(source, root, base + ('budget',))}: {err}")
+    if problems:
+        raise ConfigError("invalid pipeline config:\n" + "\n".join(problems))
+    try:
+        return Pipeline(steps, positions=cfg.positions, video_budget=cfg.video_budget)
+    except ConfigError as err:
+        raise ConfigError(f"{where(source, root, ('pipeline',))}: {err}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Pipeline:
+    """Load and validate a YAML pipeline file."""
+    path = Path(path)
+    return loads_config(read_file(path), source=str(path))
+
+
+def load_with_nodes(text: str, source: str) -> tuple[Pipeline, yaml.Node | None]:
+    """The pipeline and the YAML node tree (for pointing later errors at lines)."""
+    data, root = read_yaml(text, source)
+    return parse_config(data, source, root), root
+
+
+def loads_config(text: str, source: str = "<string>") -> Pipeline:
+    """Load and validate a YAML pipeline from a string."""
+    return load_with_nodes(text, source)[0]

@@ -28,6 +28,7 @@ import pluggy
 from pydantic import BaseModel
 
 from . import hookspecs
+from .adapter_base import Adapter
 from .errors import PluginError, UnknownNameError
 from .stages import Stage
 
@@ -84,8 +85,6 @@ def validate_reducer_class(cls: object) -> None:
 
 
 def validate_adapter_class(cls: object) -> None:
-    from .adapter import Adapter
-
     if not isinstance(cls, type) or not issubclass(cls, Adapter):
         raise PluginError(f"{cls!r} is not a subclass of tokenreduce.adapter.Adapter")
     if not getattr(cls, "name", ""):

@@ -17,7 +17,8 @@ Patch tokens come from one of two sources:
   a trained encoder would find salient. Context a reducer needs is derived from the same
   tokens (see :func:`stand_in_context`).
 * :func:`model_features`: a real checkpoint's vision tower and projector through
-  transformers (LLaVA-style models: ``vision_tower`` + ``multi_modal_projector``).
+  transformers, by the plugin that knows the model (hook ``tokenreduce_vision_features``;
+  the built-in one: LLaVA-style models, ``vision_tower`` + ``multi_modal_projector``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .context import ReductionContext, token_context
 from .errors import InvalidInputError
 from .pipeline import Pipeline, Step
 from .reduction import Reduction
+from .registry import get_registry
 from .stages import Stage
 
 SIDE = 24  # patches per side of the stand-in grid
@@ -178,76 +180,28 @@ def image_processor(model_id: str) -> Any:
 
 
 def model_features(image: Any, model_id: str, *, device: str | None = None) -> Features:
-    """Patch tokens from a real checkpoint's vision tower (LLaVA-style models).
+    """Patch tokens from a real checkpoint's vision tower, by the plugin that knows its family.
 
-    Loads the model with transformers (``AutoModelForImageTextToText``) and its image
-    processor, runs the vision tower with attentions, and takes the model's selected
-    feature layer (``vision_feature_layer``), dropping [CLS]: the tokens its projector
-    receives. [CLS] attention is head-averaged from the same layer; keys are that
-    layer's keys, heads concatenated.
+    Loads the model with transformers (``AutoModelForImageTextToText``, float32, eval mode)
+    and asks the ``tokenreduce_vision_features`` hook for the tokens its projector receives.
+    The built-in plugin handles LLaVA-style models (``vision_tower`` +
+    ``multi_modal_projector``): the model's selected feature layer
+    (``vision_feature_layer``) without [CLS], [CLS] attention head-averaged from the same
+    layer, and that layer's keys, heads concatenated.
     """
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch.float32)
     model.eval()
-    inner = getattr(model, "model", model)
-    tower = getattr(inner, "vision_tower", None)
-    projector = getattr(inner, "multi_modal_projector", None)
-    if tower is None or projector is None:
-        raise InvalidInputError(
-            f"model={model_id!r} ({type(model).__name__}) has no vision_tower + multi_modal_projector; "
-            "`tokenreduce show --model` supports LLaVA-style checkpoints"
-        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    tower.set_attn_implementation("eager")  # attention weights are needed for [CLS] attention
-    processor = image_processor(model_id)
-    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"].to(device)
-    layer = getattr(model.config, "vision_feature_layer", -2)
-    if not isinstance(layer, int):
+    found = get_registry().pm.hook.tokenreduce_vision_features(image=image, model=model, model_id=model_id, device=device)
+    if found is None:
         raise InvalidInputError(
-            f"model={model_id!r}: vision_feature_layer={layer!r}; only a single int layer is supported"
+            f"model={model_id!r} ({type(model).__name__}): no installed plugin extracts vision features from it "
+            "(hook tokenreduce_vision_features); with the built-in plugins `tokenreduce show --model` supports "
+            "LLaVA-style checkpoints (vision_tower + multi_modal_projector)"
         )
-    # transformers 5 keeps the encoder on the tower itself; older layouts nest it in vision_model.
-    layers = getattr(tower, "vision_model", tower).encoder.layers
-    # hidden_states[0] is the embedding output: hidden_states[i] comes out of layer i - 1.
-    at = layer if layer < 0 else layer - 1
-    if at == -1 - len(layers) or layer == 0:
-        raise InvalidInputError(
-            f"model={model_id!r}: vision_feature_layer={layer} is the embedding output; it has no attention"
-        )
-    keys: dict[str, torch.Tensor] = {}
-    target = layers[at]
-    handle = target.self_attn.k_proj.register_forward_hook(lambda _m, _i, out: keys.__setitem__("k", out))
-    try:
-        with torch.no_grad():
-            out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
-    finally:
-        handle.remove()
-    # hidden_states[0] is the embedding output, so layer L's output is hidden_states[L + 1].
-    hidden = out.hidden_states[layer]  # indexed as the model does
-    attn = out.attentions[at]  # (1, heads, 1+N, 1+N) of the layer that produced ``hidden``
-    n = hidden.shape[1] - 1
-    side = math.isqrt(n)
-    if side * side != n:
-        raise InvalidInputError(f"model={model_id!r}: {n} patch tokens do not form a square grid")
-    pixels = pixel_values[0].float().cpu()
-    shown = ((pixels - pixels.amin()) / (pixels.amax() - pixels.amin()).clamp_min(1e-6) * 255).permute(1, 2, 0)
-
-    def project(tokens: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return projector(tokens.to(device)).float()
-
-    return Features(
-        image=shown.to(torch.uint8).numpy(),
-        grid=(side, side),
-        tokens=hidden[:, 1:].float(),
-        cls_token=hidden[:, 0].float(),
-        cls_attention=attn[:, :, 0, 1:].mean(dim=1).float(),
-        keys=keys["k"][:, 1:].float(),
-        project=project,
-        source=f"{model_id} vision tower",
-    )
+    return found
 
 
 # -- tracing a pipeline --------------------------------------------------------------------------

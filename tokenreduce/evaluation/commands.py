@@ -1,8 +1,9 @@
 """What ``tokenreduce eval`` and ``tokenreduce fidelity`` do, apart from printing.
 
-``--model tiny`` is the embedded default: a tiny random LLaVA-1.5-layout checkpoint (and,
-for ``eval``, two tiny lmms-eval tasks ``tiny_pope`` / ``tiny_mc``) written on first use
-by :mod:`tokenreduce_plugins.eval_tiny`; nothing is downloaded.
+``--model tiny`` is the embedded default: a tiny random checkpoint (and, for ``eval``, two
+tiny lmms-eval tasks ``tiny_pope`` / ``tiny_mc``) written on first use by the plugin that
+implements the ``tokenreduce_default_eval`` hook (the built-in one: a LLaVA-1.5-layout
+model); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..hookspecs import DefaultEval
 from ..pipeline import Pipeline
+from ..registry import get_registry
 
 TINY = "tiny"
 
@@ -114,16 +117,26 @@ def _scalar(text: str) -> Any:
     return text
 
 
+def default_eval() -> DefaultEval:
+    """The embedded evaluation default, from the plugin implementing ``tokenreduce_default_eval``."""
+    found = get_registry().pm.hook.tokenreduce_default_eval()
+    if found is None:
+        raise ConfigError(
+            f"--model {TINY} needs a plugin implementing the tokenreduce_default_eval hook (the built-in "
+            "tokenreduce_plugins do); none is installed: give a checkpoint with --model instead"
+        )
+    return found
+
+
 def tiny_assets(folder: Path, tasks: bool = False) -> tuple[str, Path | None]:
     """Write (once) the embedded tiny checkpoint, and the tiny tasks if asked; returns (path, tasks folder)."""
-    from tokenreduce_plugins.eval_tiny import write_tiny_checkpoint, write_tiny_tasks
-
-    ckpt = write_tiny_checkpoint(folder / "checkpoint")
+    default = default_eval()
+    ckpt = default.write_checkpoint(folder / "checkpoint")
     task_dir = None
     if tasks:
         task_dir = folder / "tasks"
         if not (task_dir / "tiny_pope.yaml").is_file():
-            write_tiny_tasks(task_dir)
+            default.write_tasks(task_dir)
     return str(ckpt), task_dir
 
 
@@ -211,9 +224,7 @@ def fidelity_command(
     if inputs is not None:
         items = load_folder(inputs, prompt or DEFAULT_PROMPT, samples)
     else:
-        from tokenreduce_plugins.eval_tiny import tiny_samples
-
-        items = tiny_samples(samples or 4)
+        items = default_eval().samples(samples or 4)
         if prompt:
             for s in items:
                 s.context = prompt

@@ -41,6 +41,7 @@ try:  # lmms-eval is the optional [eval] extra; this module is only imported wit
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError('the lmms-eval model needs lmms-eval: pip install "tokenreduce[eval]"') from err
 
+from ..budget import parse_budget
 from ..errors import ConfigError
 from ..pipeline import Pipeline
 from .stats import TaskStats
@@ -81,9 +82,8 @@ def pipeline_from_args(
     if reducer:
         if budget is None:
             raise ConfigError(f"reducer={reducer} needs budget=N (int >= 1 or ratio in (0, 1]) in --model_args")
-        from .commands import parse_budget
-
-        b_val = parse_budget(budget) if isinstance(budget, str) else budget
+        # The reading of ``--budgets`` (``tokenreduce eval``), error text included.
+        b_val = parse_budget(budget, "--budgets") if isinstance(budget, str) else budget
         return pipeline_from_arg(str(reducer), b_val, stage, None if layer is None else int(layer))
     return None
 
