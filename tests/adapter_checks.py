@@ -2,6 +2,10 @@
 
 A :class:`Case` describes one tiny model family and a fixed batch of prompts; each check
 builds what it needs from it and compares the patched model against the stock model.
+The model-agnostic properties every adapter must have (identity, counts, cache, batch,
+restoration, every reducer) are the exported kit, :func:`tokenreduce.testing.check_adapter`,
+run on every built-in adapter by ``test_adapter_kit.py``; these checks go further for the
+LLaVA family (e.g. selection equals the stock model fed only the kept features, in bf16 on GPU).
 """
 
 from __future__ import annotations

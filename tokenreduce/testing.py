@@ -22,6 +22,8 @@ Checked for random batches, lengths, widths, dtypes, padding masks and budgets:
 * identity at budget >= N (every valid token kept, features unchanged).
 
 On success it prints one line: what was checked, on how many examples at each stage.
+
+Model adapters have their own kit, :func:`check_adapter` (in :mod:`tokenreduce.adapter_testing`).
 """
 
 from __future__ import annotations
@@ -33,11 +35,22 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from .adapter_testing import AdapterReport, PositionProbe, check_adapter
 from .budget import resolve_budget
 from .context import ReductionContext
 from .reducer import Reducer, ScoringReducer
 from .reduction import Reduction
 from .stages import Stage
+
+__all__ = [
+    "AdapterReport",
+    "PositionProbe",
+    "check_adapter",
+    "check_reducer",
+    "check_reduction",
+    "check_scores",
+    "large_magnitude",
+]
 
 ContextFactory = Callable[[torch.Tensor, torch.Tensor, Stage], ReductionContext]
 
