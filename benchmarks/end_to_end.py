@@ -5,17 +5,27 @@ reduction; each registered reducer at its published stage and budgets 192 / 128 
 scaled by the model's image-token count over 576), one run measures:
 
 * ``ttft_ms``: time to first token = one prefill forward (vision tower, projector,
-  reduction, decoder with the KV cache, LM head on the last token), median of
-  ``prefill_reps`` runs after a warm-up, timed with CUDA events;
+  reduction, decoder with the KV cache, LM head on the last token), timed with CUDA
+  events; ``ttft`` holds its median, p10, p90 and the number of rounds;
 * ``decode_tok_s``: ``batch x (new_tokens - 1)`` over the time ``generate()`` spends after
-  its prefill, for ``new_tokens`` greedy tokens (``min_new_tokens`` forces no early EOS);
-* ``peak_gib``: peak allocated GPU memory during that ``generate()`` (weights included;
-  ``weights_gib`` is listed per model);
+  its prefill (``generate()`` minus the median TTFT), for ``new_tokens`` greedy tokens
+  (``min_new_tokens`` forces no early EOS); ``decode`` holds median, p10 and p90;
+* ``peak_gib``: peak allocated GPU memory during ``generate()`` (weights included;
+  ``weights_gib`` is listed per model), the largest over the rounds;
 * ``kv_prefill_bytes`` / ``kv_final_bytes``: bytes of the KV cache after the prefill and
   after ``generate()``, read off the cache objects;
+* ``samples``: every round's TTFT and ``generate()`` time, in round order;
 * the roofline-ideal prefill (:mod:`benchmarks.roofline`) for the tokens each component
   actually processed (decoder lengths read per layer from the prefill's KV cache), and
-  ``speedup`` / ``ideal_speedup`` / ``ratio`` against the unreduced run.
+  ``speedup`` / ``ideal_speedup`` / ``ratio`` against the unreduced run (ratios of
+  medians; ``speedup_rounds``: p10 / median / p90 of the per-round ratios).
+
+Timing is honest about warm-up and drift: the model runs one untimed ``generate()`` per
+batch first (the process's first one is several times slower), every setting is warmed up
+(prefill and ``generate()``) before it is timed, and the timed calls run in rounds, every
+setting once per round, ``reps`` rounds (default 10), rather than all of one setting's
+repetitions in a row. Every record names its execution ``path`` (``eager``: stock
+transformers with the pipeline patched in).
 
 Published forms (:data:`PUBLISHED`; layers of a 32-layer decoder, scaled to the model's
 depth except FastV's and DART's K=2): FastV and DART at ``llm_layer`` K=2; PyramidDrop at
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -402,6 +413,11 @@ def reducer_ranges(pipeline: Pipeline | None) -> Iterator[None]:
             del red.reduce  # back to the class method
 
 
+#: Execution paths a record can measure. ``eager`` is stock transformers with the pipeline
+#: patched in; a fast path (captured graphs) adds its name here and to :func:`_path_context`.
+PATHS = ("eager",)
+
+
 @dataclass
 class E2EConfig:
     """Knobs of the end-to-end suite."""
@@ -409,10 +425,35 @@ class E2EConfig:
     batches: tuple[int, ...] = (1, 8)
     base_budgets: tuple[int, ...] = BASE_BUDGETS
     new_tokens: int = 64
-    prefill_reps: int = 3
+    #: Timed rounds: each round measures every setting once (one prefill, one ``generate()``).
+    reps: int = 10
+    #: Untimed prefill + ``generate()`` calls of each setting before the rounds.
+    warmup: int = 1
     #: Settings profiled once (largest batch, first model): where the prefill time goes.
     profile: tuple[str, ...] = ("none", "apet")
     reducers: tuple[str, ...] | None = None  # restrict to these reducer names (None = all)
+    path: str = "eager"
+
+    def __post_init__(self) -> None:
+        if self.reps < 1:
+            raise ValueError(f"reps must be >= 1 (timed rounds), got {self.reps}")
+        if self.warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (a cold generate() is 3-6x slower), got {self.warmup}")
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(PATHS)}, got {self.path!r}")
+
+
+@dataclass
+class _Unit:
+    """One setting at one batch size, admitted to the timed rounds."""
+
+    setting: Setting
+    inputs: Inputs
+    rec: dict[str, Any]
+    round_s: float  # wall time of one warm untimed prefill + generate(): the cost of a round
+    ttft_ms: list[float] = dataclasses.field(default_factory=list)
+    generate_ms: list[float] = dataclasses.field(default_factory=list)
+    peak_gib: list[float] = dataclasses.field(default_factory=list)
 
 
 def run_model(
@@ -428,13 +469,29 @@ def run_model(
     profile_target: bool = False,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     previous: dict[tuple[str, int], dict[str, Any]] | None = None,
+    trace: list[tuple[Any, ...]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every setting x batch on one built model; returns one record per run (errors and skips included).
 
+    Two phases. **Warm-up**, in priority order: each setting is applied, run untimed
+    (``cfg.warmup`` prefills and ``generate()`` calls, after one model-wide warm-up so that
+    no setting pays the process's first ``generate()``), measured once for what does not
+    vary (tokens per layer, KV bytes, stage records, the optional profile), and admitted to
+    the rounds if its rounds still fit in ``deadline`` (else it and every later setting are
+    recorded as skipped). **Rounds**: ``cfg.reps`` times, every admitted setting in turn
+    (rotated by one each round) times one prefill (TTFT) and one ``generate()``; a round
+    not started before the deadline is dropped (records say how many ran). Interleaving
+    spreads clock and thermal drift over all settings alike, and pairs each reduced
+    setting's round with the unreduced one for the speed-up's spread.
+
+    ``on_result`` gets a record whenever it changes (after the warm-up, after every round):
+    callers replace by ``(record["requested"] or record["setting"], record["batch"])``.
     ``previous`` maps ``(setting name, batch)`` to records of an earlier run on the same
-    kind of device (``--resume``): those are kept instead of measured again.
+    kind of device (``--resume``): those are kept instead of measured again. ``trace``, when
+    given, receives ``(phase, setting name, batch, round)`` for every call, in order.
     """
     previous = previous or {}
+    emit = on_result or (lambda rec: None)
     config = model.config
     n_layers = config.text_config.num_hidden_layers
     probe = make_inputs(spec, config, batch=1, device="cpu", dtype=torch.float32)
@@ -447,28 +504,79 @@ def run_model(
             for s in settings
             if s.reducer is None or s.reducer in cfg.reducers or s.reducer.split("-")[0] in cfg.reducers
         ]
-    task = reporter.task(f"e2e {spec.key}", total=len(settings) * len(cfg.batches))
+    per_unit = 1 + cfg.reps
+    task = reporter.task(f"e2e {spec.key}", total=len(settings) * len(cfg.batches) * per_unit)
     inputs = {b: make_inputs(spec, config, batch=b, device=device, dtype=dtype) for b in cfg.batches}
+    if not all((s.name, b) in previous for s in settings for b in cfg.batches):
+        _model_warmup(model, inputs, cfg, trace)
+
     results: list[dict[str, Any]] = []
-    baseline: dict[int, dict[str, Any]] = {}
+    units: list[_Unit] = []
+    committed_s = 0.0  # estimated wall time of the admitted units' rounds
+    closed = False  # once one setting does not fit, later ones are skipped too (a prefix is measured)
     for setting in settings:
         for b in cfg.batches:
+            unit = None
             if (setting.name, b) in previous:
                 rec = {**previous[(setting.name, b)], "resumed": True}
-            elif deadline.expired():
-                rec = {**_base(spec, b, setting), "status": "skipped", "error": "time budget of the suite used up"}
+            elif closed or deadline.expired():
+                rec = _skipped(spec, b, setting)
             else:
                 want_profile = profile_target and b == max(cfg.batches) and _wants_profile(setting, cfg, budgets)
-                rec = _run_with_fallback(model, spec, inputs[b], setting, device, cfg, peaks, want_profile)
-            if rec["status"] == "ok":
-                if setting.reducer is None:
-                    baseline[b] = rec
-                _relative(rec, baseline.get(b))
+                rec, unit = _prepare_with_fallback(model, spec, inputs[b], setting, device, cfg, peaks, want_profile, trace)
+                if unit is not None and deadline.remaining() < (committed_s + unit.round_s) * cfg.reps:
+                    closed, unit = True, None
+                    rec = {**_skipped(spec, b, setting), **{k: rec[k] for k in ("requested", "fallback_from") if k in rec}}
             results.append(rec)
-            reporter.advance(task, item=f"B={b} {setting.name}: {_short(rec)}")
-            if on_result is not None:
-                on_result(rec)
+            if unit is not None:
+                units.append(unit)
+                committed_s += unit.round_s
+                reporter.advance(task, item=f"B={b} {rec['setting']}: warmed up")
+            else:
+                reporter.advance(task, item=f"B={b} {rec['setting']}: {_short(rec)}", steps=per_unit)
+            emit(rec)
+
+    for r in range(cfg.reps):
+        if r > 0 and deadline.expired():
+            reporter.log(f"e2e {spec.key}: time budget used up after {r} of {cfg.reps} rounds")
+            break
+        start = r % len(units) if units else 0
+        for unit in units[start:] + units[:start]:
+            if unit.rec["status"] not in ("pending", "ok"):
+                continue  # failed in an earlier round
+            _sample(model, unit, device, cfg, trace, r)
+            reporter.advance(task, item=f"B={unit.inputs.batch} {unit.setting.name}: round {r + 1}")
+        _finish_round(units, cfg)
+        for unit in units:
+            emit(unit.rec)
     return results
+
+
+def _skipped(spec: ModelSpec, batch: int, setting: Setting) -> dict[str, Any]:
+    return {**_base(spec, batch, setting), "status": "skipped", "error": "time budget of the suite used up"}
+
+
+def _model_warmup(model, inputs: dict[int, Inputs], cfg: E2EConfig, trace) -> None:
+    """One unreduced prefill and ``generate()`` per batch size, untimed: the process's first
+    ``generate()`` is several times slower than later ones, and no setting should pay it."""
+    with torch.inference_mode():
+        for b, inp in inputs.items():
+            model(**inp.kwargs, use_cache=True, logits_to_keep=1)
+            _generate(model, inp, cfg)
+            if trace is not None:
+                trace.append(("model-warmup", None, b, None))
+
+
+def _generate(model, inputs: Inputs, cfg: E2EConfig) -> Any:
+    pad = model.config.text_config.pad_token_id
+    return model.generate(
+        **inputs.kwargs,
+        max_new_tokens=cfg.new_tokens,
+        min_new_tokens=cfg.new_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        pad_token_id=pad if pad is not None else 0,
+    )
 
 
 def _wants_profile(setting: Setting, cfg: E2EConfig, budgets: list[int]) -> bool:
@@ -492,24 +600,19 @@ def _base(spec: ModelSpec, batch: int, s: Setting) -> dict[str, Any]:
     }
 
 
-def _run_with_fallback(model, spec, inputs, setting: Setting, device, cfg, peaks, want_profile) -> dict[str, Any]:
-    """Run a setting; if the adapter cannot supply its context, rerun with the method's documented fallback."""
-    rec = {
-        **_base(spec, inputs.batch, setting),
-        **_run_one(model, spec, inputs, setting, device, cfg, peaks, want_profile),
-    }
+def _prepare_with_fallback(
+    model, spec, inputs, setting: Setting, device, cfg, peaks, want_profile, trace
+) -> tuple[dict[str, Any], _Unit | None]:
+    """Warm a setting up; if the adapter cannot supply its context, use the method's documented fallback."""
+    rec, unit = _prepare(model, spec, inputs, setting, device, cfg, peaks, want_profile, trace)
     alt = FALLBACK_PARAMS.get(setting.reducer or "")
     if rec["status"] == "unsupported" and alt and not setting.params:
-        first = rec["error"]
-        requested = rec["setting"]
+        first, requested = rec["error"], rec["setting"]
         setting = dataclasses.replace(setting, params=tuple(sorted(alt.items())))
-        rec = {
-            **_base(spec, inputs.batch, setting),
-            **_run_one(model, spec, inputs, setting, device, cfg, peaks, want_profile),
-        }
+        rec, unit = _prepare(model, spec, inputs, setting, device, cfg, peaks, want_profile, trace)
         rec["fallback_from"] = first
         rec["requested"] = requested
-    return rec
+    return rec, unit
 
 
 def _short(rec: dict[str, Any]) -> str:
@@ -518,19 +621,24 @@ def _short(rec: dict[str, Any]) -> str:
     return f"{rec['ttft_ms']:.1f} ms"
 
 
-def _run_one(
-    model, spec, inputs: Inputs, setting: Setting, device, cfg: E2EConfig, peaks: Peaks, want_profile: bool
-) -> dict[str, Any]:
+@contextmanager
+def _path_context(model, setting: Setting, cfg: E2EConfig) -> Iterator[Any]:
+    """The model as the record's ``path`` runs it, with the setting's pipeline applied (handle or None)."""
+    pipeline = setting.pipeline()
+    ctx = tokenreduce.apply(model, pipeline) if pipeline is not None else nullcontext()
+    with torch.inference_mode(), ctx as handle:
+        yield handle
+
+
+def _guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``fn``; an error becomes a record status (a failing reducer/adapter never stops the suite)."""
     oom = False
     try:
-        pipeline = setting.pipeline()
-        ctx = tokenreduce.apply(model, pipeline) if pipeline is not None else nullcontext()
-        with torch.inference_mode(), ctx as handle:
-            return _measure(model, spec, inputs, setting, handle, device, cfg, peaks, want_profile, pipeline)
+        return fn()
     except torch.cuda.OutOfMemoryError as err:
         oom = True
         return {"status": "oom", "error": str(err).splitlines()[0]}
-    except Exception as err:  # a failing reducer/adapter is reported, never stops the suite
+    except Exception as err:
         tb = traceback.extract_tb(err.__traceback__)
         where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
         # A model that cannot supply a method's context (no [CLS] in Qwen's tower) is not a failure.
@@ -540,7 +648,23 @@ def _run_one(
         free_device_memory(collect=oom)  # after an OOM, the failed call's tensors may sit in reference cycles
 
 
-def _measure(
+def _prepare(
+    model, spec, inputs: Inputs, setting: Setting, device, cfg: E2EConfig, peaks: Peaks, want_profile: bool, trace
+) -> tuple[dict[str, Any], _Unit | None]:
+    box: dict[str, float] = {}
+
+    def go() -> dict[str, Any]:
+        with _path_context(model, setting, cfg) as handle:
+            return _warm_and_measure(model, spec, inputs, setting, handle, device, cfg, peaks, want_profile, box, trace)
+
+    rec = {**_base(spec, inputs.batch, setting), **_guarded(go)}
+    if rec["status"] != "ok":
+        return rec, None
+    rec["status"] = "pending"  # warmed up; "ok" once a round has timed it
+    return rec, _Unit(setting, inputs, rec, box["round_s"])
+
+
+def _warm_and_measure(
     model,
     spec,
     inputs: Inputs,
@@ -550,38 +674,38 @@ def _measure(
     cfg: E2EConfig,
     peaks: Peaks,
     want_profile: bool,
-    pipeline: Pipeline | None,
+    box: dict[str, float],
+    trace,
 ) -> dict[str, Any]:
+    """The untimed warm-up of a setting and everything about it that does not vary between calls."""
     kw = inputs.kwargs
     b = inputs.batch
 
     def prefill():
         return model(**kw, use_cache=True, logits_to_keep=1)
 
-    out = prefill()  # warm-up; its cache tells how many tokens each decoder layer processed
+    out = prefill()  # its cache tells how many tokens each decoder layer processed
     lengths = cache_lengths(compat.output_cache(out))
     kv_prefill = cache_nbytes(compat.output_cache(out))
     records = [_record_dict(r) for r in (handle.records if handle is not None else [])]
     del out
-    ms = time_call(prefill, device, reps=cfg.prefill_reps, warmup=0)
-    prof = None
-    if want_profile:
-        with reducer_ranges(pipeline):
-            prof = profile_prefill(prefill, device)
-
-    pad = model.config.text_config.pad_token_id
-    gen_kw = dict(
-        max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False, return_dict_in_generate=True
-    )
-    with peak_memory(device) as mem:
+    kv_final = new = None
+    for _ in range(cfg.warmup):
         sync(device)
         t0 = time.perf_counter()
-        gen = model.generate(**kw, **gen_kw, pad_token_id=pad if pad is not None else 0)
+        prefill()
+        gen = _generate(model, inputs, cfg)
         sync(device)
-        gen_ms = (time.perf_counter() - t0) * 1e3
-    new = int(gen.sequences.shape[1] - kw["input_ids"].shape[1])
-    kv_final = cache_nbytes(compat.output_cache(gen))
-    del gen
+        box["round_s"] = time.perf_counter() - t0
+        new = int(gen.sequences.shape[1] - kw["input_ids"].shape[1])
+        kv_final = cache_nbytes(compat.output_cache(gen))
+        del gen
+        if trace is not None:
+            trace.append(("warmup", setting.name, b, None))
+    prof = None
+    if want_profile:
+        with reducer_ranges(handle.adapter.pipeline if handle is not None else None):
+            prof = profile_prefill(prefill, device)
 
     n_layers = model.config.text_config.num_hidden_layers
     text = inputs.prompt_len - inputs.image_tokens
@@ -595,20 +719,20 @@ def _measure(
     if proj is not None:
         profile.projector_tokens = min(profile.projector_tokens, proj * max(1, profile.vision_sequences))
     roof = summarize_components(prefill_components(model, spec, profile, b), peaks)
-    stats = summarize(ms)
-    ttft = stats["median_ms"]
-    decode_ms = gen_ms - ttft
     rec: dict[str, Any] = {
         "status": "ok",
+        "path": cfg.path,
         "image_tokens": inputs.image_tokens,
         "prompt_len": inputs.prompt_len,
         "image_tokens_per_layer": per_layer,
-        "ttft_ms": ttft,
-        "ttft": stats,
-        "generate_ms": gen_ms,
+        # Timings (ttft_ms, ttft, generate_ms, generate, decode_tok_s, decode, peak_gib,
+        # samples, rounds) are filled in by the rounds.
+        "ttft_ms": None,
+        "decode_tok_s": None,
+        "peak_gib": None,
+        "warmup": cfg.warmup,
+        "rounds": 0,
         "new_tokens": new,
-        "decode_tok_s": b * (new - 1) / (decode_ms / 1e3) if new > 1 and decode_ms > 0 else None,
-        "peak_gib": mem["peak_gib"],
         "kv_prefill_bytes": kv_prefill,
         "kv_prefill_bytes_analytic": kv_cache_bytes_analytic(model, profile, b),
         "kv_final_bytes": kv_final,
@@ -621,6 +745,88 @@ def _measure(
     return rec
 
 
+def _sample(model, unit: _Unit, device: str, cfg: E2EConfig, trace, rnd: int) -> None:
+    """One round of one unit: a timed prefill (TTFT), then a timed ``generate()`` with its peak memory."""
+    kw = unit.inputs.kwargs
+
+    def go() -> dict[str, Any]:
+        with _path_context(model, unit.setting, cfg):
+            (ttft,) = time_call(lambda: model(**kw, use_cache=True, logits_to_keep=1), device, reps=1, warmup=0)
+            with peak_memory(device) as mem:
+                sync(device)
+                t0 = time.perf_counter()
+                gen = _generate(model, unit.inputs, cfg)
+                sync(device)
+                gen_ms = (time.perf_counter() - t0) * 1e3
+            del gen
+        unit.ttft_ms.append(ttft)
+        unit.generate_ms.append(gen_ms)
+        if mem["peak_gib"] is not None:
+            unit.peak_gib.append(mem["peak_gib"])
+        return {"status": "ok"}
+
+    got = _guarded(go)
+    if trace is not None:
+        trace.append(("round", unit.setting.name, unit.inputs.batch, rnd))
+    if got["status"] != "ok":  # a setting that fails mid-way is reported, not half-measured
+        unit.rec.update(got, error=f"round {rnd + 1}: {got['error']}")
+        for k in ("ttft_ms", "decode_tok_s", "peak_gib"):
+            unit.rec[k] = None
+
+
+def percentiles(xs: list[float]) -> tuple[float, float, float]:
+    """``(p10, median, p90)`` (inclusive deciles; one sample is its own spread)."""
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    qs = statistics.quantiles(xs, n=10, method="inclusive")
+    return qs[0], statistics.median(xs), qs[-1]
+
+
+def _finish_round(units: list[_Unit], cfg: E2EConfig) -> None:
+    """Fill every unit's timing fields from its samples so far, then the speed-ups against the
+    unreduced setting of the same batch (per round: the two were timed moments apart)."""
+    for u in units:
+        if u.rec["status"] not in ("pending", "ok") or not u.ttft_ms:
+            continue
+        b, new = u.inputs.batch, u.rec["new_tokens"]
+        ttft = summarize(u.ttft_ms)
+        gen = summarize(u.generate_ms)
+        # Decode = generate() minus its prefill; the prefill's median is the steadier estimate.
+        # A round where generate() took no longer than that (tiny CPU models) has no decode
+        # time: it is left out, and decode["reps"] counts the rounds used.
+        tok_s = [b * (new - 1) / ((g - ttft["median_ms"]) / 1e3) for g in u.generate_ms if g > ttft["median_ms"]]
+        decode = None
+        if new > 1 and tok_s:
+            p10, med, p90 = percentiles(tok_s)
+            decode = {"median_tok_s": med, "p10_tok_s": p10, "p90_tok_s": p90, "reps": len(tok_s)}
+        u.rec.update(
+            ttft_ms=ttft["median_ms"],
+            ttft=ttft,
+            generate_ms=gen["median_ms"],
+            generate=gen,
+            decode_tok_s=decode["median_tok_s"] if decode else None,
+            decode=decode,
+            peak_gib=max(u.peak_gib) if u.peak_gib else None,
+            rounds=len(u.ttft_ms),
+            samples={"ttft_ms": list(u.ttft_ms), "generate_ms": list(u.generate_ms)},
+            status="ok",
+        )
+    # Speed-ups are against the unreduced setting of the same path; a path other than
+    # eager also gets ``speedup_vs_eager`` (against stock transformers, the same run).
+    base = {(u.rec["path"], u.inputs.batch): u for u in units if u.setting.reducer is None and u.rec["status"] == "ok"}
+    for u in units:
+        ref = base.get((u.rec["path"], u.inputs.batch))
+        eager = base.get(("eager", u.inputs.batch))
+        if u.rec["status"] == "ok" and eager is not None and eager is not ref:
+            u.rec["speedup_vs_eager"] = eager.rec["ttft_ms"] / u.rec["ttft_ms"]
+        if u.rec["status"] == "ok" and u.ttft_ms and ref is not None:
+            _relative(u.rec, ref.rec)
+            pairs = [r / x for r, x in zip(ref.ttft_ms, u.ttft_ms)]
+            if pairs:
+                p10, med, p90 = percentiles(pairs)
+                u.rec["speedup_rounds"] = {"median": med, "p10": p10, "p90": p90, "reps": len(pairs)}
+
+
 def _record_dict(r: Any) -> dict[str, Any]:
     """A StageRecord without its tensors (``asdict`` would deep-copy them)."""
     d = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in ("indices", "info")}
@@ -629,13 +835,15 @@ def _record_dict(r: Any) -> dict[str, Any]:
 
 
 def _relative(rec: dict[str, Any], base: dict[str, Any] | None) -> None:
-    """Speed-ups against the unreduced run of the same model and batch."""
-    if base is None:
+    """Speed-ups against the unreduced run of the same model and batch (ratios of medians)."""
+    if base is None or not base.get("ttft_ms") or not rec.get("ttft_ms"):
         return
     rec["speedup"] = base["ttft_ms"] / rec["ttft_ms"]
     rec["ideal_speedup"] = base["ideal_ms"] / rec["ideal_ms"]
     rec["ratio"] = rec["speedup"] / rec["ideal_speedup"]
     rec["achieved_over_ideal_ms"] = rec["ttft_ms"] / rec["ideal_ms"]
+    if rec.get("decode_tok_s") and base.get("decode_tok_s"):
+        rec["decode_speedup"] = rec["decode_tok_s"] / base["decode_tok_s"]
 
 
 def model_summary(model: torch.nn.Module, spec: ModelSpec, build_s: float) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,10 @@ def _fmt(x: Any, spec: str = ".1f", none: str = "–") -> str:
 
 def _pct(x: float | None) -> str:
     return _fmt(None if x is None else 100 * x, ".2f") + ("%" if x is not None else "")
+
+
+def _spread(lo: float | None, hi: float | None, spec: str) -> str:
+    return "–" if lo is None or hi is None else f"{format(lo, spec)}–{format(hi, spec)}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -225,6 +230,291 @@ def _apet_share(ov: list[dict[str, Any]], r: dict[str, Any], device: str) -> tup
     return pick[0]["median_ms"] / r["ttft_ms"], pick[0]["median_ms"]
 
 
+# -- what each reducer buys ----------------------------------------------------------------
+
+#: Execution path of a record (files written before paths existed measured stock eager).
+def path_of(r: dict[str, Any]) -> str:
+    return r.get("path") or "eager"
+
+
+def timed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """End-to-end records with a TTFT (``ok``; a run stopped before its rounds leaves ``pending`` ones)."""
+    return [r for r in rows if r.get("status") == "ok" and r.get("ttft_ms") is not None]
+
+
+def paths(doc: dict[str, Any]) -> list[str]:
+    """The execution paths of a file's records, eager first."""
+    found = {path_of(r) for r in timed(doc["results"])}
+    return sorted(found, key=lambda p: (p != "eager", p))
+
+
+def percentiles(xs: list[float]) -> tuple[float, float, float]:
+    """``(p10, median, p90)``, inclusive deciles as the suite records them."""
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    qs = statistics.quantiles(xs, n=10, method="inclusive")
+    return qs[0], statistics.median(xs), qs[-1]
+
+
+def speedup_vs_stock(rec: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """TTFT speed-up of ``rec`` over ``base`` (stock: eager, no reduction, same batch).
+
+    With both records' per-round samples (interleaved rounds: round i of one was timed
+    moments from round i of the other), the median and p10 / p90 of the per-round ratios;
+    otherwise (older files: a median of 3 prefills timed back to back) the ratio of the
+    medians and no spread.
+    """
+    a = (base.get("samples") or {}).get("ttft_ms") or []
+    b = (rec.get("samples") or {}).get("ttft_ms") or []
+    if len(a) >= 2 and len(a) == len(b) and bool(rec.get("resumed")) == bool(base.get("resumed")):
+        p10, med, p90 = percentiles([x / y for x, y in zip(a, b)])
+        return {"median": med, "p10": p10, "p90": p90, "rounds": len(a)}
+    reps = (rec.get("ttft") or {}).get("reps")
+    return {"median": base["ttft_ms"] / rec["ttft_ms"], "p10": None, "p90": None, "rounds": reps}
+
+
+def where_words(r: dict[str, Any]) -> str:
+    """Where a record's steps run, in words."""
+    stage = {"projector": "after the projector", "vision_encoder": "in the vision encoder"}.get(r["stage"] or "", "")
+    layers = r.get("layers") or []
+    if not layers:
+        return stage or "–"
+    at = ("decoder layer " if len(layers) == 1 else "decoder layers ") + "/".join(map(str, layers))
+    return at if r["stage"] == "llm_layer" else f"{stage}, then {at}"
+
+
+def buys(doc: dict[str, Any]) -> dict[str, Any]:
+    """What each reducer buys in one e2e file, at its smallest token count: per setting, per
+    (path, batch), the TTFT and its speed-up over stock eager without reduction.
+
+    Returns ``{"target", "batches", "paths", "base": {batch: record}, "rows": [...]}``;
+    each row has ``setting``, ``reducer``, ``where`` and ``cells[(path, batch)] =
+    {"record", "speedup"}``. Rows are sorted by the speed-up at the smallest batch, best first.
+    """
+    recs = timed(doc["results"])
+    base = {r["batch"]: r for r in recs if r["reducer"] is None and path_of(r) == "eager"}
+    reduced = [r for r in recs if r["reducer"] is not None]
+    small = min((_label(r) for r in reduced), default=None)
+    ps = paths(doc)
+    batches = sorted({r["batch"] for r in recs})
+    rows: dict[str, dict[str, Any]] = {}
+    for r in recs:
+        if r["reducer"] is not None and _label(r) != small:
+            continue
+        if r["reducer"] is None and path_of(r) == "eager":
+            continue  # the reference itself
+        name = r.get("requested", r["setting"])
+        row = rows.setdefault(
+            name,
+            {
+                "setting": name,
+                "reducer": r["reducer"] or "none",
+                "where": where_words(r) if r["reducer"] else "(no reduction)",
+                "cells": {},
+            },
+        )
+        ref = base.get(r["batch"])
+        row["cells"][(path_of(r), r["batch"])] = {
+            "record": r,
+            "speedup": speedup_vs_stock(r, ref) if ref is not None else None,
+        }
+    first = batches[0] if batches else None
+
+    def order(row: dict[str, Any]) -> float:
+        cell = row["cells"].get((ps[0] if ps else "eager", first)) or next(iter(row["cells"].values()))
+        return -(cell["speedup"] or {"median": 0.0})["median"]
+
+    return {"target": small, "batches": batches, "paths": ps, "base": base, "rows": sorted(rows.values(), key=order)}
+
+
+def _x(s: dict[str, Any] | None) -> str:
+    """A speed-up with its spread: ``2.61× (2.55–2.66)``."""
+    if s is None:
+        return "–"
+    out = f"{s['median']:.2f}×"
+    if s.get("p10") is not None:
+        out += f" ({s['p10']:.2f}–{s['p90']:.2f})"
+    return out
+
+
+def buys_summary(doc: dict[str, Any]) -> str:
+    """One plain sentence per batch: what no reduction takes, how many reducers beat it, the best."""
+    got = buys(doc)
+    out = []
+    for b in got["batches"]:
+        base = got["base"].get(b)
+        cells = [
+            (row, row["cells"][("eager", b)])
+            for row in got["rows"]
+            if ("eager", b) in row["cells"] and row["cells"][("eager", b)]["speedup"] and row["reducer"] != "none"
+        ]
+        if base is None or not cells:
+            continue
+        best_row, best = max(cells, key=lambda c: c[1]["speedup"]["median"])
+        faster = sum(cell["speedup"]["median"] > 1.0 for _, cell in cells)
+        out.append(
+            f"At batch {b}, the model without reduction takes {base['ttft_ms']:.1f} ms to the first token; "
+            f"{faster} of {len(cells)} reducers make it faster, the best being `{best_row['setting']}` at "
+            f"{best['record']['ttft_ms']:.1f} ms ({_x(best['speedup'])})."
+        )
+    return " ".join(out)
+
+
+def buys_table(doc: dict[str, Any]) -> list[str]:
+    """The table of :func:`buys`: one row per setting, speed-up (p10–p90) and TTFT per path and batch."""
+    got = buys(doc)
+    multi = len(got["paths"]) > 1
+    cols = [(p, b) for p in got["paths"] for b in got["batches"]]
+    head = ["Reducer", "Where it runs"]
+    for p, b in cols:
+        tag = f"{p}, batch {b}" if multi else f"batch {b}"
+        head += [f"Speed-up, {tag}", f"TTFT ms, {tag}"]
+    rows = [
+        ["no reduction (reference)", "–"]
+        + [x for p, b in cols for x in ("1.00×" if p == "eager" else "–", _ms(got["base"].get(b)) if p == "eager" else "–")]
+    ]
+    for row in got["rows"]:
+        cells = []
+        for key in cols:
+            cell = row["cells"].get(key)
+            cells += ["–", "–"] if cell is None else [_x(cell["speedup"]), _ms(cell["record"])]
+        rows.append([f"`{row['setting']}`", row["where"], *cells])
+    return _table(head, rows)
+
+
+def _ms(r: dict[str, Any] | None) -> str:
+    return "–" if r is None or r.get("ttft_ms") is None else f"{r['ttft_ms']:.1f}"
+
+
+def spread_note(doc: dict[str, Any]) -> str:
+    """How the file's timings were taken, in words (older files: no spread, cold decode)."""
+    cfg = doc.get("config", {})
+    recs = timed(doc["results"])
+    if any(r.get("samples") for r in recs):
+        return (
+            f"Each figure is the median of {cfg.get('reps', '?')} rounds (in brackets: p10–p90 of the per-round "
+            f"speed-ups); every setting was warmed up, and each round timed every setting once."
+        )
+    return (
+        f"Older run: each TTFT is a median of {cfg.get('prefill_reps', 3)} prefills timed back to back, so no "
+        "spread is shown; its decode rates were timed on one cold `generate()` per setting."
+    )
+
+
+# -- targets of issue 19 ---------------------------------------------------------------------
+
+#: Issue 19's goals (LLaVA-1.5-7B shape, 576 -> 64 at the projector unless stated).
+TARGET19_B1 = 2.0  # projector methods, batch 1, vs stock eager
+TARGET19_B1_LLM = 1.5  # fastv / dart at L2, batch 1
+TARGET19_B8 = 3.5  # projector methods, batch 8
+TARGET19_REDUCER_MS = {1: 1.0, 8: 2.0}  # every reducer at N=576, D=4096
+TARGET19_APET_2880_MS = 5.0  # ApET at N=2880, D=4096, B=8
+TARGET19_QWEN = 2.5  # apet-qwen@projector:256, B=1
+
+
+def targets19(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 19's targets that the results folder can answer, each met or missed (same keys as :func:`targets`)."""
+    out = []
+
+    def e2e_rows(key: str, reducers: tuple[str, ...], batch: int, stage: str, layers: list[int], target: int):
+        doc = data["e2e"].get(key)
+        if not doc:
+            return [], None
+        recs = timed(doc["results"])
+        base = next((r for r in recs if r["reducer"] is None and r["batch"] == batch and path_of(r) == "eager"), None)
+        sel = [
+            r
+            for r in recs
+            if r["reducer"] in reducers
+            and r["batch"] == batch
+            and r["stage"] == stage
+            and list(r.get("layers") or []) == layers
+            and _label(r) == target
+        ]
+        return sel, base
+
+    def add(name: str, goal: float, key: str, reducers, batch, stage, layers, target) -> None:
+        sel, base = e2e_rows(key, reducers, batch, stage, layers, target)
+        for r in sorted(sel, key=lambda r: (r["reducer"], path_of(r))):
+            s = speedup_vs_stock(r, base) if base is not None else None
+            if s is None:
+                continue
+            gpu = data["e2e"][key]["meta"].get("gpu") or data["e2e"][key]["meta"]["device"]
+            out.append(
+                {
+                    "target": f"{name}: `{r['setting']}` ({path_of(r)}) on {key}, batch {batch}, vs stock eager",
+                    "value": s["median"],
+                    "goal": f"≥ {goal:.1f}x",
+                    "met": s["median"] >= goal,
+                    "detail": f"TTFT {r['ttft_ms']:.1f} ms vs {base['ttft_ms']:.1f} ms; {_x(s)}; {gpu}",
+                    "fmt": "x",
+                }
+            )
+
+    proj = ("apet-llava", "visionzip", "random")
+    add("Batch-1 TTFT", TARGET19_B1, "llava-1.5-7b", proj, 1, "projector", [], 64)
+    add("LLM-layer method at batch 1", TARGET19_B1_LLM, "llava-1.5-7b", ("fastv", "dart"), 1, "llm_layer", [2], 64)
+    add("Batch 8", TARGET19_B8, "llava-1.5-7b", proj, 8, "projector", [], 64)
+    add("Qwen2.5-VL-7B at 1344², batch 1", TARGET19_QWEN, "qwen2.5-vl-7b", ("apet-qwen",), 1, "projector", [], 256)
+    ov = [r for r in _ok((data["overhead"] or {}).get("results", [])) if r["device"] == "cuda" and r["D"] == 4096]
+    if ov:
+        home = _home_stages()
+        for b, goal in TARGET19_REDUCER_MS.items():
+            sel = [r for r in ov if r["N"] == 576 and r["B"] == b and home.get(r["reducer"], r["stage"]) == r["stage"]]
+            if sel:
+                worst = max(sel, key=lambda r: r["median_ms"])
+                out.append(
+                    {
+                        "target": f"Reducer cost, slowest built-in reducer at its published stage, N=576, D=4096, B={b}",
+                        "value": worst["median_ms"],
+                        "goal": f"≤ {goal:.0f} ms",
+                        "met": worst["median_ms"] <= goal,
+                        "detail": f"{worst['reducer']}@{worst['stage']} {worst['dtype']}: {worst['median_ms']:.2f} ms "
+                        f"(p10–p90 {worst['p10_ms']:.2f}–{worst['p90_ms']:.2f})",
+                        "fmt": "ms",
+                    }
+                )
+        apet = [r for r in ov if r["reducer"] == "apet" and r["N"] == 2880 and r["B"] == 8 and r["stage"] == "projector"]
+        if apet:
+            worst = max(apet, key=lambda r: r["median_ms"])
+            out.append(
+                {
+                    "target": "Reducer cost, ApET at N=2880, D=4096, B=8",
+                    "value": worst["median_ms"],
+                    "goal": f"≤ {TARGET19_APET_2880_MS:.0f} ms",
+                    "met": worst["median_ms"] <= TARGET19_APET_2880_MS,
+                    "detail": f"{worst['dtype']}: {worst['median_ms']:.2f} ms",
+                    "fmt": "ms",
+                }
+            )
+    return out
+
+
+def format_value(t: dict[str, Any]) -> str:
+    if t["fmt"] == "pct":
+        return _pct(t["value"])
+    if t["fmt"] == "ms":
+        return f"{t['value']:.2f} ms"
+    return f"{t['value']:.2f}x"
+
+
+def _targets19(data: dict[str, Any]) -> list[str]:
+    tg = targets19(data)
+    rows = [[t["target"], format_value(t), t["goal"], "met" if t["met"] else "**missed**", t["detail"]] for t in tg]
+    lines = ["## Targets (issue 19)", ""]
+    if rows:
+        lines += _table(["target", "value", "goal", "status", "detail"], rows)
+    else:
+        lines += ["No results for these targets yet."]
+    if not any(p != "eager" for doc in data["e2e"].values() if doc for p in paths(doc)):
+        lines += [
+            "",
+            "Only the eager path is measured so far; the targets against the fast path without reduction "
+            "need records with another `path`.",
+        ]
+    return lines + [""]
+
+
 # -- markdown ------------------------------------------------------------------------------
 
 
@@ -242,6 +532,8 @@ def markdown(data: dict[str, Any], out: Path, plots: list[str]) -> str:
             "",
         ]
     lines += _environment(data)
+    lines += _buys_sections(data)
+    lines += _targets19(data)
     lines += _targets(data, ov)
     for key, doc in data["e2e"].items():
         if doc is not None:
@@ -251,6 +543,19 @@ def markdown(data: dict[str, Any], out: Path, plots: list[str]) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines) + "\n"
+
+
+def _buys_sections(data: dict[str, Any]) -> list[str]:
+    """What each reducer buys, per model: a sentence per batch and the speed-up table."""
+    lines = []
+    for key, doc in data["e2e"].items():
+        if doc is None or not timed(doc["results"]):
+            continue
+        got = buys(doc)
+        lines += [f"## What each reducer buys: {key}, {got['target']} image tokens kept", ""]
+        lines += [buys_summary(doc), "", spread_note(doc), ""]
+        lines += buys_table(doc) + [""]
+    return lines
 
 
 def _environment(data: dict[str, Any]) -> list[str]:
@@ -310,7 +615,7 @@ def _targets(data: dict[str, Any], ov: list[dict[str, Any]]) -> list[str]:
     rows = []
     tg = targets(data, ov)
     for t in tg:
-        value = _pct(t["value"]) if t["fmt"] == "pct" else f"{t['value']:.2f}x"
+        value = format_value(t)
         rows.append([t["target"], value, t["goal"], "met" if t["met"] else "**missed**", t["detail"]])
     lines = (
         ["## Targets (issue 8)", ""]
@@ -362,35 +667,45 @@ def _e2e(key: str, doc: dict[str, Any]) -> list[str]:
         f"{doc['config']['new_tokens']} new tokens.",
         "",
     ]
+    multi = len(paths(doc)) > 1
     rows, problems = [], []
     for r in doc["results"]:
-        if r["status"] != "ok":
-            problems.append(f"- B={r['batch']} `{r['setting']}`: {r['status']}: {r.get('error', '')}")
+        if r["status"] != "ok" or r.get("ttft_ms") is None:
+            problems.append(f"- B={r['batch']} `{r['setting']}`: {r['status']}: {r.get('error', 'rounds not run')}")
             continue
+        ttft, dec = r.get("ttft") or {}, r.get("decode") or {}
         rows.append(
-            [
-                f"`{r['setting']}`",
+            [f"`{r['setting']}`"]
+            + ([path_of(r)] if multi else [])
+            + [
                 str(r["batch"]),
                 _fmt(r["ttft_ms"]),
+                _spread(ttft.get("p10_ms"), ttft.get("p90_ms"), ".1f"),
+                str(ttft.get("reps", "–")),
                 _fmt(r.get("speedup"), ".2f"),
                 _fmt(r.get("ideal_speedup"), ".2f"),
                 _pct(r.get("ratio")),
                 _fmt(r["ideal_ms"], ".1f"),
                 _fmt(r["decode_tok_s"], ".0f"),
+                _spread(dec.get("p10_tok_s"), dec.get("p90_tok_s"), ".0f"),
                 _fmt(r["peak_gib"], ".2f"),
                 _fmt(r["kv_prefill_bytes"] / 2**20 if r["kv_prefill_bytes"] else None, ".1f"),
             ]
         )
     lines += _table(
-        [
-            "setting",
+        ["setting"]
+        + (["path"] if multi else [])
+        + [
             "B",
             "TTFT ms",
+            "TTFT p10–p90",
+            "rounds",
             "speed-up",
             "ideal speed-up",
             "achieved/ideal",
             "ideal ms",
             "decode tok/s",
+            "decode p10–p90",
             "peak GiB",
             "KV MiB",
         ],
@@ -526,6 +841,9 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
         recs = _ok(doc["results"])
         if not recs:
             continue
+        name = _speedup_plot(plt, key, doc, out)
+        if name:
+            names.append(name)
         for metric, label, fname in (
             ("ttft_ms", "time to first token (ms)", "latency"),
             ("peak_gib", "peak GPU memory (GiB)", "memory"),
@@ -602,6 +920,62 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
         plt.close(fig)
         names.append("overhead_vs_n.png")
     return names
+
+
+def _speedup_plot(plt: Any, key: str, doc: dict[str, Any], out: Path) -> str | None:
+    """``speedup_<model>.png``: each reducer's TTFT speed-up over no reduction at its smallest
+    token count, one panel per batch, bars per path, whiskers p10–p90 where recorded."""
+    got = buys(doc)
+    rows = [r for r in got["rows"] if any(c["speedup"] for c in r["cells"].values())]
+    if not rows:
+        return None
+    batches, ps = got["batches"], got["paths"]
+    height = 0.8 / len(ps)
+    fig, axes = plt.subplots(
+        1, len(batches), figsize=(5.2 * len(batches), 0.9 + 0.28 * len(rows) * len(ps)), squeeze=False, sharey=True
+    )
+    colors = plt.get_cmap("tab10").colors
+    for ax, b in zip(axes[0], batches):
+        for j, path in enumerate(ps):
+            ys, xs, lo, hi = [], [], [], []
+            for i, row in enumerate(rows):
+                cell = row["cells"].get((path, b))
+                if cell is None or cell["speedup"] is None:
+                    continue
+                sp = cell["speedup"]
+                ys.append(i + (j - (len(ps) - 1) / 2) * height)
+                xs.append(sp["median"])
+                lo.append(sp["median"] - sp["p10"] if sp["p10"] is not None else 0.0)
+                hi.append(sp["p90"] - sp["median"] if sp["p90"] is not None else 0.0)
+            faster = [x >= 1.0 for x in xs]
+            ax.barh(
+                ys,
+                xs,
+                height=height * 0.9,
+                xerr=[lo, hi] if any(lo) or any(hi) else None,
+                color=[colors[2 * j] if f else colors[2 * j + 1] for f in faster],
+                ecolor="black",
+                capsize=2,
+                label=path if len(ps) > 1 else None,
+            )
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.set_title(f"batch {b}: no reduction = {_ms(got['base'].get(b))} ms", fontsize=10)
+        ax.set_xlabel("time-to-first-token speed-up over no reduction (×)")
+        ax.grid(axis="x", alpha=0.3)
+        if len(ps) > 1:
+            ax.legend(fontsize=8)
+    axes[0][0].set_yticks(range(len(rows)))
+    axes[0][0].set_yticklabels([r["setting"] for r in rows], fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(
+        f"{key}: what each reducer buys at {got['target']} image tokens (right of the line = faster)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    name = f"speedup_{key}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
 
 
 def _where(r: dict[str, Any]) -> str:

@@ -10,13 +10,21 @@ Writes, under ``--out`` (default ``benchmarks/results``; ``benchmarks/results/qu
 with ``--quick``): ``roofline.json`` (measured peaks), ``overhead.json``,
 ``e2e_<model>.json``, ``attention_<model>.json`` (each with the run's metadata and
 command; a later partial run replaces only the files it writes), then ``README.md`` and
-the PNG plots from all JSON files present. JSON is rewritten after every measurement,
-so a run that is stopped keeps what it measured.
+the PNG plots from all JSON files present. JSON is rewritten after every measurement
+(e2e: after each setting's warm-up and after every round of timings), so a run that is
+stopped keeps what it measured.
+
+End to end, every setting is warmed up (prefill and ``generate()``) and then timed in
+``--reps`` rounds (default 10), each round timing every setting once; records hold
+p10 / median / p90 of TTFT and decode tokens/s. Ten rounds cost about ten prefills and
+ten ``generate()`` calls per setting: a full GPU run needs a larger ``--models-s`` than
+the default to reach every setting (``--resume`` completes it in later calls).
 
 Time: each suite runs under a wall-clock budget (``--overhead-s``, default 80 s;
 ``--models-s``, default 380 s for all models, shared out model by model, the attention
-suite taking at most 35% of a model's share); work that does not fit is recorded as
-skipped and named in the report with the command that completes it
+suite taking at most 35% of a model's share); work that does not fit (e2e: a setting whose
+rounds would not end in time, and every setting after it) is recorded as skipped and
+named in the report with the command that completes it
 (``--resume`` keeps what an earlier run on the same GPU measured). Within a model the
 most important settings run first (no reduction, ApET at every budget, every other
 method at the smallest budget, then the rest). One model build is shared by the
@@ -26,6 +34,7 @@ attention and end-to-end suites and freed before the next model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="budgets for 576 image tokens, scaled per model (default 192 128 64)",
     )
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per generate() (default 64)")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="e2e timed rounds; each round times every setting once (default 10; 3 with --quick)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="e2e untimed prefill + generate() calls per setting (default 1)"
+    )
     p.add_argument("--overhead-s", type=float, default=None, help="time budget of the overhead suite (s)")
     p.add_argument("--models-s", type=float, default=None, help="time budget of the model suites, all models (s)")
     p.add_argument(
@@ -156,7 +174,7 @@ def run_models(
     att_cfg = attention_cost.AttentionConfig()
     if args.quick:
         # One budget that leaves ApET's default 10 basis tokens room in the tiny models.
-        e2e_cfg = end_to_end.E2EConfig(batches=(1, 2), base_budgets=(192,), new_tokens=3, prefill_reps=1)
+        e2e_cfg = end_to_end.E2EConfig(batches=(1, 2), base_budgets=(192,), new_tokens=3, reps=3)
         att_cfg = attention_cost.AttentionConfig(batches=(1,), reps=1)
     if args.batches:
         e2e_cfg.batches = att_cfg.batches = tuple(args.batches)
@@ -166,6 +184,12 @@ def run_models(
         e2e_cfg.new_tokens = args.new_tokens
     if args.reducers:
         e2e_cfg.reducers = tuple(args.reducers)
+    if args.reps is not None or args.warmup is not None:  # through the constructor: it checks the values
+        e2e_cfg = dataclasses.replace(
+            e2e_cfg,
+            reps=e2e_cfg.reps if args.reps is None else args.reps,
+            warmup=e2e_cfg.warmup if args.warmup is None else args.warmup,
+        )
     total = args.models_s if args.models_s is not None else (None if args.quick else 380.0)
     all_deadline = Deadline(total)
     for i, spec in enumerate(specs):
@@ -221,12 +245,27 @@ def run_models(
                 reporter=rep,
                 profile_target=i == 0,
                 previous=previous,
-                on_result=lambda r, d=doc, p=path: (d["results"].append(r), write_json(p, d)),
+                on_result=lambda r, d=doc, p=path: (upsert(d["results"], r), write_json(p, d)),
             )
             write_json(path, doc)
         rep.log(f"{spec.key}: done in {time.perf_counter() - t0:.0f} s")
         del model
         free_device_memory(collect=True)
+
+
+def record_key(rec: dict[str, Any]) -> tuple[str, int]:
+    """What an e2e record is about: the setting asked for (before any fallback) and the batch."""
+    return rec.get("requested", rec["setting"]), rec["batch"]
+
+
+def upsert(results: list[dict[str, Any]], rec: dict[str, Any]) -> None:
+    """Replace the record about the same setting and batch (records grow round by round), or append."""
+    key = record_key(rec)
+    for i, old in enumerate(results):
+        if record_key(old) == key:
+            results[i] = rec
+            return
+    results.append(rec)
 
 
 def _previous_e2e(path: Path, meta: dict[str, Any], doc: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -235,14 +274,17 @@ def _previous_e2e(path: Path, meta: dict[str, Any], doc: dict[str, Any]) -> dict
     same = prev is not None and all(
         prev["meta"].get(k) == meta.get(k) for k in ("gpu", "device", "quick", "torch", "transformers")
     )
-    keys = ("new_tokens", "prefill_reps")  # what a record's numbers depend on (batches/budgets/reducers only select)
+    # What a record's numbers depend on (batches/budgets/reducers only select).
+    keys = ("new_tokens", "prefill_reps", "reps", "warmup", "path")
     if not same or any(prev.get("config", {}).get(k) != doc["config"].get(k) for k in keys):
         return {}
     doc["resumed_from"] = [*prev.get("resumed_from", []), prev["meta"]]
+    reps = doc["config"].get("reps")
     return {
-        (r.get("requested", r["setting"]), r["batch"]): r
+        record_key(r): r
         for r in prev["results"]
-        if r["status"] in ("ok", "unsupported")
+        # A run stopped mid-rounds leaves records with fewer rounds: those are measured again.
+        if r["status"] == "unsupported" or (r["status"] == "ok" and (reps is None or r.get("rounds", reps) >= reps))
     }
 
 

@@ -231,13 +231,34 @@ _META = (
     "dtype",
     "notes",
 )
+# Words of result keys as a person reads them (``ttft_none_ms`` -> "TTFT none (ms)").
+_WORDS = {"ttft": "TTFT", "kv": "KV", "apet": "ApET", "gpu": "GPU", "cpu": "CPU", "tok": "tokens", "mb": "MB"}
+_UNITS = {"ms": "ms", "s": "s", "gib": "GiB", "mib": "MiB", "mb": "MB", "bytes": "bytes", "gbs": "GB/s"}
+
+
+def column_title(key: str) -> str:
+    """A result key as a column title: words, known acronyms, the unit in brackets."""
+    if len(key) <= 2:
+        return key  # B, N, D, T, k: the shapes' usual letters
+    parts = key.split("_")
+    unit = ""
+    if key.endswith("_tok_s"):
+        parts, unit = parts[:-2], "tokens/s"
+    elif len(parts) > 1 and parts[-1] in _UNITS:
+        unit = _UNITS[parts.pop()]
+    words = " ".join(_WORDS.get(p, p) for p in parts)
+    words = words[:1].upper() + words[1:]
+    return f"{words} ({unit})" if unit else words
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list) and len(value) <= 4 and all(isinstance(v, (int, float)) for v in value):
+        return ", ".join(_fmt(v) for v in value)
     if isinstance(value, (dict, list)):
-        return f"`{json.dumps(value)[:80]}`"
+        text = json.dumps(value)
+        return f"`{text[:40]}…`" if len(text) > 40 else f"`{text}`"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
@@ -245,44 +266,175 @@ def _rows_table(rows: list[dict[str, Any]]) -> str:
     cols: list[str] = []
     for row in rows:
         cols += [k for k in row if k not in cols]
-    out = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    out = ["| " + " | ".join(column_title(c) for c in cols) + " |", "|" + " --- |" * len(cols)]
     for row in rows:
         out.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
     return "\n".join(out) + "\n"
 
 
-def benchmark_section(path: Path) -> str:
-    """One results file as markdown: its metadata, then its rows as a table."""
+def _indent(text: str) -> str:
+    """Content of a collapsed ``??? note`` block."""
+    return "\n".join(("    " + line) if line.strip() else "" for line in text.splitlines()) + "\n"
+
+
+def collapsed(title: str, body: str, kind: str = "note") -> str:
+    """A block that is closed until clicked (pymdownx.details)."""
+    return f'??? {kind} "{title.replace(chr(34), chr(39))}"\n\n' + _indent(body) + "\n"
+
+
+def benchmark_section(path: Path, report: Any = None) -> str:
+    """One results file, collapsed: its metadata (the command in a code block), then its rows as a table.
+
+    With :mod:`benchmarks.report` at hand, end-to-end, overhead and attention files use its
+    tables (human column titles, percentiles); any other file a generic table.
+    """
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        return f"### {path.stem}\n\n!!! warning\n    `{path.name}` could not be read: {err}\n"
+        return f"!!! warning\n    `{path.name}` could not be read: {err}\n"
     title = data.get("title", path.stem) if isinstance(data, dict) else path.stem
-    parts = [f"### {title}\n", f"Source: `benchmarks/results/{path.name}`\n"]
+    label = path.name if title == path.stem else f"{title} ({path.name})"
+    parts = [f"Source: `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name}`\n"]
     rows: Any = data
     if isinstance(data, dict):
-        meta = [(k, data[k]) for k in _META if k in data and k != "title"]
-        parts += [f"**{k}:** {'`' + str(v) + '`' if k == 'command' else _fmt(v)}  " for k, v in meta]
-        if meta:
-            parts.append("")
+        meta = {**data.get("meta", {}), **{k: data[k] for k in _META if k in data and k != "title"}}
+        command = meta.pop("command", None)
+        shown = [(k, meta[k]) for k in _META if k in meta and meta[k] not in (None, "")]
+        parts += [f"**{k}:** {_fmt(v)}  " for k, v in shown]
+        if command:
+            parts += ["", "```bash", str(command), "```"]
+        parts.append("")
         rows = next((data[k] for k in ("rows", "results", "records") if isinstance(data.get(k), list)), None)
+        special = _report_table(path, data, report)
+        if special is not None:
+            parts.append(special)
+            return collapsed(label, "\n".join(parts))
         if rows is None:
-            rest = {k: v for k, v in data.items() if k not in _META}
+            rest = {k: v for k, v in data.items() if k not in _META and k != "meta"}
             parts.append("```json\n" + json.dumps(rest, indent=2)[:4000] + "\n```\n")
-            return "\n".join(parts)
+            return collapsed(label, "\n".join(parts))
     if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
         parts.append(_rows_table(rows))
     else:
         parts.append("```json\n" + json.dumps(rows, indent=2)[:4000] + "\n```\n")
-    return "\n".join(parts)
+    return collapsed(label, "\n".join(parts))
+
+
+def _report_table(path: Path, data: dict[str, Any], report: Any) -> str | None:
+    """The report's own table for the suites it knows (without its heading), else None."""
+    if report is None or "meta" not in data or not isinstance(data.get("results"), list):
+        return None
+    try:
+        if path.name.startswith("e2e_"):
+            lines = report._e2e(path.stem[len("e2e_") :], data)[2:]
+        elif path.name == "overhead.json":
+            lines = report._overhead(data["results"], {"overhead": data})[2:]
+        elif path.name.startswith("attention_"):
+            lines = report._attention({"attention": {path.stem[len("attention_") :]: data}})[2:]
+        else:
+            return None
+    except (KeyError, TypeError, ValueError):
+        return None  # a file of an older layout: the generic table
+    return "\n".join(line.replace("### ", "**", 1) + "**" if line.startswith("### ") else line for line in lines)
 
 
 def benchmark_plots(results: Path = RESULTS) -> list[Path]:
     return sorted(p for p in results.glob("*") if p.suffix in {".png", ".svg"}) if results.is_dir() else []
 
 
+def _report_module() -> Any:
+    """:mod:`benchmarks.report` (the repository root on the path), or None where it cannot load."""
+    import sys
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import report
+    except ImportError:
+        return None
+    return report
+
+
+def _lead_plot(plots: list[Path], keys: list[str]) -> Path | None:
+    """The picture the page opens with: the speed-ups of the first model, else its latency plot."""
+    by_name = {p.name: p for p in plots}
+    for key in keys:
+        for name in (f"speedup_{key}.png", f"latency_vs_budget_{key}.png"):
+            if name in by_name:
+                return by_name[name]
+    return plots[0] if plots else None
+
+
+def _buys_section(report: Any, key: str, doc: dict[str, Any], heading: bool = True) -> str:
+    got = report.buys(doc)
+    meta = doc["meta"]
+    title = doc.get("model", {}).get("title", key)
+    where = meta.get("gpu") or meta.get("device")
+    lines = [
+        f"### {title}" if heading else f"**{title}**",
+        "",
+        f"{where}, torch {meta.get('torch')}, transformers {meta.get('transformers')}, {meta.get('date', '')[:10]}; "
+        f"each reducer keeps {got['target']} image tokens of {doc.get('model', {}).get('image_tokens', '?')}. "
+        "Speed-up = time to first token without reduction / with it, at the same batch size "
+        "(above 1: faster).",
+        "",
+        report.buys_summary(doc),
+        "",
+        report.spread_note(doc),
+        "",
+        *report.buys_table(doc),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _targets_section(report: Any, data: dict[str, Any]) -> str:
+    tg = report.targets19(data)
+    if not tg:
+        return ""
+    lines = [
+        "### Targets",
+        "",
+        "The goals of issue 19 (LLaVA-1.5-7B, 576 → 64 image tokens after the projector unless stated), "
+        "met or missed by the committed results.",
+        "",
+        "| Target | Measured | Goal | Status |",
+        "| --- | --- | --- | --- |",
+    ]
+    for t in tg:
+        status = "met" if t["met"] else "**missed**"
+        lines.append(f"| {t['target']} | {report.format_value(t)} | {t['goal']} | {status} |")
+    if not any(p != "eager" for doc in data["e2e"].values() if doc for p in report.paths(doc)):
+        lines += [
+            "",
+            "Every figure here is the eager path (stock transformers with the pipeline patched in); "
+            "a faster execution path will be shown beside it, from the same run, once it is measured.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _older_runs(report: Any, results: Path) -> list[str]:
+    """Each sub-folder of results with end-to-end files (a run on another stack), collapsed."""
+    out = []
+    for sub in sorted(p for p in results.iterdir() if p.is_dir()):
+        try:
+            docs = {k: d for k, d in report.load(sub)["e2e"].items() if d and report.timed(d.get("results", []))}
+        except (KeyError, TypeError, ValueError):
+            continue
+        if not docs:
+            continue
+        first = next(iter(docs.values()))["meta"]
+        title = (
+            f"Also: {first.get('gpu') or first.get('device')}, transformers {first.get('transformers')} "
+            f"(benchmarks/results/{sub.name}/)"
+        )
+        out.append(collapsed(title, "\n".join(_buys_section(report, k, d, heading=False) for k, d in docs.items())))
+    return out
+
+
 def benchmarks_markdown(results: Path = RESULTS, plot_prefix: str = "") -> str:
-    """The benchmark results committed under ``benchmarks/results/``, or how to make them."""
+    """The Benchmarks page: a picture and what each reducer buys first, targets, then every
+    results file collapsed (or how to make them, without results)."""
     files = sorted(results.glob("*.json")) if results.is_dir() else []
     plots = benchmark_plots(results)
     if not files and not plots:
@@ -293,8 +445,32 @@ def benchmarks_markdown(results: Path = RESULTS, plot_prefix: str = "") -> str:
             "    `benchmarks/results/` holds no JSON results in this build. Run the scripts below; each prints\n"
             "    a table and writes its JSON to `benchmarks/results/`, which this page then shows.\n\n" + listed + "\n"
         )
-    parts = [benchmark_section(p) for p in files]
-    parts += [f"![{p.stem}]({plot_prefix}{p.name})\n" for p in plots]
+    report = _report_module()
+    data: dict[str, Any] = {"e2e": {}}
+    if report is not None:
+        try:
+            data = report.load(results)
+        except (KeyError, TypeError, ValueError):
+            data = {"e2e": {}}
+    e2e = {k: d for k, d in data.get("e2e", {}).items() if d and report is not None and report.timed(d.get("results", []))}
+    parts = []
+    lead = _lead_plot(plots, list(e2e))
+    if lead is not None:
+        parts.append(f"![{lead.stem}]({plot_prefix}{lead.name})\n")
+    if e2e:
+        parts.append("## What each reducer buys\n")
+        parts += [_buys_section(report, key, doc) for key, doc in e2e.items()]
+        targets = _targets_section(report, data)
+        if targets:
+            parts.append(targets)
+        parts += _older_runs(report, results)
+    rest = [p for p in plots if p != lead]
+    if rest:
+        parts.append("## All results\n")
+        parts.append(collapsed("All plots", "\n".join(f"![{p.stem}]({plot_prefix}{p.name})\n" for p in rest)))
+    else:
+        parts.append("## All results\n")
+    parts += [benchmark_section(p, report) for p in files]
     return "\n".join(parts)
 
 

@@ -76,6 +76,27 @@ def test_end_to_end_records(results: Path, model: str) -> None:
     base = {r["batch"]: r for r in rows if r["setting"] == "none"}
     assert set(base) == {1, 2}
     n = doc["model"]["image_tokens"]
+    reps = doc["config"]["reps"]
+    assert reps == 3 and doc["config"]["warmup"] == 1 and doc["config"]["path"] == "eager"
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        # Every setting: warmed up, timed in every round, percentiles of TTFT and decode recorded.
+        assert r["path"] == "eager" and r["warmup"] == 1 and r["rounds"] == reps
+        assert len(r["samples"]["ttft_ms"]) == len(r["samples"]["generate_ms"]) == reps
+        t, d = r["ttft"], r["decode"]
+        assert t["reps"] == reps and 0 < t["p10_ms"] <= t["median_ms"] <= t["p90_ms"]
+        # A round whose generate() took no longer than the median prefill has no decode time to
+        # divide by (tiny CPU models only: 2 decoded tokens): it is left out and counted.
+        assert 1 <= d["reps"] <= reps
+        assert t["median_ms"] == r["ttft_ms"] and sorted(r["samples"]["ttft_ms"])[1] == r["ttft_ms"]
+        assert 0 < d["p10_tok_s"] <= d["median_tok_s"] <= d["p90_tok_s"] and d["median_tok_s"] == r["decode_tok_s"]
+        s = r["speedup_rounds"]
+        assert s["reps"] == reps and s["p10"] <= s["median"] <= s["p90"]
+        # The spread comes from per-round pairs with the unreduced setting of the same batch.
+        ref = base[r["batch"]]["samples"]["ttft_ms"]
+        pairs = sorted(x / y for x, y in zip(ref, r["samples"]["ttft_ms"]))
+        assert s["median"] == pytest.approx(pairs[1])
     for r in base.values():
         assert r["status"] == "ok" and r["ttft_ms"] > 0 and r["ideal_ms"] > 0 and r["new_tokens"] == 3
         assert r["image_tokens_per_layer"] == [n] * doc["model"]["decoder_layers"]
@@ -263,11 +284,13 @@ def test_official_decoder_loop_reproduces_the_model(attn: str) -> None:
 
 def test_resume_keeps_measured_records_of_the_same_gpu_only(tmp_path: Path) -> None:
     meta = {"gpu": "H100", "device": "cuda", "quick": False, "torch": "2.11", "transformers": "5.17"}
-    config = {"batches": [1, 8], "new_tokens": 64}
+    config = {"batches": [1, 8], "new_tokens": 64, "reps": 10, "warmup": 1, "path": "eager"}
     rows = [
-        {"setting": "none", "batch": 1, "status": "ok"},
-        {"setting": "dart[pivot_by=token_norm]@L2:64", "requested": "dart@L2:64", "batch": 8, "status": "ok"},
+        {"setting": "none", "batch": 1, "status": "ok", "rounds": 10},
+        {"setting": "dart[pivot_by=token_norm]@L2:64", "requested": "dart@L2:64", "batch": 8, "status": "ok", "rounds": 10},
         {"setting": "fastv@L2:64", "batch": 1, "status": "skipped"},
+        {"setting": "tome@projector:64", "batch": 1, "status": "ok", "rounds": 4},  # run stopped mid-rounds
+        {"setting": "pool@projector:64", "batch": 1, "status": "pending"},  # warmed up, never timed
     ]
     path = tmp_path / "e2e_m.json"
     path.write_text(json.dumps({"meta": meta, "config": config, "results": rows}))
@@ -277,6 +300,12 @@ def test_resume_keeps_measured_records_of_the_same_gpu_only(tmp_path: Path) -> N
     assert doc["resumed_from"] == [meta]
     assert run._previous_e2e(path, {**meta, "gpu": "A100"}, {"config": config}) == {}
     assert run._previous_e2e(path, meta, {"config": {**config, "new_tokens": 8}}) == {}
+    assert run._previous_e2e(path, meta, {"config": {**config, "reps": 20}}) == {}
+    # Records grow round by round: the run's file replaces a record about the same setting and batch.
+    results = [dict(r) for r in rows]
+    run.upsert(results, {"setting": "dart[pivot_by=token_norm]@L2:64", "requested": "dart@L2:64", "batch": 8, "x": 1})
+    run.upsert(results, {"setting": "dart@L2:64", "batch": 1, "x": 2})
+    assert len(results) == len(rows) + 1 and results[1]["x"] == 1 and results[-1]["x"] == 2
 
 
 def test_apet_in_model_separates_apet_from_the_budget(tmp_path: Path) -> None:
@@ -308,3 +337,126 @@ def test_report_reads_apet_in_model_at_the_smallest_budget() -> None:
     assert got[0]["met"] is False and "batch 8" in got[0]["target"] and "576→64" in got[0]["target"]
     assert got[1]["met"] is True and "noise" in got[1]["detail"]
     assert report._apet_in_model_targets(None) == []
+
+
+# -- timing protocol of the end-to-end suite ---------------------------------------------------
+
+
+class _FixedDeadline(run.Deadline):
+    """A deadline with a fixed remaining time: admission decisions without wall-clock races."""
+
+    def __init__(self, remaining: float):
+        super().__init__(None)
+        self._left = remaining
+
+    def remaining(self) -> float:
+        return self._left
+
+
+@pytest.fixture(scope="module")
+def tiny_llava() -> tuple[torch.nn.Module, models.ModelSpec, roofline.Peaks]:
+    spec = models.QUICK_SPECS[0]
+    model = models.build_model(spec, device="cpu", dtype=torch.bfloat16, quick=True)
+    return model, spec, roofline.Peaks(1.0, 1.0, 1, 1.0, "cpu", "bfloat16")
+
+
+def _run(tiny, cfg, deadline, trace=None, on_result=None):
+    model, spec, peaks = tiny
+    return end_to_end.run_model(
+        model,
+        spec,
+        device="cpu",
+        dtype=torch.bfloat16,
+        peaks=peaks,
+        cfg=cfg,
+        deadline=deadline,
+        reporter=run.Reporter(quiet=True),
+        trace=trace,
+        on_result=on_result,
+    )
+
+
+def test_settings_are_warmed_up_then_timed_in_interleaved_rounds(tiny_llava) -> None:
+    cfg = end_to_end.E2EConfig(batches=(1, 2), base_budgets=(192,), new_tokens=3, reps=4, reducers=("random", "fastv"))
+    trace: list = []
+    seen: list = []
+    recs = _run(tiny_llava, cfg, run.Deadline(None), trace, seen.append)
+    units = [(r["setting"], r["batch"]) for r in recs]
+    assert len(units) == 6 and all(r["status"] == "ok" and r["rounds"] == 4 for r in recs)
+    # The model's own first generate() at each batch, before any setting.
+    assert trace[:2] == [("model-warmup", None, 1, None), ("model-warmup", None, 2, None)]
+    warm = [(s, b) for phase, s, b, _ in trace if phase == "warmup"]
+    assert warm == units  # every setting warmed up (prefill + generate()), in priority order
+    rounds = [(rnd, (s, b)) for phase, s, b, rnd in trace if phase == "round"]
+    first_round = trace.index(next(t for t in trace if t[0] == "round"))
+    assert all(t[0] != "warmup" for t in trace[first_round:])  # warm-ups all precede the timed calls
+    # Round by round: each round times every setting once, and round r ends before r + 1 starts.
+    assert [rnd for rnd, _ in rounds] == sorted(rnd for rnd, _ in rounds) and len(rounds) == 4 * len(units)
+    for r in range(4):
+        order = [u for rnd, u in rounds if rnd == r]
+        assert sorted(order) == sorted(units)
+        assert order == units[r % 6 :] + units[: r % 6]  # rotated: no setting always runs first
+    # Records are re-emitted as rounds complete; the last emission of each is the final record.
+    final = {(r["setting"], r["batch"]): r for r in seen}
+    assert [final[u]["rounds"] for u in units] == [4] * 6 and len(seen) == 6 + 6 * 4
+
+
+def test_a_setting_whose_rounds_do_not_fit_is_skipped_with_all_after_it(tiny_llava) -> None:
+    cfg = end_to_end.E2EConfig(batches=(1,), base_budgets=(192,), new_tokens=3, reps=10, reducers=("random",))
+    trace: list = []
+    recs = _run(tiny_llava, cfg, _FixedDeadline(1e-6), trace)
+    # Warmed up (which showed its rounds cannot fit), then recorded as skipped; later ones not even warmed.
+    assert [r["status"] for r in recs] == ["skipped", "skipped"]
+    assert all(r["error"] == "time budget of the suite used up" for r in recs)
+    assert [t[1] for t in trace if t[0] == "warmup"] == ["none"] and not [t for t in trace if t[0] == "round"]
+    recs = _run(tiny_llava, cfg, _FixedDeadline(0.0))  # already expired: nothing is run
+    assert [r["status"] for r in recs] == ["skipped", "skipped"]
+    with pytest.raises(ValueError, match="reps must be >= 1"):
+        end_to_end.E2EConfig(reps=0)
+    with pytest.raises(ValueError, match="path must be one of eager"):
+        end_to_end.E2EConfig(path="graphs")
+
+
+def test_report_pairs_rounds_and_reads_older_files() -> None:
+    base = {"ttft_ms": 100.0, "samples": {"ttft_ms": [100.0, 90.0, 110.0]}}
+    rec = {"ttft_ms": 50.0, "samples": {"ttft_ms": [50.0, 60.0, 40.0]}, "ttft": {"reps": 3}}
+    got = report.speedup_vs_stock(rec, base)
+    assert got["median"] == pytest.approx(2.0) and got["rounds"] == 3
+    assert got["p10"] == pytest.approx(1.5 + 0.2 * (2.0 - 1.5)) and got["p90"] == pytest.approx(2.75 - 0.2 * (2.75 - 2.0))
+    old = report.speedup_vs_stock({"ttft_ms": 50.0, "ttft": {"reps": 3}}, {"ttft_ms": 100.0})
+    assert old == {"median": 2.0, "p10": None, "p90": None, "rounds": 3}
+    # The committed results (written before rounds and paths) still give every table.
+    data = report.load(Path("benchmarks/results"))
+    doc = data["e2e"]["llava-1.5-7b"]
+    assert report.paths(doc) == ["eager"] and "Older run" in report.spread_note(doc)
+    table = "\n".join(report.buys_table(doc))
+    assert "| Reducer | Where it runs | Speed-up, batch 1 | TTFT ms, batch 1 | Speed-up, batch 8 |" in table
+    assert "`apet-llava@projector:64` | after the projector |" in table
+    assert {t["met"] for t in report.targets19(data)} <= {True, False} and report.targets19(data)
+    old_run = report.load(Path("benchmarks/results/h200-transformers-5.17"))
+    assert all(report.buys(d)["rows"] for d in old_run["e2e"].values())
+
+
+def test_report_puts_paths_side_by_side() -> None:
+    def rec(setting, reducer, batch, path, ttft):
+        return {
+            "setting": setting, "reducer": reducer, "batch": batch, "path": path, "status": "ok", "ttft_ms": ttft,
+            "stage": None if reducer is None else "projector", "layers": [], "budget": 64, "target": 64,
+        }
+
+    doc = {
+        "config": {"reps": 10},
+        "results": [
+            rec("none", None, 1, "eager", 40.0),
+            rec("none", None, 1, "fast", 20.0),
+            rec("random@projector:64", "random", 1, "eager", 40.0),
+            rec("random@projector:64", "random", 1, "fast", 10.0),
+        ],
+    }
+    assert report.paths(doc) == ["eager", "fast"]
+    table = "\n".join(report.buys_table(doc))
+    assert "Speed-up, eager, batch 1" in table and "Speed-up, fast, batch 1" in table
+    row = next(line for line in table.splitlines() if "random@" in line)
+    assert "| 1.00× | 40.0 | 4.00× | 10.0 |" in row  # both against stock eager without reduction
+    fast_none = next(line for line in table.splitlines() if line.startswith("| `none`"))
+    assert "| – | – | 2.00× | 20.0 |" in fast_none

@@ -119,18 +119,54 @@ def test_benchmarks_page_shows_results_or_how_to_make_them(tmp_path):
             {
                 "title": "Reducer speed",
                 "hardware": "1x H100",
-                "command": "python benchmarks/speed.py",
-                "rows": [{"reducer": "apet", "ms": 1.23456}, {"reducer": "tome", "ms": 0.5, "note": "a|b"}],
+                "command": "python benchmarks/speed.py --a-very-long-option " + "x" * 200,
+                "rows": [{"reducer": "apet", "median_ms": 1.23456}, {"reducer": "tome", "median_ms": 0.5, "note": "a|b"}],
             }
         )
     )
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "speed.png").write_bytes(b"\x89PNG")
     md = hooks.benchmarks_markdown(tmp_path, plot_prefix="benchmarks/results/")
-    assert "### Reducer speed" in md and "**hardware:** 1x H100" in md and "`python benchmarks/speed.py`" in md
-    assert "| reducer | ms | note |" in md and "| apet | 1.235 |  |" in md and "| tome | 0.5 | a\\|b |" in md
+    assert md.startswith("![speed](benchmarks/results/speed.png)")  # a picture first
+    # The file's table is collapsed, with human column titles; the command sits in a code block, not a cell.
+    assert '??? note "Reducer speed (speed.json)"' in md and "    **hardware:** 1x H100" in md
+    assert "    | Reducer | Median (ms) | Note |" in md and "    | apet | 1.235 |  |" in md and "| tome | 0.5 | a\\|b |" in md
+    assert "    ```bash\n    python benchmarks/speed.py --a-very-long-option" in md
     assert "could not be read" in md
-    assert "![speed](benchmarks/results/speed.png)" in md
+
+
+def test_column_titles_are_words():
+    assert hooks.column_title("ttft_none_ms") == "TTFT none (ms)"
+    assert hooks.column_title("apet_minus_random_ms") == "ApET minus random (ms)"
+    assert hooks.column_title("decode_tok_s") == "Decode (tokens/s)"
+    assert hooks.column_title("peak_gib") == "Peak (GiB)" and hooks.column_title("B") == "B"
+
+
+def test_benchmarks_page_opens_with_a_plot_and_what_reducers_buy():
+    """The committed results as a person meets them: picture, the speed-up tables in words,
+    the targets, then every file collapsed; no raw keys as titles, no long table cells."""
+    md = hooks.benchmarks_markdown(plot_prefix="benchmarks/results/")
+    first = md.lstrip().splitlines()[0]
+    assert first.startswith("![speedup_") or first.startswith("![latency_vs_budget_"), first
+    buys, targets, rest = md.index("## What each reducer buys"), md.index("### Targets"), md.index("## All results")
+    assert buys < targets < rest
+    top = md[:rest]
+    assert "At batch 1" in top and "At batch 8" in top
+    assert "| Reducer | Where it runs | Speed-up, batch 1 | TTFT ms, batch 1 | Speed-up, batch 8 | TTFT ms, batch 8 |" in top
+    assert "| no reduction (reference) |" in top and "after the projector" in top and "decoder layer 2" in top
+    # Below: every results file in its own collapsed block, and nothing else open.
+    tail = md[rest:].split("\n")
+    files = sorted(p.name for p in hooks.RESULTS.glob("*.json"))
+    blocks = [line for line in tail if line.startswith("??? note")]
+    assert len(blocks) == len(files) + 1  # + "All plots"
+    for name in files:
+        assert any(f"{name})" in b or f'"{name}"' in b for b in blocks), name
+    assert all(not line or line.startswith(("    ", "??? ", "## ")) for line in tail)
+    for line in md.splitlines():
+        if line.lstrip().startswith("|"):
+            cells = line.strip().strip("|").split("|")
+            assert max(len(c) for c in cells) < 200, line[:120]  # no cell that wraps into a tower
+            assert "python -m" not in line and "ttft_none_ms" not in line and "ttft_ms" not in line
 
 
 def _code_references() -> set[str]:
@@ -193,6 +229,18 @@ def test_strict_build_writes_every_generated_page(site):
     assert all(f'id="{name}"' in config for name in BUILTINS)
     api = (site / "api" / "reducers" / "index.html").read_text()
     assert "ScoringReducer" in api and ":class:" not in api
+
+
+@pytest.mark.slow
+def test_built_benchmarks_page_has_its_picture_tables_and_collapsed_files(site):
+    html = (site / "benchmarks" / "index.html").read_text()
+    article = html[html.index("<article") :]
+    assert article.index("<img") < article.index("<table")  # a picture before any table
+    assert 'id="what-each-reducer-buys"' in article and "<details" in article
+    first_details = article.index("<details")
+    assert article.index('id="all-results"') < first_details or "Also:" in article[first_details : first_details + 400]
+    plot = re.search(r'<img[^>]+src="([^"]+)"', article).group(1)
+    assert (site / "benchmarks" / plot).resolve().is_file(), plot
 
 
 @pytest.mark.slow
