@@ -180,6 +180,13 @@ def media_prompt(rows: list[list[tuple[int, int]]], *, seed: int = 0, row_ids: l
     return ids, mask
 
 
+def two_image_batch() -> dict:
+    """Forward arguments for :func:`tiny_llava`: two rows, one seeded 24-px image each."""
+    ids, mask = llava_prompt([1, 1])
+    pixels = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
 def llava_prompt(image_counts: list[int], tokens_per_image: int = 36, *, seed: int = 0, row_ids: list[int] | None = None):
     """:func:`media_prompt` with ``image_counts[r]`` images of ``tokens_per_image`` placeholders per row."""
     rows = [[(IMAGE_TOKEN, tokens_per_image)] * k for k in image_counts]

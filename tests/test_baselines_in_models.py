@@ -12,7 +12,7 @@ import torch
 import tokenreduce as tr
 from tokenreduce import Pipeline, Step, create
 
-from models import IMAGE_TOKEN, llava_prompt, tiny_llava
+from models import IMAGE_TOKEN, two_image_batch, tiny_llava
 
 NEW_TOKENS = 4
 PATCHES = 36  # tiny LLaVA: 6 x 6 patches per image
@@ -21,9 +21,7 @@ PATCHES = 36  # tiny LLaVA: 6 x 6 patches per image
 @pytest.fixture(scope="module")
 def llava():
     model = tiny_llava(seed=0, attn_implementation="sdpa")
-    ids, mask = llava_prompt([1, 1])
-    pixels = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
-    return model, {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    return model, two_image_batch()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from tokenreduce.errors import InvalidInputError
 from tokenreduce.testing import check_reducer
 from tokenreduce_plugins.cdpruner import CDPruner, conditional_kernel, unit_rows
 
-from models import IMAGE_TOKEN, llava_prompt, one_thread, qwen_vl_inputs, tiny_llava, tiny_qwen2_5_vl  # noqa: F401
+from models import IMAGE_TOKEN, two_image_batch, one_thread, qwen_vl_inputs, tiny_llava, tiny_qwen2_5_vl  # noqa: F401
 
 FIXTURE = Path(__file__).parent / "fixtures" / "baselines" / "cdpruner.npz"
 EXAMPLE = Path(__file__).parents[1] / "docs" / "examples" / "reducers" / "cdpruner.yaml"
@@ -271,9 +271,8 @@ def test_registered_with_paper_and_published_yaml_example():
 @pytest.mark.usefixtures("one_thread")
 def test_runs_in_llava_generate_on_the_instruction_embeddings():
     model = tiny_llava(seed=0, attn_implementation="sdpa")
-    ids, mask = llava_prompt([1, 1])
-    pixels = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    inputs = two_image_batch()
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     plain = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     seen = []
 

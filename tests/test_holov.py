@@ -13,7 +13,7 @@ import test_adapter_onevision as onevision_case
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import llava_prompt, one_thread, tiny_llava, tiny_qwen2_5_vl  # noqa: F401 - fixture
+from models import two_image_batch, one_thread, tiny_llava, tiny_qwen2_5_vl  # noqa: F401 - fixture
 
 import tokenreduce as tr
 from tokenreduce import ConfigError, MissingContextError, Pipeline, ReductionContext, Stage, Step, create
@@ -296,8 +296,8 @@ def test_runs_through_the_llava_adapters_under_sdpa(family, stage):
 def test_llava_picks_equal_holov_on_the_eager_cls_attention_and_projected_features():
     model = tiny_llava(seed=0, attn_implementation="sdpa")
     twin = tiny_llava(seed=0, attn_implementation="eager")
-    ids, mask = llava_prompt([1, 1])
-    pixels = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    batch = two_image_batch()
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
     with tr.apply(model, Pipeline([Step("projector", create("holov", 8, regions=4))])) as handle:
         model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=2, do_sample=False)
         rec = handle.records[0]

@@ -12,7 +12,7 @@ import test_adapter_llava_next as llava_next_case
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import IMAGE_TOKEN, llava_prompt, one_thread, qwen_vl_inputs, tiny_llava, tiny_qwen2_5_vl  # noqa: F401
+from models import IMAGE_TOKEN, two_image_batch, one_thread, qwen_vl_inputs, tiny_llava, tiny_qwen2_5_vl  # noqa: F401
 
 import tokenreduce as tr
 from tokenreduce import ConfigError, MissingContextError, Pipeline, ReductionContext, Stage, Step, create
@@ -302,9 +302,7 @@ def test_yaml_example_is_the_schedule_at_the_official_pruning_layers():
 
 
 def _llava_inputs():
-    ids, mask = llava_prompt([1, 1])
-    pixels = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    return two_image_batch()
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -25,7 +25,7 @@ from tokenreduce.budget import resolve_budgets
 from tokenreduce_plugins.divprune import DivPrune
 from tokenreduce_plugins.pdrop import PDrop
 
-from models import llava_prompt, one_thread, tiny_llava  # noqa: F401
+from models import two_image_batch, one_thread, tiny_llava  # noqa: F401
 
 OFFICIAL_PDROP_RATIOS = (0.5, 0.25, 0.125)  # cumulative, of the original N
 PROPS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
@@ -78,8 +78,8 @@ def test_pdrop_counts_per_row_with_padding(ns):
 def test_pdrop_schedule_in_llava_keeps_official_counts():
     # 36 image tokens: 36 -> 18 -> 9 -> 4 (int(36 * 0.125) = 4; half up would keep 5).
     model = tiny_llava(seed=0, attn_implementation="sdpa")
-    ids, mask = llava_prompt([1, 1])
-    pixels = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    batch = two_image_batch()
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
     pipe = PDrop.schedule(layers=(1, 2, 3))
     with tr.apply(model, pipe) as handle:
         with torch.no_grad():

@@ -26,7 +26,7 @@ from tokenreduce_plugins.sparsevlm import (
     step_budgets,
 )
 
-from models import IMAGE_TOKEN, llava_prompt, one_thread, qwen_vl_inputs, tiny_llava, tiny_qwen2_5_vl  # noqa: F401
+from models import IMAGE_TOKEN, two_image_batch, one_thread, qwen_vl_inputs, tiny_llava, tiny_qwen2_5_vl  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -381,9 +381,7 @@ NEW_TOKENS = 3
 @pytest.fixture(scope="module")
 def llava():
     model = tiny_llava(seed=0, attn_implementation="sdpa")
-    ids, mask = llava_prompt([1, 1])
-    pixels = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
-    return model, {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    return model, two_image_batch()
 
 
 def _schedule(layers_budgets):

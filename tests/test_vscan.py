@@ -19,11 +19,11 @@ from models import (  # noqa: F401
     _init,
     clip_config,
     llama_text_config,
-    llava_prompt,
     one_thread,
     qwen_vl_inputs,
     tiny_llava,
     tiny_qwen2_5_vl,
+    two_image_batch,
 )
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -342,9 +342,7 @@ def test_yaml_example_is_the_published_two_stage_setting():
 
 
 def _llava():
-    ids, mask = llava_prompt([1, 1])
-    pixels = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    return two_image_batch()
 
 
 @pytest.mark.usefixtures("one_thread")
