@@ -97,12 +97,14 @@ def tiny_llama(seed: int = 0, attn_implementation: str = "sdpa", **kw) -> LlamaF
     return _init(model, seed)
 
 
-def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", layers: int = 4) -> LlavaForConditionalGeneration:
-    """LLaVA-1.5 layout: CLIP (24 px, patch 4 -> 6x6 = 36 patches + CLS, 3 layers), selected
-    layer -2 with the ``default`` strategy (CLS dropped), 2-layer MLP projector, Llama decoder.
-    Image token id 3, 36 placeholder tokens per image."""
+def tiny_llava(
+    seed: int = 0, attn_implementation: str = "sdpa", layers: int = 4, vision_layers: int = 3
+) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5 layout: CLIP (24 px, patch 4 -> 6x6 = 36 patches + CLS, ``vision_layers``
+    layers), selected layer -2 with the ``default`` strategy (CLS dropped), 2-layer MLP
+    projector, Llama decoder. Image token id 3, 36 placeholder tokens per image."""
     cfg = LlavaConfig(
-        vision_config=clip_config(),
+        vision_config=clip_config(num_hidden_layers=vision_layers),
         text_config=llama_text_config(num_hidden_layers=layers),
         image_token_id=IMAGE_TOKEN,
         vision_feature_layer=-2,

@@ -301,15 +301,11 @@ def test_yaml_example_is_the_schedule_at_the_official_pruning_layers():
         assert step.reducer == MustDrop(step.reducer.budget, stage=step.stage)
 
 
-def _llava_inputs():
-    return two_image_batch()
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_multi_stage_pipeline_runs_in_llava_generate_and_matches_eager_signals():
     model = tiny_llava(seed=0, attn_implementation="sdpa")
     twin = tiny_llava(seed=0, attn_implementation="eager")
-    kw = _llava_inputs()
+    kw = two_image_batch()
     plain = model.generate(**kw, max_new_tokens=3, do_sample=False)
     pipe = Pipeline([Step("vision_encoder", create("mustdrop", 20))] + [
         Step("llm_layer", create("mustdrop", t), layer=k) for k, t in ((1, 12), (2, 8), (3, 6))
@@ -336,7 +332,7 @@ def test_multi_stage_pipeline_runs_in_llava_generate_and_matches_eager_signals()
 def test_llm_step_applies_the_official_rule_to_the_eager_text_attention_of_the_previous_layer():
     model = tiny_llava(seed=0, attn_implementation="sdpa")
     twin = tiny_llava(seed=0, attn_implementation="eager")
-    kw = _llava_inputs()
+    kw = two_image_batch()
     with tr.apply(model, Step("llm_layer", create("mustdrop", 15), layer=2)) as handle:
         model.generate(**kw, max_new_tokens=2, do_sample=False)
         kept = [i.tolist() for i in handle.records[0].indices]

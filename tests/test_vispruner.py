@@ -195,16 +195,12 @@ def test_yaml_example_is_the_published_setting():
     assert pipe.steps[0].reducer == VisPruner(64, stage="vision_encoder")
 
 
-def _llava_inputs():
-    return two_image_batch()
-
-
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("stage", ["vision_encoder", "projector"])
 def test_runs_in_llava_generate_and_matches_the_eager_signals(stage):
     model = tiny_llava(seed=0, attn_implementation="sdpa")
     twin = tiny_llava(seed=0, attn_implementation="eager")
-    kw = _llava_inputs()
+    kw = two_image_batch()
     plain = model.generate(**kw, max_new_tokens=3, do_sample=False)
     with tr.apply(model, Step(stage, create("vispruner", 10))) as handle:
         out = model.generate(**kw, max_new_tokens=3, do_sample=False)

@@ -16,16 +16,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from models import (  # noqa: F401
     IMAGE_TOKEN,
-    _init,
-    clip_config,
-    llama_text_config,
     one_thread,
     qwen_vl_inputs,
     tiny_llava,
     tiny_qwen2_5_vl,
     two_image_batch,
 )
-from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 import tokenreduce as tr
@@ -341,15 +338,11 @@ def test_yaml_example_is_the_published_two_stage_setting():
     assert pipe.steps[0].reducer.params.window_size == 6 and pipe.steps[0].reducer.params.local_ratio == 0.5
 
 
-def _llava():
-    return two_image_batch()
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_two_stage_pipeline_runs_in_llava_generate_under_sdpa_and_matches_eager_signals():
     model = tiny_llava(seed=0, attn_implementation="sdpa")
     twin = tiny_llava(seed=0, attn_implementation="eager")
-    kw = _llava()
+    kw = two_image_batch()
     plain = model.generate(**kw, max_new_tokens=3, do_sample=False)
     pipe = Pipeline(
         [Step("projector", create("vscan", 8, window_size=3)), Step("llm_layer", create("vscan", 4), layer=2)]
@@ -379,7 +372,7 @@ def test_llm_step_picks_the_eager_top_tokens_of_its_own_layer():
     # attention_layer "current": the step at layer 2 ranks by layer 2's own attention map.
     model = tiny_llava(seed=0, attn_implementation="sdpa")
     twin = tiny_llava(seed=0, attn_implementation="eager")
-    kw = _llava()
+    kw = two_image_batch()
     with tr.apply(model, Step("llm_layer", create("vscan", 18), layer=2)) as handle:
         model.generate(**kw, max_new_tokens=2, do_sample=False)
         kept = [set(i.tolist()) for i in handle.records[0].indices]
@@ -391,27 +384,15 @@ def test_llm_step_picks_the_eager_top_tokens_of_its_own_layer():
         assert kept[row] == set(torch.topk(ref[row], 18).indices.tolist())
 
 
-def _llava_with_deep_tower(attn: str):
-    """tiny_llava with an 8-layer CLIP tower, so encoder layer 5 exists (selected layer -2 = layer 6)."""
-    cfg = LlavaConfig(
-        vision_config=clip_config(num_hidden_layers=8),
-        text_config=llama_text_config(),
-        image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    return _init(LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn), 0)
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_llava_adapter_gives_the_local_scan_the_layer_5_cls_attention():
     # Official LLaVA code: local scan by attentions[5], global scan by attentions[-2], both
     # the head-averaged [CLS] row. The adapter recomputes layer 5's row under SDPA only
     # because VScan declares shallow_cls_layer = 5.
     assert VScan.shallow_cls_layer == 5
-    model, twin = _llava_with_deep_tower("sdpa"), _llava_with_deep_tower("eager")
-    kw = _llava()
+    # An 8-layer CLIP tower, so encoder layer 5 exists (selected layer -2 = layer 6).
+    model, twin = (tiny_llava(0, attn, vision_layers=8) for attn in ("sdpa", "eager"))
+    kw = two_image_batch()
     pipe = Pipeline([Step("projector", create("vscan", 12, window_size=3))])
     with tr.apply(model, pipe) as handle:
         model(**kw)
