@@ -40,6 +40,13 @@ class ReductionContext:
             encoder-side steps). Third-party reducers may read their own keys.
         text_keys: ``(B, L, D_k)`` keys of the text tokens of ``text_embeds``, from the
             same layer as ``keys`` (DART ranks text pivots by their norm).
+        frames: ``T``, for the tokens of one whole video (adapters set it for video
+            units under ``video_budget: per_video``): each row holds ``T`` frames in time
+            order, frame after frame. ``None`` for images and single frames.
+        frame_index: ``(B, N)`` long, the frame (``0 .. T-1``) of each token; set with
+            ``frames`` and kept right after earlier steps removed tokens (padding: 0).
+            While every token is present, frame ``t`` is tokens ``t*N/T .. (t+1)*N/T - 1``
+            and ``grid`` is the frames stacked vertically, ``(T*h, w)``.
         uniform_count: set by :meth:`Reducer.__call__` (whatever the caller passed) when
             no mask was given: every row is fully valid and keeps exactly this many
             tokens. It is known on the host, so a reducer can use it instead of reading
@@ -58,6 +65,8 @@ class ReductionContext:
     positions: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     text_keys: torch.Tensor | None = None
+    frames: int | None = None
+    frame_index: torch.Tensor | None = None
     uniform_count: int | None = None
 
     def select_rows(self, rows: torch.Tensor | slice) -> ReductionContext:

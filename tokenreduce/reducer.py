@@ -29,7 +29,7 @@ from .validation import check_mask, check_tokens
 
 #: Context fields that hold tensors (a reducer requiring one gets a clear error for anything else).
 _TENSOR_FIELDS = frozenset(
-    {"cls_token", "cls_attention", "keys", "text_embeds", "text_mask", "attention", "positions", "text_keys"}
+    {"cls_token", "cls_attention", "keys", "text_embeds", "text_mask", "attention", "positions", "text_keys", "frame_index"}
 )
 
 

@@ -43,6 +43,11 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
     modalities: ClassVar[dict[str, str]] = {"image": "image_token_id", "video": "video_token_id"}
     pixel_args: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
 
+    def encoder_context_fields(self) -> set[str]:
+        fields = super().encoder_context_fields()
+        # A whole video per row (per_video) has frames; images and single frames have none.
+        return fields | {"frames", "frame_index"} if self.pipeline.video_budget == "per_video" else fields
+
     def encode(self, kw: dict) -> dict[str, Encoded]:
         layer, strategy, start = self.feature_selection(kw)
         out = {}
@@ -136,7 +141,7 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
             src = units(inner.apply_pooling(selected)) if stage is Stage.VISION_ENCODER else feats
             ctx = ReductionContext(
                 stage=stage,
-                grid=unit_grid if bool(valid.all()) else None,
+                grid=unit_grid if valid.shape[1] == unit_len else None,  # while every token is there
                 text_embeds=text,
                 text_mask=text_mask,
                 cls_token=ctx_units.get("cls_token"),
@@ -145,6 +150,8 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
                 extra={} if SHALLOW_CLS_KEY not in ctx_units else {
                     SHALLOW_CLS_KEY: gather_rows(ctx_units[SHALLOW_CLS_KEY].unsqueeze(-1), idx).squeeze(-1)
                 },
+                frames=f if video_mode else None,
+                frame_index=idx.clamp(min=0) // per_frame if video_mode else None,
             )
             red, seconds = self.run_step(step, src, valid, ctx)
             before = valid.sum(1).tolist()

@@ -23,6 +23,8 @@ from .qwen_vision import QwenVision, meta_of
 MODALITIES = ("image", "video")
 # Context the encoder-side stages give reducers.
 PROVIDED = frozenset({"grid", "positions", "text_embeds", "text_mask"})
+# ... and for whole videos (``video_budget: per_video``): their frame layout.
+PROVIDED_PER_VIDEO = PROVIDED | {"frames", "frame_index"}
 
 
 class Prompt:
@@ -91,7 +93,7 @@ class EncoderSide:
                 f"input_ids, {flat.shape[0]} {modality} features"
             )
         per_video = modality == "video" and self.pipeline.video_budget == "per_video"
-        units = self.vision.units(items, kw.get(f"{modality}_grid_thw"), token_mask, per_video)
+        units = self.vision.units(items, kw.get(f"{modality}_grid_thw"), token_mask, per_video, modality == "video")
         offsets0 = units.offsets(flat.device)
         source: torch.Tensor | None = None  # current flat index -> original flat index
 
@@ -105,12 +107,12 @@ class EncoderSide:
                 )
             groups = torch.cat([m.groups for m in metas], dim=0)  # type: ignore[union-attr]
             step = self.pipeline.at(Stage.VISION_ENCODER)[0]
-            res = self._run(step.reducer, Stage.VISION_ENCODER, modality, groups, units, prompt, token_mask, None)
+            res = self._run(step.reducer, Stage.VISION_ENCODER, modality, groups, units, prompt, token_mask, None, offsets0)
             source = res.source
             self._record(step.reducer.name, Stage.VISION_ENCODER, modality, res, source, offsets0)
             flat, units = self.vision.merge(res.tokens), res.units
         for step in self.pipeline.at(Stage.PROJECTOR):
-            res = self._run(step.reducer, Stage.PROJECTOR, modality, flat, units, prompt, token_mask, source)
+            res = self._run(step.reducer, Stage.PROJECTOR, modality, flat, units, prompt, token_mask, source, offsets0)
             source = res.source if source is None else source[res.source]
             self._record(step.reducer.name, Stage.PROJECTOR, modality, res, source, offsets0)
             flat, units = res.tokens, res.units
@@ -142,10 +144,14 @@ class EncoderSide:
         prompt: Prompt,
         token_mask: torch.Tensor,
         source: torch.Tensor | None,
+        offsets0: torch.Tensor,
     ) -> StepResult:
         """One step over all units, with the context the reducer asks for."""
         need = reducer.required_context
         positions = prompt.token_positions(token_mask)
+        whole_videos = any(units.frames)
+        if whole_videos:
+            frame_len = torch.tensor([f[1] if f else 1 for f in units.frames], device=flat.device)
 
         def make_context(
             unit_ids: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, grid: Any
@@ -157,6 +163,9 @@ class EncoderSide:
                 positions=positions[original],
                 extra={"modality": modality, "rows": rows, "items": units.item[unit_ids]},
             )
+            if whole_videos:  # one whole video per row: the frame of each token, from its original place
+                local = original - offsets0[unit_ids].unsqueeze(1)
+                ctx.frame_index = (local // frame_len[unit_ids].unsqueeze(1)).masked_fill(~valid, 0)
             if "text_embeds" in need or "text_mask" in need:
                 ctx.text_embeds = prompt.embeds[rows]
                 ctx.text_mask = prompt.text_mask[rows]

@@ -35,12 +35,20 @@ class Units:
             tokens no longer form a full grid (after an earlier reduction).
         item: ``(U,)`` long, which image/video each unit belongs to.
         row: ``(U,)`` long, which sequence of the batch each unit's tokens sit in.
+        frames: per unit, ``(T, tokens per frame)`` of a whole-video unit (its frames lie
+            one after another in its original layout), ``None`` for any other unit; it
+            stays with the unit through every step.
     """
 
     lens: list[int]
     grids: list[Grid]
     item: torch.Tensor
     row: torch.Tensor
+    frames: list[tuple[int, int] | None] = field(default_factory=list)
+
+    def frame_count(self, u: int) -> int | None:
+        """Frames of unit ``u`` when it is a whole video, else ``None``."""
+        return self.frames[u][0] if self.frames and self.frames[u] else None
 
     @property
     def count(self) -> int:
@@ -56,7 +64,7 @@ class Units:
     def after(self, lens_out: list[int]) -> Units:
         """The same units after a reduction to ``lens_out`` tokens (grids kept only where nothing was removed)."""
         grids = [g if n_out == n_in else None for g, n_in, n_out in zip(self.grids, self.lens, lens_out)]
-        return Units(lens_out, grids, self.item, self.row)
+        return Units(lens_out, grids, self.item, self.row, self.frames)
 
 
 @dataclass
@@ -114,13 +122,14 @@ def run_step(
     device = flat.device
     lengths = units.lengths(device)
     offsets = units.offsets(device)
-    groups: dict[Grid, list[int]] = {}
+    # One call per (grid, frames): both are host values a reducer may read from the context.
+    groups: dict[tuple[Grid, int | None], list[int]] = {}
     for u, grid in enumerate(units.grids):
-        groups.setdefault(grid, []).append(u)
+        groups.setdefault((grid, units.frame_count(u)), []).append(u)
 
     tokens_out, source_out, unit_out = [], [], []
     info: list[dict[str, Any]] = [{} for _ in range(units.count)]
-    for grid, ids in groups.items():
+    for (grid, frames), ids in groups.items():
         ids_t = torch.tensor(ids, dtype=torch.long, device=device)
         n_max = max(units.lens[u] for u in ids)
         arange = torch.arange(n_max, device=device)
@@ -129,6 +138,9 @@ def run_step(
         batch = flat[index].masked_fill(~valid.unsqueeze(-1), 0)
         context = make_context(ids_t, index, valid, grid)
         context.stage = stage
+        context.frames = frames
+        if frames is None:  # not whole videos: no frame layout, whatever the factory gave
+            context.frame_index = None
         red = reducer(batch, mask=valid, context=context)
         src = torch.gather(index, 1, red.indices.clamp(min=0))
         tokens_out.append(red.tokens[red.valid])

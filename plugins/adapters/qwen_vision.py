@@ -90,18 +90,21 @@ class QwenVision:
         grid_thw: torch.Tensor | None,
         token_mask: torch.Tensor,
         per_video: bool,
+        video: bool = False,
     ) -> Units:
         """The reduction units of one modality's per-item features.
 
         An item with a known ``(t, h, w)`` grid (from its metadata or ``grid_thw``) gives
         ``t`` frame units of ``(h/2, w/2)`` tokens, or one ``(t*h/2, w/2)`` unit when
-        ``per_video``; an item of unknown grid is one unit without a grid.
+        ``per_video``; an item of unknown grid is one unit without a grid. ``video``: the
+        items are videos (a ``per_video`` unit then carries its frame layout).
         """
         m = self.merge_size
         known = grid_thw.tolist() if grid_thw is not None and len(grid_thw) == len(items) else None
         lens: list[int] = []
         grids: list[tuple[int, int] | None] = []
         item_of: list[int] = []
+        frames: list[tuple[int, int] | None] = []
         for i, tensor in enumerate(items):  # grid metadata: a few ints per image
             meta = meta_of(tensor)
             thw = meta.thw if meta is not None else (tuple(int(v) for v in known[i]) if known else None)
@@ -110,18 +113,21 @@ class QwenVision:
                 lens.append(n)
                 grids.append(None)
                 item_of.append(i)
+                frames.append(None)
                 continue
             t, h, w = thw[0], thw[1] // m, thw[2] // m
             if per_video or t == 1:
                 lens.append(n)
                 grids.append((t * h, w))
                 item_of.append(i)
+                frames.append((t, h * w) if per_video and video else None)
             else:
                 lens += [h * w] * t
                 grids += [(h, w)] * t
                 item_of += [i] * t
+                frames += [None] * t
         device = token_mask.device
         lengths = torch.tensor(lens, dtype=torch.long, device=device)
         rows_of_tokens = token_mask.nonzero()[:, 0]
         rows = rows_of_tokens[torch.cumsum(lengths, 0) - lengths]
-        return Units(lens, grids, torch.tensor(item_of, dtype=torch.long, device=device), rows)
+        return Units(lens, grids, torch.tensor(item_of, dtype=torch.long, device=device), rows, frames)

@@ -97,7 +97,7 @@ from tokenreduce.errors import ConfigError, InvalidInputError, MissingContextErr
 
 from . import compat
 from .decoder import DecoderReduction
-from .qwen_encoder import MODALITIES, PROVIDED, EncoderSide, Prompt
+from .qwen_encoder import MODALITIES, PROVIDED, PROVIDED_PER_VIDEO, EncoderSide, Prompt
 from .qwen_sequence import DecodeState, Shrink, sequence_positions
 from .qwen_vision import meta_of
 
@@ -108,6 +108,8 @@ _WHY_NOT = {
     "keys": "the Qwen-VL adapter does not expose vision-tower keys",
     "text_keys": "keys exist only inside the decoder (llm_layer stage)",
     "attention": "decoder attention exists only at the llm_layer stage",
+    "frames": "only whole videos have frames: set the pipeline's video_budget to per_video",
+    "frame_index": "only whole videos have frames: set the pipeline's video_budget to per_video",
 }
 _MISSING = object()
 
@@ -159,7 +161,8 @@ class QwenVLAdapter(Adapter):
         for step in self.pipeline:
             if step.stage is Stage.LLM_LAYER:
                 continue
-            missing = sorted(set(step.reducer.required_context) - PROVIDED)
+            provided = PROVIDED_PER_VIDEO if self.pipeline.video_budget == "per_video" else PROVIDED
+            missing = sorted(set(step.reducer.required_context) - provided)
             if missing:
                 why = "; ".join(f"{m}: {_WHY_NOT.get(m, 'not provided by this adapter')}" for m in missing)
                 raise MissingContextError(
