@@ -7,6 +7,7 @@ The format (kept stable; docs and tools rely on it)::
       - {stage: llm_layer, layer: 16, reducer: apet, budget: 32}
     positions: compact          # optional: compact | original (default: the adapter's)
     video_budget: per_frame     # optional: per_frame | per_video
+    fast: false                 # optional: the fast execution path (same kept tokens)
 
 ``budget`` is an int >= 1 (absolute) or a float in (0, 1] (ratio of the tokens present).
 

@@ -65,6 +65,7 @@ class PipelineConfig(BaseModel):
         default=None, description="compact (renumber) or original (keep position ids); default: the adapter's."
     )
     video_budget: VideoBudget = Field(default="per_frame", description="Budget per video frame or per whole video.")
+    fast: bool = Field(default=False, strict=True, description="Opt into the fast execution path (same kept tokens).")
 
 
 # -- error places -------------------------------------------------------------------------------

@@ -101,11 +101,16 @@ class Pipeline:
             kept tokens' original position ids; ``None`` means the adapter's default
             (``compact`` for LLaVA models, ``original`` for Qwen).
         video_budget: for videos, whether a step's budget is per frame or per video.
+        fast: opt into the fast execution path (see the docs' Speed page): adapters run
+            what they can faster (e.g. a windowed vision tower's windows as one attention
+            call per layer) and warn, naming the reason, about what still runs eagerly.
+            Kept indices and greedy tokens stay those of the default path.
     """
 
     steps: list[Step] = field(default_factory=list)
     positions: Positions | None = None
     video_budget: VideoBudget = "per_frame"
+    fast: bool = False
 
     def __post_init__(self) -> None:
         seen: set[Stage] = set()
@@ -206,7 +211,7 @@ def parse_config(data: Any, source: str = "<config>", root: yaml.Node | None = N
     if problems:
         raise ConfigError("invalid pipeline config:\n" + "\n".join(problems))
     try:
-        return Pipeline(steps, positions=cfg.positions, video_budget=cfg.video_budget)
+        return Pipeline(steps, positions=cfg.positions, video_budget=cfg.video_budget, fast=cfg.fast)
     except ConfigError as err:
         raise ConfigError(f"{where(source, root, ('pipeline',))}: {err}") from None
 

@@ -95,7 +95,7 @@ from tokenreduce import Stage
 from tokenreduce.adapter import Adapter
 from tokenreduce.errors import ConfigError, InvalidInputError, MissingContextError
 
-from . import compat
+from . import compat, varlen_attention
 from .decoder import DecoderReduction
 from .qwen_encoder import MODALITIES, PROVIDED, PROVIDED_PER_VIDEO, EncoderSide, Prompt
 from .qwen_sequence import DecodeState, Shrink, sequence_positions
@@ -138,6 +138,7 @@ class QwenVLAdapter(Adapter):
         # Per cache object filled by a reduced prefill: how to continue it (several may be alive).
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._decoder: DecoderReduction | None = None
+        self._attn_saved: tuple[Any, str | None] | None = None  # the tower's attention before the fast path
 
     # -- patch-time checks -------------------------------------------------------------
 
@@ -182,12 +183,31 @@ class QwenVLAdapter(Adapter):
             self._set(self.inner, name, self._wrap_features(getattr(self.inner, name)))
         if self._decoder is not None:
             self._decoder.attach()
+        if self.pipeline.fast:
+            self._fast_tower()
+
+    def _fast_tower(self) -> None:
+        """The fast path's tower: each layer's windows (or images) in one attention call.
+
+        Under SDPA/eager the stock tower calls attention once per window (thousands of calls
+        at high resolution); flash-attention already makes one varlen call and is kept.
+        """
+        config = self.inner.visual.config
+        current = config._attn_implementation
+        if current is not None and "flash" in current:
+            return
+        self._attn_saved = (config, current)
+        config._attn_implementation = varlen_attention.register()
 
     def _set(self, module: torch.nn.Module, name: str, value: Any) -> None:
         self._saved.append((module, name, module.__dict__.get(name, _MISSING)))
         setattr(module, name, value)
 
     def detach(self) -> None:
+        if self._attn_saved is not None:
+            config, implementation = self._attn_saved
+            config._attn_implementation = implementation
+            self._attn_saved = None
         if self._decoder is not None:
             self._decoder.detach()
         for module, name, saved in reversed(self._saved):
