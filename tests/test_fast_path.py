@@ -110,3 +110,114 @@ def test_yaml_switch_is_strict():
     assert load_config_text(text.replace("fast: true", "")).fast is False
     with pytest.raises(ConfigError, match="fast"):
         load_config_text(text.replace("fast: true", 'fast: "yes"'))
+
+
+# -- LLaVA family: the graph-replayed prefill (its CPU part: static cache, mask, bucket, handover) --------
+
+import test_adapter_llava as llava  # noqa: E402
+import test_adapter_llava_next as llava_next  # noqa: E402
+import test_adapter_onevision as onevision  # noqa: E402
+from models import tiny_llava, tiny_llava_next, tiny_onevision  # noqa: E402
+
+from tokenreduce_plugins.adapters import fast_prefill  # noqa: E402
+
+LLAVA_FAMILY = {
+    "llava-1.5": (lambda: tiny_llava(0), llava.inputs),
+    "llava-next": (lambda: tiny_llava_next(0), llava_next.inputs),
+    "llava-onevision": (lambda: tiny_onevision(0), onevision.CASE.inputs),
+}
+
+
+def generate_both(model, kw, steps, new=6, **options):
+    """``(tokens, kept indices)`` of the default path and of the fast one."""
+    out = {}
+    for fast in (False, True):
+        with torch.no_grad(), tokenreduce.apply(model, Pipeline(steps, fast=fast)) as handle:
+            tokens = model.generate(**kw, max_new_tokens=new, do_sample=False, **options)
+            out[fast] = (tokens, [i for r in handle.records for i in r.indices])
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(LLAVA_FAMILY))
+@pytest.mark.parametrize("reducer", ["random", "apet-llava", "divprune"])
+def test_llava_fast_prefill_keeps_indices_and_greedy_tokens(family, reducer):
+    build, inputs = LLAVA_FAMILY[family]
+    model = build()
+    kw = inputs([0, 1])  # rows of different lengths: left padding, bucket padding on top
+    params = {"basis_tokens": 1} if reducer.startswith("apet") else {}
+    runs = generate_both(model, kw, [Step("projector", create(reducer, budget=0.5, **params))])
+    assert torch.equal(runs[False][0], runs[True][0])
+    assert len(runs[True][1]) == len(runs[False][1])
+    assert all(torch.equal(a, b) for a, b in zip(runs[False][1], runs[True][1]))
+
+
+def test_llava_fast_prefill_one_token_and_the_vision_encoder_stage():
+    model = tiny_llava(0)
+    kw = llava.inputs([1])
+    steps = [Step("vision_encoder", create("visionzip", budget=12, contextual=4))]
+    for new in (1, 4):
+        runs = generate_both(model, kw, steps, new=new)
+        assert torch.equal(runs[False][0], runs[True][0])
+
+
+def test_llava_fast_prefill_ends_rows_like_stock_generate():
+    model = tiny_llava(0)
+    kw = llava.inputs([0, 1])
+    steps = [Step("projector", create("random", budget=0.5))]
+    first = generate_both(model, kw, steps, new=2)[False][0][:, -2]
+    # Row 0 ends at its first token, row 1 goes on: stock pads row 0 afterwards.
+    model.generation_config.eos_token_id = int(first[0])
+    model.generation_config.pad_token_id = 0
+    runs = generate_both(model, kw, steps, new=5)
+    assert torch.equal(runs[False][0], runs[True][0])
+
+
+def test_what_the_fast_prefill_cannot_take_runs_eagerly_with_a_warning():
+    model = tiny_llava(0)
+    kw = llava.inputs([0, 1])
+    with pytest.warns(UserWarning, match="llm_layer steps are not captured"):
+        with tokenreduce.apply(model, Pipeline([Step("llm_layer", create("fastv", budget=0.5), layer=1)], fast=True)):
+            pass
+    with pytest.warns(UserWarning, match="positions='original'"):
+        with tokenreduce.apply(model, Pipeline([Step("projector", create("random", budget=0.5))], positions="original", fast=True)):
+            pass
+    pipe = Pipeline([Step("projector", create("random", budget=0.5))], fast=True)
+    with torch.no_grad(), tokenreduce.apply(model, pipe):
+        with pytest.warns(UserWarning, match="greedily"):
+            sampled = model.generate(**kw, max_new_tokens=3, do_sample=True, top_k=1)
+    with torch.no_grad(), tokenreduce.apply(model, Pipeline(pipe.steps)):
+        eager = model.generate(**kw, max_new_tokens=3, do_sample=False)
+    assert torch.equal(sampled, eager)  # top_k=1 sampling is greedy: the eager path ran it
+
+
+def test_fast_path_state_goes_with_the_pipeline():
+    model = tiny_llava(0)
+    tower = model.model.vision_tower
+    pipe = Pipeline([Step("projector", create("random", budget=0.5))], fast=True)
+    with torch.no_grad(), tokenreduce.apply(model, pipe) as handle:
+        model.generate(**llava.inputs([0]), max_new_tokens=2, do_sample=False)
+        adapter = handle.adapter
+        assert adapter.fast.entries and "forward" in tower.__dict__
+        assert adapter.graph_bytes() == 0  # CPU: nothing captured, nothing held
+    assert adapter.fast is None and "forward" not in tower.__dict__
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4), extra=st.integers(0, 5), additive=st.booleans())
+def test_prefill_mask_is_causal_masks_padding_and_keeps_padding_rows_finite(lengths, extra, additive):
+    longest = max(lengths)
+    valid = torch.tensor([[False] * (longest - n) + [True] * n for n in lengths])
+    mask = fast_prefill.prefill_mask(valid, longest + extra, torch.float32, additive)
+    allowed = mask[:, 0] == 0 if additive else mask[:, 0]
+    for b, n in enumerate(lengths):
+        pad = longest - n
+        for q in range(longest):
+            row = allowed[b, q]
+            if q < pad:  # a padding query sees itself only
+                assert row.nonzero().flatten().tolist() == [q]
+            else:  # a real query sees the real keys up to itself
+                assert row.nonzero().flatten().tolist() == list(range(pad, q + 1))
+
+
+def test_buckets():
+    assert [fast_prefill.bucket(n) for n in (1, 32, 33, 119, 512, 513, 700)] == [32, 32, 64, 128, 512, 640, 768]

@@ -47,6 +47,7 @@ class LlavaAdapter(LlavaFamilyAdapter):
     """
 
     name = "llava"
+    fast_prefill = True
     model_classes = ("LlavaForConditionalGeneration",)
 
     def patch_grid(self) -> tuple[int, int]:

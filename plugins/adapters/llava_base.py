@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +43,8 @@ from tokenreduce.stages import Stage
 
 from . import compat
 from .decoder import DecoderReduction, find_text_decoder
+from .fast_prefill import FastPrefill, fast_generate, refusal
+from .graphed_tower import GraphedTower
 from .sequence import (
     apply_plan,
     item_rows,
@@ -97,6 +100,9 @@ class LlavaFamilyAdapter(Adapter):
     # modality -> name of the config attribute holding its placeholder token id
     modalities: ClassVar[dict[str, str]] = {"image": "image_token_id"}
     pixel_args: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    # Whether the stock forward is "embed the ids, scatter the features into their
+    # placeholders, run the text decoder" and nothing else, so the fast path may replay that.
+    fast_prefill: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module, pipeline):
         super().__init__(model, pipeline)
@@ -107,6 +113,8 @@ class LlavaFamilyAdapter(Adapter):
         self._kw: dict | None = None
         self._saved: dict[str, Any] = {}
         self._serving = False  # inside a generate() whose getters serve reduced features
+        self.fast: FastPrefill | None = None  # the fast path's captured prefills (pipeline.fast)
+        self.last_features: dict[int, torch.Tensor] = {}  # per placeholder id: the last reduction's features
         self._cur_step: dict[Stage, Step | None] = {st: (self.steps(st) or [None])[0] for st in ENCODER_STAGES}
 
     # -- description ---------------------------------------------------------------------
@@ -167,6 +175,26 @@ class LlavaFamilyAdapter(Adapter):
         self.model.generate = _wrapper(self._generate, self._orig_generate)
         if self.decoder is not None:
             self.decoder.attach()
+        if self.pipeline.fast:
+            why = self._fast_refusal()
+            if why is None:
+                self.fast = FastPrefill(self.model, find_text_decoder(self.model))
+                self._graphed_tower = GraphedTower(self.inner.vision_tower)
+            else:
+                warnings.warn(f"tokenreduce fast path: {type(self.model).__name__} runs eagerly: {why}", stacklevel=4)
+
+    def _fast_refusal(self) -> str | None:
+        """Why this pipeline on this model cannot take the fast prefill (``None``: it can)."""
+        if not self.fast_prefill:
+            return f"the {self.name} adapter has no fast prefill yet"
+        if self.steps(Stage.LLM_LAYER):
+            return "llm_layer steps are not captured yet (the layers before and after K)"
+        if self.positions != "compact":
+            return f"positions={self.positions!r}: the fast prefill numbers the reduced prompt compactly"
+        implementation = find_text_decoder(self.model).config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            return f"attn_implementation={implementation!r}: the fast prefill passes a 4-D mask (sdpa or eager)"
+        return None
 
     def detach(self) -> None:
         d = self.model.__dict__
@@ -176,6 +204,14 @@ class LlavaFamilyAdapter(Adapter):
                 d[k] = self._saved[k]
         if self.decoder is not None:
             self.decoder.detach()
+        if self.fast is not None:
+            self._graphed_tower.remove()
+            self.fast.release()
+            self.fast = None
+
+    def graph_bytes(self) -> int:
+        """GPU memory held by the fast path's captured graphs (0 without it); freed on removal."""
+        return 0 if self.fast is None else self.fast.held_bytes() + self._graphed_tower.held_bytes()
 
     # -- wrappers ------------------------------------------------------------------------
 
@@ -224,6 +260,11 @@ class LlavaFamilyAdapter(Adapter):
         self.records.clear()
         prompt = kw["input_ids"]
         kw, served = self.reduce_inputs(kw, for_generate=True)
+        if self.fast is not None:
+            why = refusal(self.model, kw)
+            if why is None:
+                return fast_generate(self, kw, prompt, self.last_features)
+            warnings.warn(f"tokenreduce fast path: this generate() runs eagerly: {why}", stacklevel=3)
         short = kw["input_ids"].shape[1]
         # The pixel inputs may stay in the call (see reduce_inputs): its forwards must not
         # reduce them again.
@@ -280,6 +321,7 @@ class LlavaFamilyAdapter(Adapter):
         self._kw = kw
         encoded = self.encode(kw)
         self.last_keep = {m: e.keep for m, e in encoded.items()}
+        self.last_features = {self.token_id(m): _flat(e.pooler) for m, e in encoded.items()}
         keep = torch.ones_like(ids, dtype=torch.bool)
         for modality, enc in encoded.items():
             keep &= placeholder_keep(ids, self.token_id(modality), enc.keep, modality)
@@ -363,6 +405,13 @@ class LlavaFamilyAdapter(Adapter):
                    info: list[dict], seconds: float) -> None:
         """Append the record of one encoder-side step (one entry per unit: image, frame or video)."""
         self.records.append(StageRecord(step.stage, step.reducer.name, None, before, after, indices, info, seconds))
+
+
+def _flat(pooler: Any) -> torch.Tensor:
+    """``(T, D)``: an encoder output's features in sequence order (a list per image, or one tensor)."""
+    if isinstance(pooler, (list, tuple)):
+        return torch.cat([p.reshape(-1, p.shape[-1]) for p in pooler])
+    return pooler.reshape(-1, pooler.shape[-1])
 
 
 def per_row(red: Reduction) -> tuple[list[int], list[torch.Tensor], list[dict]]:

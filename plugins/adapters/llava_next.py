@@ -25,6 +25,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
     """
 
     name = "llava_next"
+    fast_prefill = True
     model_classes = ("LlavaNextForConditionalGeneration",)
 
     def num_patches(self, image_sizes) -> list[int]:

@@ -39,6 +39,7 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
     """
 
     name = "llava_onevision"
+    fast_prefill = True
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     modalities: ClassVar[dict[str, str]] = {"image": "image_token_id", "video": "video_token_id"}
     pixel_args: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
