@@ -36,6 +36,8 @@ class Case:
         stock_features: ``(model, kwargs) -> {modality: [(N_i, D) features per item]}``
             in placeholder order, as the stock model splices them in.
         rows: size of the fixed batch.
+        flat_features: the stock forward takes every modality's features as one
+            ``(1, T, D)`` tensor (InternVL), not a list per image.
     """
 
     build: Callable
@@ -43,6 +45,7 @@ class Case:
     tokens: dict[str, int]
     stock_features: Callable[[torch.nn.Module, dict], dict[str, list[torch.Tensor]]]
     rows: int = 2
+    flat_features: bool = False
 
     def all_rows(self) -> list[int]:
         return list(range(self.rows))
@@ -176,7 +179,7 @@ def check_hand_built(case: Case, pipe: Pipeline, *, atol: float = 1e-5, env: Env
     ids, mask = hand_built_ids(kw["input_ids"].cpu(), kw["attention_mask"].cpu(), case.tokens, keep)
     ids, mask = ids.to(env.device), mask.to(env.device)
     feats = {m: [f[k.to(f.device)] for f, k in zip(stock[m], keep[m])] for m in keep}
-    poolers = {m: fs if m == "image" else torch.cat(fs).unsqueeze(0) for m, fs in feats.items()}
+    poolers = {m: fs if m == "image" and not case.flat_features else torch.cat(fs).unsqueeze(0) for m, fs in feats.items()}
     hand = {"input_ids": ids, "attention_mask": mask}
     if positions == "original":
         full_ids, full_mask = kw["input_ids"].cpu(), kw["attention_mask"].cpu()

@@ -7,8 +7,10 @@ import adapter_checks as checks
 import pytest
 import test_adapter_llava as llava
 import test_adapter_llava_next as llava_next
+import test_adapter_internvl as internvl
 import test_adapter_onevision as onevision
 import torch
+from models_internvl import IVL_IMAGE_TOKEN, tiny_internvl
 from models import (
     IMAGE_TOKEN,
     QWEN_IMAGE_TOKEN,
@@ -73,6 +75,8 @@ FAMILIES = {
     "llava-next": (lambda: tiny_llava_next(0), llava_next.inputs, [IMAGE_TOKEN], 2),
     # Row 0: an anyres image; row 1: a 3-frame video; row 2: two single-view images.
     "llava-onevision": (lambda: tiny_onevision(0), onevision.CASE.inputs, [IMAGE_TOKEN, VIDEO_TOKEN], 3),
+    # Row 0: a 2-tile image + thumbnail; row 1: a one-tile and a 4-tile + thumbnail image; row 2: a 3-frame video.
+    "internvl": (lambda: tiny_internvl(0), internvl.inputs, [IVL_IMAGE_TOKEN], 3),
     "qwen2-vl": (lambda: tiny_qwen2_vl(0), qwen_rows(QWEN_IMAGES, QWEN_VIDEOS), [QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN], 2),
     "qwen2.5-vl": (lambda: tiny_qwen2_5_vl(0), qwen_rows(QWEN_IMAGES, QWEN_VIDEOS), [QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN], 2),
     # Qwen3-VL: DeepStack features are added after decoder layer 0, so llm_layer steps start at 1.
@@ -99,7 +103,7 @@ def test_every_built_in_adapter_conforms(family, positions, capsys):
     ran = {name for name, _ in report.ran}
     refused = {(name, stage) for name, stage, _ in report.refused}
     declined = {(name, stage) for name, stage, _ in report.declined}
-    has_cls = family in ("llava-1.5", "llava-next")
+    has_cls = family in ("llava-1.5", "llava-next", "internvl")
     # Every registered reducer ran through the adapter at some stage, but those that need the
     # vision tower's [CLS] token on towers without one (SigLIP, Qwen's ViT), and video methods,
     # which need whole videos (video_budget: per_video, checked below): refused everywhere.

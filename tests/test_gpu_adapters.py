@@ -22,6 +22,7 @@ import adapter_checks as checks
 import pytest
 import test_adapter_llava as llava
 import test_adapter_llava_next as llava_next
+import test_adapter_internvl as internvl
 import test_adapter_onevision as onevision
 import torch
 from models import tiny_llama
@@ -32,11 +33,17 @@ from tokenreduce import Step, create
 
 pytestmark = pytest.mark.gpu
 
-CASES = {"llava": llava.CASE, "llava_next": llava_next.CASE, "llava_onevision": onevision.CASE}
+CASES = {
+    "llava": llava.CASE,
+    "llava_next": llava_next.CASE,
+    "llava_onevision": onevision.CASE,
+    "internvl": checks.Case(**{**vars(internvl.CASE), "flat_features": True}),
+}
 PIPELINES = {
     "llava": llava.full_pipeline,
     "llava_next": llava_next.full_pipeline,
     "llava_onevision": onevision.full_pipeline,
+    "internvl": internvl.full_pipeline,
 }
 MODES = ["bf16", "bf16-flash"]
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None

@@ -24,6 +24,8 @@ def llava_features(image: Any, model: Any, model_id: str, device: str) -> Featur
     projector = getattr(inner, "multi_modal_projector", None)
     if tower is None or projector is None:
         return None  # not LLaVA-style: another plugin may know the model
+    if not hasattr(getattr(tower, "vision_model", tower).encoder, "layers"):
+        return None  # not a CLIP/SigLIP tower (e.g. InternViT): another plugin may know it
     model.to(device)
     tower.set_attn_implementation("eager")  # attention weights are needed for [CLS] attention
     processor = image_processor(model_id)

@@ -158,7 +158,7 @@ class LlavaFamilyAdapter(Adapter):
                     f"which the {self.name} adapter cannot provide for {type(self.model).__name__} "
                     f"(available there: {', '.join(sorted(avail))})"
                     + ("; only whole videos have frames: a video model with the pipeline's video_budget: per_video"
-                       if {"frames", "frame_index"} & set(missing) else "")
+                       if {"frames", "frame_index"} & set(missing) and "video" in self.modalities else "")
                 )
         llm = self.steps(Stage.LLM_LAYER)
         if llm:  # builds (and so validates) the decoder machinery now, not mid-forward

@@ -1,0 +1,149 @@
+"""Adapter for InternVL (``InternVLForConditionalGeneration``: InternViT tiles, pixel shuffle + MLP, Qwen2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tokenreduce.errors import ConfigError, InvalidInputError
+from tokenreduce.ops import keep_mask_from
+from tokenreduce.stages import Stage
+
+from .llava import encoder_context
+from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter, per_row
+from .vision import VisionContext, selected_layer, shallow_cls_layer
+
+
+class InternVLAdapter(LlavaFamilyAdapter):
+    """InternVL: the processor cuts an image into 448-px tiles (plus a thumbnail), InternViT
+    encodes each tile alone, the pixel shuffle folds every 2x2 patch group into one token
+    (``4 * D_v`` wide; 256 tokens per tile at ``downsample_ratio`` 0.5) and an MLP projects it.
+    The image's placeholders are one run: its tiles' tokens, tile after tile, each tile in
+    raster order.
+
+    Unit: an image = a maximal run of placeholders (the processor wraps each image in
+    ``<img>...</img>``). A step's budget applies per image, over the tokens of all its tiles
+    together (one selection; ``context.grid`` = the tiles stacked vertically, ``(k*s, s)``,
+    while intact): the inputs say neither the tile layout nor whether a thumbnail is present,
+    so no split like LLaVA-NeXT's base/crops is derived. ``vision_encoder`` steps see the
+    shuffled tokens before the MLP, ``projector`` steps its output. Videos: transformers feeds
+    frames as one-tile images, each frame its own run, so every frame is a unit;
+    ``video_budget: per_video`` is refused (the model cannot tell frames from images).
+
+    Context: per tile, the selected layer's [CLS] attention row and head-averaged keys,
+    recomputed from its q/k (with InternViT's q/k norms), then pixel-shuffled like the
+    features: a token's ``cls_attention`` is the sum over its 2x2 patches, its ``keys`` their
+    four keys concatenated. ``cls_token``: the last tile's [CLS] (the thumbnail, or the only tile).
+    """
+
+    name = "internvl"
+    model_classes = ("InternVLForConditionalGeneration",)
+
+    def encoder_context_fields(self) -> set[str]:
+        return super().encoder_context_fields() | {"cls_token", "cls_attention"}  # InternViT has a [CLS]
+
+    def validate(self) -> None:
+        if self.pipeline.video_budget == "per_video":
+            raise ConfigError("video_budget=per_video: InternVL takes video frames as one-tile images; use per_frame")
+        super().validate()
+
+    def llm_grid(self):
+        vc = self.model.config.vision_config
+        side = int(vc.image_size[0] // vc.patch_size[0] * self.model.config.downsample_ratio)
+        return side, side
+
+    def shuffle(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-patch ``(P, N, C)`` -> per-token ``(P, N / 4, 4C)``, grouped as the stock ``pixel_shuffle``."""
+        side = math.isqrt(x.shape[1])
+        y = self.inner.pixel_shuffle(x.reshape(x.shape[0], side, side, -1), scale_factor=self.model.config.downsample_ratio)
+        return y.reshape(x.shape[0], -1, y.shape[-1])
+
+    def tower(self, pixels: torch.Tensor, layer: int, start: int) -> tuple[torch.Tensor, VisionContext | None]:
+        """The selected features (as the stock getter selects them) and, if a step needs it, their context.
+        Hidden states only where the stock getter asks for them (transformers then installs capture hooks
+        for good); the blocks whose [CLS] rows are recomputed give their inputs to pre-hooks removed at once."""
+        blocks = self.inner.vision_tower.encoder.layer
+        si = shallow_cls_layer(map(self.step, ENCODER_STAGES), len(blocks))
+        li = selected_layer(layer, len(blocks)) if self.needs("cls_token", "cls_attention", "keys") else None
+        seen: dict[int, torch.Tensor] = {}
+        hooks = [blocks[i].register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0])) for i in {li, si} - {None}]
+        try:
+            out = self.inner.vision_tower(pixel_values=pixels.to(self.inner.dtype), output_hidden_states=layer != -1, return_dict=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        feats = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+
+        def row_and_keys(i: int):  # the block's [CLS] query row and head-averaged keys, with InternViT's q/k norms
+            att = blocks[i].attention
+            x = blocks[i].layernorm_before(seen[i])
+            k = att.k_norm(att.k_proj(x)).view(*x.shape[:2], -1, att.head_dim).transpose(1, 2)
+            q = att.q_norm(att.q_proj(x[:, :1])).view(x.shape[0], 1, -1, att.head_dim).transpose(1, 2)
+            row = (torch.matmul(q.float(), k.float().transpose(2, 3)) * att.scale).softmax(-1).mean(1)[:, 0, start:]
+            return self.shuffle(row.to(x.dtype).unsqueeze(-1)).sum(-1), self.shuffle(k.mean(1)[:, start:])
+
+        if li is None:
+            return feats, None
+        shallow = row_and_keys(si)[0] if si is not None else None
+        return feats, VisionContext(feats[:, 0], *row_and_keys(li), shallow)
+
+    def tiles_per_image(self, ids: torch.Tensor, per_tile: int, n_tiles: int) -> list[int]:
+        ph = ids == self.token_id("image")
+        starts = ph & ~torch.nn.functional.pad(ph[:, :-1], (1, 0))
+        lengths = torch.bincount(starts.flatten().long().cumsum(0)[ph.flatten()] - 1).tolist()
+        if any(n % per_tile for n in lengths) or sum(lengths) != per_tile * n_tiles:
+            raise InvalidInputError(f"input_ids hold image placeholder runs of {lengths} tokens but pixel_values has "
+                                    f"{n_tiles} tiles of {per_tile} tokens; an image's run must hold {per_tile} per tile")
+        return [n // per_tile for n in lengths]
+
+    def encode(self, kw: dict) -> dict[str, Encoded]:
+        inner = self.inner
+        layer, _, start = self.feature_selection(kw)
+        if not isinstance(layer, int):
+            raise InvalidInputError(f"vision_feature_layer={layer!r}: InternVL selects a single layer (an int)")
+        feats, vctx = self.tower(kw["pixel_values"], layer, start)
+        shuffled = self.shuffle(feats[:, start:])
+        projected = inner.multi_modal_projector(shuffled)  # the stock arrangement: bit-identical to the model
+        per_tile, dev = shuffled.shape[1], shuffled.device
+        tiles = self.tiles_per_image(kw["input_ids"], per_tile, shuffled.shape[0])
+        text, text_mask = self.text_context("image", [k * per_tile for k in tiles])
+        first = [sum(tiles[:i]) for i in range(len(tiles))]
+        order = sorted(range(len(tiles)), key=lambda i: (tiles[i], i))  # images grouped by tile count
+        recs = {st: ([], [], [], [], 0.0) for st in ENCODER_STAGES}  # in group order
+        features, keeps = [], []
+        for k in sorted(set(tiles)):  # images with the same tile count reduce together (equal rows)
+            members = [i for i in order if tiles[i] == k]
+            rows = torch.tensor([[first[i] + j for j in range(k)] for i in members], device=dev)
+
+            def stack(x):  # (tiles, n, ...) -> (images, k * n, ...): an image's tiles one after another
+                return None if x is None else x[rows].flatten(1, 2)
+
+            gctx = vctx and VisionContext(vctx.cls_token[rows[:, -1]], *map(stack, (
+                vctx.cls_attention, vctx.keys, vctx.shallow_cls_attention)))
+            sel = torch.tensor(members, device=dev)
+            t_text, t_mask = (None, None) if text is None else (text[sel], text_mask[sel])
+            total, grid, changed = k * per_tile, (k * math.isqrt(per_tile), math.isqrt(per_tile)), False
+            idx = torch.arange(total, device=dev).expand(len(members), total)
+            valid, tokens = torch.ones_like(idx, dtype=torch.bool), stack(shuffled)
+            for stage in ENCODER_STAGES:
+                if stage is Stage.PROJECTOR:  # the stock projected features while nothing was removed
+                    tokens = inner.multi_modal_projector(tokens) if changed else stack(projected)
+                if (step := self.step(stage)) is None:
+                    continue
+                # Equal rows keep equal counts: no mask (see LlavaAdapter.encode).
+                red, seconds = self.run_step(step, tokens, None, encoder_context(stage, gctx, idx, t_text, t_mask, grid))
+                before, (counts, _, info) = valid.sum(dim=1).tolist(), per_row(red)
+                if not red.info.get("identity"):
+                    idx = torch.gather(idx, 1, red.indices).masked_fill(~red.valid, -1)
+                    tokens, valid, grid, changed = red.tokens, red.valid, None, True
+                b, a, ix, inf, secs = recs[stage]
+                recs[stage] = (b + before, a + counts, ix + [idx[j, : c] for j, c in enumerate(counts)], inf + info, secs + seconds)
+            features += [tokens[j, :c] for j, c in enumerate(valid.sum(dim=1).tolist())]
+            keeps += list(keep_mask_from(idx, valid, total))
+        back = sorted(range(len(order)), key=order.__getitem__)  # group order -> image order
+        for stage in ENCODER_STAGES:
+            if self.step(stage) is not None:
+                self.add_record(self.step(stage), *([x[p] for p in back] for x in recs[stage][:4]), recs[stage][4])
+        # One tensor, as the stock getter returns it: the forward scatters it over the placeholders in order.
+        return {"image": Encoded(keep=[keeps[p] for p in back], pooler=torch.cat([features[p] for p in back]).unsqueeze(0))}
