@@ -85,6 +85,7 @@ def token_context(
     stage: Stage | None = None,
     layer: int | None = None,
     grid: tuple[int, int] | None = None,
+    frames: int | None = None,
 ) -> ReductionContext:
     """A stand-in for a model's context, made from ``tokens (B, N, D)`` alone.
 
@@ -92,9 +93,16 @@ def token_context(
     run`` on synthetic tokens, the pictures of ``tokenreduce show``): [CLS] = the mean
     token; ``attention (B, N)`` serves as the [CLS] attention and as the decoder's
     attention row; keys = the tokens; one "text" token = the mean token, whose keys are
-    itself, as ``keys`` are the tokens.
+    itself, as ``keys`` are the tokens. ``frames``: the tokens are that many equal frames
+    of a video, one after another (``frame_index`` follows).
     """
     text = tokens.mean(dim=1).unsqueeze(1)
+    b, n = tokens.shape[:2]
+    frame_index = None
+    if frames is not None:
+        if frames < 1 or n % frames:
+            raise ValueError(f"frames={frames} must be >= 1 and divide the {n} tokens into equal frames")
+        frame_index = (torch.arange(n, device=tokens.device) // (n // frames)).expand(b, n)
     return ReductionContext(
         stage=stage,
         layer=layer,
@@ -106,4 +114,6 @@ def token_context(
         text_keys=text,
         text_mask=torch.ones(text.shape[:2], dtype=torch.bool, device=tokens.device),
         grid=grid,
+        frames=frames,
+        frame_index=frame_index,
     )

@@ -113,9 +113,13 @@ def run_synthetic(
 def _synthetic_context(tokens: torch.Tensor, step: Step) -> ReductionContext:
     # Attention: a softmax of each token's scaled similarity to the mean token.
     sim = torch.einsum("bnd,bd->bn", tokens, tokens.mean(dim=1)) / tokens.shape[-1] ** 0.5
-    side = int(tokens.shape[1] ** 0.5)
-    grid = (side, side) if side * side == tokens.shape[1] else None
-    return token_context(tokens, sim.softmax(dim=-1), stage=step.stage, layer=step.layer, grid=grid)
+    n = tokens.shape[1]
+    frames = None
+    if "frames" in step.reducer.required_context:  # a video method: the tokens as a few equal frames
+        frames = next(t for t in (8, 4, 2, 1) if n % t == 0)
+    side = int((n // (frames or 1)) ** 0.5)
+    grid = (side * (frames or 1), side) if side * side * (frames or 1) == n else None
+    return token_context(tokens, sim.softmax(dim=-1), stage=step.stage, layer=step.layer, grid=grid, frames=frames)
 
 
 def run_model(pipeline: Pipeline, builder: Callable, *, seed: int = 0, repeats: int = DEFAULT_REPEATS) -> tuple[str, list[StageRow]]:

@@ -1,0 +1,364 @@
+"""``holitom``: HoliTom's outer-LLM video merging (redundancy-aware temporal segmentation, temporal
+and spatial merging) and ``holitom-llm``: its inner-LLM merging at a decoder layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
+from tokenreduce.context import ReductionContext
+from tokenreduce.errors import InvalidInputError
+from tokenreduce.numerics import safe_scale, unscale
+
+from .fastv import attention_scores
+from .holitom_ops import (
+    allocation_order,
+    dpc_clusters,
+    merge_clusters,
+    pair_similar,
+    segment_lengths,
+    segment_starts,
+    self_attention_received,
+    static_runs,
+    window_gains,
+)
+
+#: ``context.extra`` key of the official ranking signal, when a caller or adapter has it: ``(B, N)``
+#: the attention each token receives in the vision tower's selected layer (averaged over heads
+#: and query tokens, pooled like the features).
+ATTENTION_KEY = "received_attention"
+
+PUBLISHED_TAU = 0.8  # official T (0.65 with RETAIN_RATIO 0.10)
+PUBLISHED_BETA = 0.6
+PUBLISHED_K = 7
+PUBLISHED_MAX_WINDOW = 1024
+#: Inner-LLM merging: official HOLITOM_k = 18 (the input of layer 18, ranked by layer 17's
+#: attention) and HOLITOM_r = 0.5 (half of the image tokens merged away).
+PUBLISHED_LLM_LAYER = 18
+PUBLISHED_LLM_KEEP = 0.5
+
+# Allocation keys (see HoliTom docstring, "Budget"): a slot is taken before a later one.
+_RESTORE_KEY = 2.0  # above every threshold in [0, 1): only once every regular slot is taken
+
+
+class HoliTomParams(ReducerParams):
+    tau: float = Field(
+        default=PUBLISHED_TAU,
+        ge=-1.0,
+        le=1.0,
+        description="A token is static between two frames when the cosine similarity at its position is above "
+        "tau (official T: 0.8; 0.65 in the published 10% setting).",
+    )
+    beta: float | None = Field(
+        default=PUBLISHED_BETA,
+        ge=0.0,
+        le=1.0,
+        description="Weight of a static cluster's centre in its merged token: beta * centre + (1 - beta) * "
+        "mean(other members) (official BETA 0.6). None: the plain mean of centre and members (official NO_BETA=1).",
+    )
+    k: int = Field(
+        default=PUBLISHED_K,
+        ge=1,
+        description="Neighbours of the DPC-kNN density used to cluster static tokens (official K 7; "
+        "min(k, clusters) is used).",
+    )
+    max_window: int = Field(
+        default=PUBLISHED_MAX_WINDOW,
+        ge=1,
+        description="Longest temporal segment, in frames (official MAX_WINDOW_SIZE 1024; 1: no temporal merging).",
+    )
+
+
+class HoliTom(Reducer):
+    """HoliTom: merge each temporal segment's static tokens over time and cluster them; keep each frame's most attended others.
+
+    For one whole video per row (``context.frames = T``; ``N = T * n`` tokens, frame after
+    frame; ``video_budget: per_video``), as the official outer-LLM step on LLaVA-OneVision:
+
+    1. Similarity: a position is *similar* between frames ``t`` and ``t+1`` when the cosine
+       similarity of its two tokens is above ``tau``.
+    2. Segmentation: merging the tokens static over frames ``s..e`` (similar at every step)
+       removes ``(e - s) x`` their number. A dynamic programme over the frames picks the
+       partition into segments (at most ``max_window`` frames long) that removes the most
+       (official ``select_static_windows``; on equal totals the shorter last segment).
+    3. Temporal merging: in each segment of 2+ frames, each static position becomes one
+       token, the mean over the segment's frames, at the segment's first frame.
+    4. Budget: with ``S`` tokens left, every group keeps the same share ``rho`` of its
+       tokens: each frame ``ceil(n_dynamic * rho)`` dynamic tokens, each segment
+       ``round(n_static * rho)`` static tokens (official ``retain_ratio / ((N - removed) / N)``,
+       capped at 1).
+    5. Dynamic tokens: each frame keeps its most attended ones (attention, see below).
+    6. Static tokens: each segment's static tokens are clustered by DPC-kNN
+       (:func:`~tokenreduce_plugins.holitom_ops.dpc_clusters`, ``k = min(k, clusters)``),
+       each cluster merged into its centre, ``beta * centre + (1 - beta) * mean(others)``.
+
+    Budget. The official count follows from a ratio ``r`` (``RETAIN_RATIO``): the sum over
+    groups of ``ceil``/``round`` of ``n * rho`` with ``rho = r N / S``, slightly above
+    ``r N``. Here the budget ``T`` is exact: every group's tokens are slots with a threshold
+    (``j / n`` for a frame's dynamic token of attention rank ``j``, from 0, active when
+    ``rho`` exceeds it; ``(j + 0.5) / n`` for a segment's static slot ``j``, Python's half-to-even rule
+    on equality) and the ``T`` slots of lowest threshold are taken (ties: by index). Any
+    ``rho`` takes a prefix of that order, so when ``T`` is the official count of ``r`` the
+    official groups' counts (and so the official tokens) come out. If ``T`` exceeds ``S``
+    (budgets above what temporal merging leaves), the averaged-away copies of static
+    tokens are kept as they are too, in index order, and each static token averages its
+    remaining copies only. A ratio budget ``r`` keeps ``r N`` tokens, rounded half up.
+
+    Attention. The official ranking of dynamic tokens is the attention each token
+    receives in the vision tower's selected layer (averaged over heads and all queries,
+    pooled like the features). No adapter provides that map; a caller that has it passes it
+    as ``context.extra["received_attention"]`` ``(B, N)``. Otherwise the stand-in is the
+    attention each token receives within its frame with the tokens themselves as queries
+    and keys, ``softmax(X X^T / sqrt(D))`` averaged over the frame's queries.
+
+    Deviations from the official code (github.com/cokeshao/HoliTom, ``holitom/llava_arch.py``):
+
+    * The ranking signal above (a stand-in unless ``received_attention`` is given).
+    * The exact budget and its allocation above; over-budget restoration is not official.
+    * DPC density ties (the official code breaks them with ``1e-6 * rand`` noise: at random
+      when a segment keeps one or two static tokens, where ``k = 1`` or mutual nearest
+      neighbours make every density equal) go to the earlier token; equal scores likewise.
+      Distances are computed directly, not through the ``mm`` form ``cdist`` uses for more
+      than 25 tokens (bit-identical rows alone and in a batch).
+    * Token order: every kept token stays at its place in the video (a static token at its
+      segment's first frame), so indices are ascending, as the official ``grid`` newline
+      layout (LLaVA-Video) orders them; the official ``one_token`` layout (LLaVA-OneVision)
+      puts each segment's static tokens before its dynamic ones.
+    * The official ``D`` (a share of each frame's dynamic budget given to DPC-merged
+      "contextual" tokens) is not implemented: any ``D > 0`` fails in the official code
+      (``pos.masked_select(mask.unsqueeze(-1))`` broadcasts to the wrong shape); ``D = 0`` is
+      its default and every published setting.
+    * Batched: each row is its own video; the official code reuses the previous video's
+      adjusted ratio for the next video of a batch. Padded tokens are never static, kept or
+      merged. Float32 throughout; rows of extreme magnitude are rescaled by a power of two
+      first (:func:`tokenreduce.numerics.safe_scale`).
+
+    Context: ``frames`` (whole videos, ``video_budget: per_video``); all of a video's
+    tokens must be present (run it as the first step on the video): ``N`` must be a
+    multiple of ``frames`` and ``frame_index``, when given, must be the frame-after-frame
+    layout. Stages: ``projector`` (published: the pooled, projected frames of
+    LLaVA-OneVision / LLaVA-Video) and ``vision_encoder``.
+
+    The inner-LLM part of HoliTom is :class:`HoliTomLLM` (``holitom-llm``), a second step.
+
+    Paper: Shao et al., "HoliTom: Holistic Token Merging for Fast Video Large Language
+    Models", NeurIPS 2025, arXiv:2505.21334. Official code: https://github.com/cokeshao/HoliTom
+    """
+
+    name = "holitom"
+    stages = frozenset({Stage.PROJECTOR, Stage.VISION_ENCODER})
+    Params = HoliTomParams
+    required_context = frozenset({"frames"})
+    paper = (
+        'Shao et al., "HoliTom: Holistic Token Merging for Fast Video Large Language Models", NeurIPS 2025, '
+        "arXiv:2505.21334 (github.com/cokeshao/HoliTom)"
+    )
+
+    def _layout(self, tokens: torch.Tensor, valid: torch.Tensor, context: ReductionContext) -> tuple[int, int]:
+        b, n_all, _ = tokens.shape
+        t = context.frames
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise InvalidInputError(f"holitom: context.frames must be an int >= 1 (frames per video), got {t!r}")
+        if n_all % t:
+            raise InvalidInputError(
+                f"holitom: the {n_all} tokens per row are not {t} whole frames (context.frames={t}); HoliTom needs "
+                "every token of the video, frame after frame: run it as the first step on the video"
+            )
+        n = n_all // t
+        fi = context.frame_index
+        if fi is not None and fi.device.type == "cpu":  # checked where reading it costs no device sync
+            expected = torch.arange(n_all).div(n, rounding_mode="floor").expand(b, n_all)
+            if tuple(fi.shape) != (b, n_all) or bool(((fi.cpu() != expected) & valid.cpu()).any()):
+                raise InvalidInputError(
+                    "holitom: context.frame_index is not the frame-after-frame layout of whole frames (an earlier "
+                    "step removed tokens?); HoliTom needs every token of the video: run it as the first step"
+                )
+        return t, n
+
+    def _attention(self, x: torch.Tensor, valid: torch.Tensor, context: ReductionContext) -> torch.Tensor:
+        b, t, n, _ = x.shape
+        given = context.extra.get(ATTENTION_KEY)
+        if given is None:
+            return self_attention_received(x, valid)
+        if not isinstance(given, torch.Tensor) or tuple(given.shape) != (b, t * n):
+            got = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+            raise InvalidInputError(
+                f'holitom: context.extra["{ATTENTION_KEY}"] must be a (B, N)=({b}, {t * n}) tensor, got {got}'
+            )
+        att = given.to(x.device).float().view(b, t, n)
+        if att.device.type == "cpu" and not bool(torch.isfinite(att[valid]).all()):
+            raise InvalidInputError(f'holitom: context.extra["{ATTENTION_KEY}"] has non-finite values at valid tokens')
+        return att
+
+    def reduce(self, tokens, counts, valid, context):  # noqa: D102 - documented on Reducer
+        t_frames, n = self._layout(tokens, valid, context)
+        b, n_all, d = tokens.shape
+        dev = tokens.device
+        p = self.params
+        xs, scale = safe_scale(tokens, valid)
+        x = xs.view(b, t_frames, n, d)
+        ok = valid.view(b, t_frames, n)
+        frame = torch.arange(t_frames, device=dev).view(1, -1, 1)
+
+        # 1-3: segments and static tokens.
+        run = static_runs(pair_similar(x, ok, p.tau))
+        start = segment_starts(window_gains(run), p.max_window)  # (B, T)
+        length = segment_lengths(start)
+        run_from_start = run.gather(1, start.unsqueeze(-1).expand(b, t_frames, n))
+        static = (length >= 2).unsqueeze(-1) & (run_from_start >= (length - 1).unsqueeze(-1)) & ok
+        first = frame == start.unsqueeze(-1)  # (B, T, 1): the frame opens its segment
+        members = static & first  # a segment's static tokens, at its first frame
+        dynamic = ok & ~static
+
+        # 4: the allocation keys (class docstring, "Budget").
+        att = self._attention(x, ok, context)
+        att_order = torch.sort(att.masked_fill(~dynamic, float("-inf")), dim=-1, descending=True, stable=True).indices
+        slot = torch.arange(n, device=dev).expand_as(att_order)
+        att_rank = torch.empty_like(att_order).scatter_(-1, att_order, slot)
+        n_dyn = dynamic.sum(dim=-1, keepdim=True).clamp(min=1).double()
+        n_static = members.sum(dim=-1, keepdim=True).clamp(min=1).double()
+        member_rank = members.long().cumsum(dim=-1) - 1
+        key = torch.full((b, t_frames, n), float("inf"), dtype=torch.float64, device=dev)
+        key = torch.where(dynamic, att_rank.double() / n_dyn, key)
+        key = torch.where(members, (2 * member_rank + 1).double() / (2 * n_static), key)
+        key = torch.where(static & ~first, _RESTORE_KEY, key)
+        # round() rounds half to even: the k-th static slot (0-based) is taken at equality iff k is odd.
+        tie = torch.where(members & (member_rank % 2 == 1), 0, 1)
+        taken = allocation_order(key.view(b, n_all), tie.view(b, n_all)) < counts.unsqueeze(1)
+        taken = taken.view(b, t_frames, n) & ok
+
+        # 5-6: dynamic tokens kept by attention rank (a prefix of each frame's slots); static clusters.
+        restored = taken & static & ~first
+        clusters = (taken & members).sum(dim=-1)  # (B, T), 0 except at segments' first frames
+        in_mean = static & ~restored
+        # weights[b, s, t, p]: frame t's copy of position p is averaged into the static token of the
+        # segment opening at frame s (a matmul: deterministic on every device, unlike scatter-adds).
+        in_segment = start.unsqueeze(1) == torch.arange(t_frames, device=dev).view(1, -1, 1)  # (B, S, T)
+        weights = (in_segment.unsqueeze(-1) & in_mean.unsqueeze(1)).float()
+        copies = weights.sum(dim=2)  # (B, T, n)
+        means = torch.einsum("bstp,btpd->bspd", weights, x) / copies.clamp(min=1).unsqueeze(-1)
+        groups = b * t_frames
+        centre, assign = dpc_clusters(
+            means.reshape(groups, n, d),
+            members.reshape(groups, n),
+            clusters.reshape(groups),
+            clusters.clamp(max=p.k).reshape(groups),
+        )
+        merged, merged_sizes = merge_clusters(
+            means.reshape(groups, n, d), centre, assign, copies.reshape(groups, n), p.beta
+        )
+        centre = centre.view(b, t_frames, n)
+        keep = (taken & dynamic) | centre | restored
+        features = torch.where(centre.unsqueeze(-1), merged.view(b, t_frames, n, d), x).reshape(b, n_all, d)
+        sizes = torch.where(centre, merged_sizes.view(b, t_frames, n), keep.float()).reshape(b, n_all)
+
+        t_out = context.uniform_count if context.uniform_count is not None else int(counts.max())
+        slots = ops.slot_mask(counts, t_out)
+        pos = torch.arange(n_all, device=dev).expand(b, n_all)
+        indices = torch.sort(torch.where(keep.view(b, n_all), pos, n_all), dim=1).values[:, :t_out]
+        indices = indices.masked_fill(~slots, -1)
+        info: dict[str, Any] = {
+            "segment_start": start,
+            "static": static.reshape(b, n_all),
+            "attention": att.reshape(b, n_all),
+            "merged_into": self._merged_into(assign.view(b, t_frames, n), in_mean & ~keep, start, n),
+        }
+        return make_reduction(
+            tokens,
+            indices,
+            slots,
+            features=unscale(ops.gather_rows(features, indices), scale, tokens.dtype),
+            sizes=ops.gather_rows(sizes, indices),
+            info=info,
+        )
+
+    @staticmethod
+    def _merged_into(assign: torch.Tensor, merged: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
+        """``(B, N)``: for each merged-away static copy (``merged``), the index of the token it went into (-1: none)."""
+        b, t, _ = assign.shape
+        at_start = assign.gather(1, start.unsqueeze(-1).expand(b, t, n))  # its position's centre, in its segment
+        target = start.unsqueeze(-1) * n + at_start
+        return torch.where(merged & (at_start >= 0), target, -1).reshape(b, t * n)
+
+
+class HoliTomLLM(Reducer):
+    """HoliTom inner-LLM merging: keep the most attended image tokens, average each other one into its most similar kept one.
+
+    At decoder layer ``K`` (published: ``K = 18`` of LLaVA-OneVision-7B's 28, ``r = 0.5``):
+    the image tokens are ranked by the attention the last token paid them in layer ``K-1``
+    (averaged over heads); the top ``round(N (1 - r))`` are kept; every other image token is
+    merged into the kept token whose hidden state is most cosine-similar, in index order,
+    each merge halving: ``h <- (h + x) / 2`` (so a kept token with merged tokens ``x_1 ..
+    x_m`` ends as ``h / 2^m + sum_j x_j / 2^(m - j + 1)``). The budget is the kept count: a
+    ratio budget ``1 - r`` rounds half to even as the official ``round``.
+
+    Context (``llm_layer``): ``attention`` with ``attention_query = "last"`` and
+    ``attention_layer = "previous"`` (layer ``K-1``'s row, recomputed by the adapter from q/k,
+    so the model keeps its fast attention kernel; the official code asks layer ``K-1`` for the
+    eager attention map).
+
+    Deviations from the official code (github.com/cokeshao/HoliTom, ``holitom/modeling_qwen2.py``,
+    ``Qwen2Model_holitom.forward``):
+
+    * Per row: the official code ranks every row by the first row's attention (batch 1).
+    * Equal attention goes to the lower index (``torch.topk`` leaves ties unordered);
+      equal similarity to the kept token of higher attention, as the official argmax over
+      the top-k order.
+    * Float32 merging (the official code merges in the model's dtype, one rounding per merge).
+    * Where the adapter's image tokens are counted: the official image span of LLaVA-OneVision
+      includes the video's newline token.
+
+    Paper: Shao et al., "HoliTom: Holistic Token Merging for Fast Video Large Language
+    Models", NeurIPS 2025, arXiv:2505.21334. Official code: https://github.com/cokeshao/HoliTom
+    """
+
+    name = "holitom-llm"
+    stages = frozenset({Stage.LLM_LAYER})
+    required_context = frozenset({"attention"})
+    attention_query = "last"
+    attention_layer = "previous"
+    ratio_rounding = "half_even"  # official: round(N * (1 - r))
+    paper = HoliTom.paper
+
+    def reduce(self, tokens, counts, valid, context):  # noqa: D102 - documented on Reducer
+        b, n, _ = tokens.shape
+        dev = tokens.device
+        scores = attention_scores(context.attention, tokens, self.name)
+        if scores.device.type == "cpu" and not bool(torch.isfinite(scores[valid]).all()):
+            raise InvalidInputError("holitom-llm: context.attention has non-finite values at valid image tokens")
+        t = context.uniform_count if context.uniform_count is not None else int(counts.max())
+        order, slots = ops.topk_per_row(scores, counts, valid, t)  # descending attention
+        indices = ops.ascending(order, slots)
+        keep = ops.keep_mask_from(indices, slots, n)
+        x, scale = safe_scale(tokens, valid)
+        # Most similar kept token, searched in attention order (the official argmax over the top-k).
+        sim = ops.cosine_similarity(x, ops.gather_rows(x, order)).masked_fill(~slots.unsqueeze(1), float("-inf"))
+        target_pos = order.gather(1, sim.argmax(dim=2))  # (B, N) position of the chosen kept token
+        slot_of = (keep.long().cumsum(dim=1) - 1).clamp(min=0)  # ascending slot of each kept position
+        dropped = valid & ~keep & slots.any(dim=1, keepdim=True)
+        target = torch.where(dropped, slot_of.gather(1, target_pos), -1)
+        # Sequential halving: a merged token's weight is 2^-(1 + merges into the same slot after it).
+        _, m = ops.merge_into(x.new_ones(b, n, 1), target, t)
+        m = m.round().long()
+        pos = torch.arange(n, device=dev).expand(b, n)
+        key = torch.where(dropped, target * (n + 1) + pos, (t + 1) * (n + 1))
+        sorted_at = torch.empty_like(pos).scatter_(1, torch.sort(key, dim=1).indices, pos)
+        group_start = m.cumsum(dim=1) - m
+        tgt = target.clamp(min=0)
+        later = m.gather(1, tgt) - 1 - (sorted_at - group_start.gather(1, tgt))
+        weight = torch.where(dropped, torch.exp2(-(later + 1).float()), 0.0)
+        sums, _ = ops.merge_into(x, target, t, token_weight=weight)
+        kept = ops.gather_rows(x, indices)
+        features = kept * torch.exp2(-m.float()).unsqueeze(-1) + sums
+        info = {"scores": scores, "merged_into": torch.where(dropped, target_pos, -1)}
+        return make_reduction(
+            tokens,
+            indices,
+            slots,
+            features=unscale(features, scale, tokens.dtype),
+            sizes=(1 + m).float(),
+            info=info,
+        )
