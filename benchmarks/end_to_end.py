@@ -38,6 +38,11 @@ filters at layers 3/7/11/15; every other method after the projector. A setting i
 with the token count its paper reports it under (``target``; the mean over the decoder
 layers for VScan and SparseVLM, the tokens left at the end otherwise); ``budget`` is
 always the tokens left after the last step.
+
+A model spec with ``frames`` is the video row (:mod:`benchmarks.video`): no reduction, every
+registered video method and the ``random`` / ``pool`` baselines, all keeping
+``E2EConfig.video_ratio`` of the video's tokens under ``video_budget: per_video``. The image
+rows leave the video methods out (an image has no frames).
 """
 
 from __future__ import annotations
@@ -47,9 +52,11 @@ import math
 import statistics
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -58,6 +65,7 @@ import tokenreduce
 from tokenreduce import Pipeline, Stage, Step
 from tokenreduce.errors import MissingContextError
 from tokenreduce_plugins.adapters import compat
+from tokenreduce_plugins.adapters.fast_prefill import keep_graphs
 
 from .common import Deadline, Reporter, free_device_memory, peak_memory, summarize, sync, time_call
 from .models import LLAVA, LLAVA_NEXT, QWEN, Inputs, ModelSpec, make_inputs, parameter_bytes, text_model
@@ -205,6 +213,10 @@ class Setting:
             [Step(Stage(st), tokenreduce.create(self.reducer, b, stage=Stage(st), **kw), layer=k) for st, k, b in self.steps()]
         )
 
+    def record_fields(self) -> dict[str, Any]:
+        """What a record adds about the setting beyond :func:`_base` (the video row's plan)."""
+        return {}
+
     def image_tokens_per_layer(self, n: int, n_layers: int) -> list[int]:
         """Image tokens entering each decoder layer (analytic; the run measures them too)."""
         cur, at_layer = n, {}
@@ -269,10 +281,13 @@ def settings_for(family: str, n: int, n_layers: int, budgets: list[int]) -> list
     """Every registered reducer (the family's variant of a method) at each budget, in priority order.
 
     Order (a run under a time budget measures a prefix): no reduction; ApET at every
-    budget; every other method at the smallest budget; the other budgets.
+    budget; every other method at the smallest budget; the other budgets. The video
+    methods (and their companions) are left out: they run in the video row.
     """
+    from .video import video_only
+
     reg = tokenreduce.get_registry()
-    skip = {v for fam in VARIANTS.values() for v in fam.values()} | set(VARIANTS)
+    skip = {v for fam in VARIANTS.values() for v in fam.values()} | set(VARIANTS) | video_only()
     first = []
     for base, by_family in VARIANTS.items():
         variant = by_family.get(family)
@@ -413,9 +428,12 @@ def reducer_ranges(pipeline: Pipeline | None) -> Iterator[None]:
             del red.reduce  # back to the class method
 
 
-#: Execution paths a record can measure. ``eager`` is stock transformers with the pipeline
-#: patched in; a fast path (captured graphs) adds its name here and to :func:`_path_context`.
-PATHS = ("eager",)
+#: Execution paths a record can measure. ``eager``: stock transformers with the pipeline
+#: patched in. ``fast``: the same pipeline with ``fast=True`` (tokenreduce's fast path, see
+#: the docs' Speed page); its TTFT is a one-token ``generate()``, where the fast prefill runs
+#: (the eager TTFT is a plain forward, which has no ``generate()`` overhead: the comparison
+#: errs against the fast path), and its unreduced setting is the identity pipeline.
+PATHS = ("eager", "fast")
 
 
 @dataclass
@@ -432,15 +450,25 @@ class E2EConfig:
     #: Settings profiled once (largest batch, first model): where the prefill time goes.
     profile: tuple[str, ...] = ("none", "apet")
     reducers: tuple[str, ...] | None = None  # restrict to these reducer names (None = all)
-    path: str = "eager"
+    #: Execution paths measured, every setting on each, interleaved in the same rounds.
+    paths: tuple[str, ...] = ("eager",)
+    #: On the fast path, let transformers compile the decoding steps (its default on CUDA).
+    #: Off here by default: each batch size and cache length compiles anew (tens of seconds
+    #: each), so the fast path's decode is measured eagerly on its static cache.
+    compile_decode: bool = False
+    #: The video row: every setting keeps this share of the video's tokens (per video).
+    video_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         if self.reps < 1:
             raise ValueError(f"reps must be >= 1 (timed rounds), got {self.reps}")
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1 (a cold generate() is 3-6x slower), got {self.warmup}")
-        if self.path not in PATHS:
-            raise ValueError(f"path must be one of {', '.join(PATHS)}, got {self.path!r}")
+        bad = [p for p in self.paths if p not in PATHS]
+        if bad or not self.paths:
+            raise ValueError(f"paths must be among {', '.join(PATHS)}, got {list(self.paths)!r}")
+        if not 0.0 < self.video_ratio <= 1.0:
+            raise ValueError(f"video_ratio must be in (0, 1] (share of the video's tokens kept), got {self.video_ratio}")
 
 
 @dataclass
@@ -451,6 +479,7 @@ class _Unit:
     inputs: Inputs
     rec: dict[str, Any]
     round_s: float  # wall time of one warm untimed prefill + generate(): the cost of a round
+    path: str = "eager"
     ttft_ms: list[float] = dataclasses.field(default_factory=list)
     generate_ms: list[float] = dataclasses.field(default_factory=list)
     peak_gib: list[float] = dataclasses.field(default_factory=list)
@@ -468,7 +497,7 @@ def run_model(
     reporter: Reporter,
     profile_target: bool = False,
     on_result: Callable[[dict[str, Any]], None] | None = None,
-    previous: dict[tuple[str, int], dict[str, Any]] | None = None,
+    previous: dict[tuple[str, int, str], dict[str, Any]] | None = None,
     trace: list[tuple[Any, ...]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every setting x batch on one built model; returns one record per run (errors and skips included).
@@ -485,8 +514,9 @@ def run_model(
     setting's round with the unreduced one for the speed-up's spread.
 
     ``on_result`` gets a record whenever it changes (after the warm-up, after every round):
-    callers replace by ``(record["requested"] or record["setting"], record["batch"])``.
-    ``previous`` maps ``(setting name, batch)`` to records of an earlier run on the same
+    callers replace by ``(record["requested"] or record["setting"], record["batch"], record["path"])``.
+    Every setting runs on each of ``cfg.paths``, as its own unit of the rounds.
+    ``previous`` maps ``(setting name, batch, path)`` to records of an earlier run on the same
     kind of device (``--resume``): those are kept instead of measured again. ``trace``, when
     given, receives ``(phase, setting name, batch, round)`` for every call, in order.
     """
@@ -495,9 +525,15 @@ def run_model(
     config = model.config
     n_layers = config.text_config.num_hidden_layers
     probe = make_inputs(spec, config, batch=1, device="cpu", dtype=torch.float32)
-    n = probe.image_tokens
-    budgets = scaled_budgets(n, cfg.base_budgets)
-    settings = settings_for(spec.family, n, n_layers, budgets)
+    if spec.video:
+        from .video import video_settings
+
+        settings = video_settings(probe.extra["video_tokens"], n_layers, cfg.video_ratio)
+        budgets = [s.label for s in settings if s.reducer is not None][:1]
+    else:
+        n = probe.image_tokens
+        budgets = scaled_budgets(n, cfg.base_budgets)
+        settings = settings_for(spec.family, n, n_layers, budgets)
     if cfg.reducers is not None:
         settings = [
             s
@@ -505,37 +541,56 @@ def run_model(
             if s.reducer is None or s.reducer in cfg.reducers or s.reducer.split("-")[0] in cfg.reducers
         ]
     per_unit = 1 + cfg.reps
-    task = reporter.task(f"e2e {spec.key}", total=len(settings) * len(cfg.batches) * per_unit)
+    task = reporter.task(f"e2e {spec.key}", total=len(settings) * len(cfg.paths) * len(cfg.batches) * per_unit)
     inputs = {b: make_inputs(spec, config, batch=b, device=device, dtype=dtype) for b in cfg.batches}
-    if not all((s.name, b) in previous for s in settings for b in cfg.batches):
+    if not all((s.name, b, p) in previous for s in settings for b in cfg.batches for p in cfg.paths):
         _model_warmup(model, inputs, cfg, trace)
 
     results: list[dict[str, Any]] = []
     units: list[_Unit] = []
     committed_s = 0.0  # estimated wall time of the admitted units' rounds
     closed = False  # once one setting does not fit, later ones are skipped too (a prefix is measured)
-    for setting in settings:
-        for b in cfg.batches:
-            unit = None
-            if (setting.name, b) in previous:
-                rec = {**previous[(setting.name, b)], "resumed": True}
-            elif closed or deadline.expired():
-                rec = _skipped(spec, b, setting)
-            else:
-                want_profile = profile_target and b == max(cfg.batches) and _wants_profile(setting, cfg, budgets)
-                rec, unit = _prepare_with_fallback(model, spec, inputs[b], setting, device, cfg, peaks, want_profile, trace)
-                if unit is not None and deadline.remaining() < (committed_s + unit.round_s) * cfg.reps:
-                    closed, unit = True, None
-                    rec = {**_skipped(spec, b, setting), **{k: rec[k] for k in ("requested", "fallback_from") if k in rec}}
-            results.append(rec)
-            if unit is not None:
-                units.append(unit)
-                committed_s += unit.round_s
-                reporter.advance(task, item=f"B={b} {rec['setting']}: warmed up")
-            else:
-                reporter.advance(task, item=f"B={b} {rec['setting']}: {_short(rec)}", steps=per_unit)
-            emit(rec)
+    # The fast path's graphs depend on the model and shapes only: kept across the settings'
+    # patches (each round applies every setting anew) and released after the rounds.
+    with keep_graphs(model) if "fast" in cfg.paths else nullcontext():
+        for setting in settings:
+            for path in cfg.paths:
+                for b in cfg.batches:
+                    unit = None
+                    if (setting.name, b, path) in previous:
+                        rec = {**previous[(setting.name, b, path)], "resumed": True}
+                    elif closed or deadline.expired():
+                        rec = {**_skipped(spec, b, setting), "path": path}
+                    else:
+                        want_profile = (
+                            profile_target and path == "eager" and b == max(cfg.batches)
+                            and _wants_profile(setting, cfg, budgets)
+                        )
+                        rec, unit = _prepare_with_fallback(
+                            model, spec, inputs[b], setting, device, cfg, peaks, want_profile, trace, path
+                        )
+                        if unit is not None and deadline.remaining() < (committed_s + unit.round_s) * cfg.reps:
+                            closed, unit = True, None
+                            rec = {
+                                **_skipped(spec, b, setting),
+                                "path": path,
+                                **{k: rec[k] for k in ("requested", "fallback_from") if k in rec},
+                            }
+                    results.append(rec)
+                    what = f"B={b} {rec['setting']}" + ("" if path == "eager" else f" ({path})")
+                    if unit is not None:
+                        units.append(unit)
+                        committed_s += unit.round_s
+                        reporter.advance(task, item=f"{what}: warmed up")
+                    else:
+                        reporter.advance(task, item=f"{what}: {_short(rec)}", steps=per_unit)
+                    emit(rec)
+        _rounds(model, units, device, cfg, deadline, reporter, task, spec, trace, emit)
+    return results
 
+
+def _rounds(model, units, device, cfg: E2EConfig, deadline, reporter, task, spec, trace, emit) -> None:
+    """The timed rounds: every admitted unit once per round, the start rotated by one each round."""
     for r in range(cfg.reps):
         if r > 0 and deadline.expired():
             reporter.log(f"e2e {spec.key}: time budget used up after {r} of {cfg.reps} rounds")
@@ -545,11 +600,10 @@ def run_model(
             if unit.rec["status"] not in ("pending", "ok"):
                 continue  # failed in an earlier round
             _sample(model, unit, device, cfg, trace, r)
-            reporter.advance(task, item=f"B={unit.inputs.batch} {unit.setting.name}: round {r + 1}")
+            reporter.advance(task, item=f"B={unit.inputs.batch} {unit.setting.name} ({unit.path}): round {r + 1}")
         _finish_round(units, cfg)
         for unit in units:
             emit(unit.rec)
-    return results
 
 
 def _skipped(spec: ModelSpec, batch: int, setting: Setting) -> dict[str, Any]:
@@ -567,16 +621,23 @@ def _model_warmup(model, inputs: dict[int, Inputs], cfg: E2EConfig, trace) -> No
                 trace.append(("model-warmup", None, b, None))
 
 
-def _generate(model, inputs: Inputs, cfg: E2EConfig) -> Any:
+def _generate(model, inputs: Inputs, cfg: E2EConfig, path: str = "eager", new_tokens: int | None = None) -> Any:
+    """Greedy ``generate()`` of exactly ``new_tokens`` (default ``cfg.new_tokens``); the result has
+    ``sequences`` and, on the eager path, the cache (the fast path returns a tensor, and keeps its
+    static cache itself)."""
     pad = model.config.text_config.pad_token_id
-    return model.generate(
+    new = cfg.new_tokens if new_tokens is None else new_tokens
+    kw = dict(
         **inputs.kwargs,
-        max_new_tokens=cfg.new_tokens,
-        min_new_tokens=cfg.new_tokens,
+        max_new_tokens=new,
+        min_new_tokens=new,
         do_sample=False,
-        return_dict_in_generate=True,
         pad_token_id=pad if pad is not None else 0,
     )
+    if path == "fast":
+        out = model.generate(**kw, disable_compile=not cfg.compile_decode)
+        return SimpleNamespace(sequences=out, cache=None)
+    return model.generate(**kw, return_dict_in_generate=True)
 
 
 def _wants_profile(setting: Setting, cfg: E2EConfig, budgets: list[int]) -> bool:
@@ -587,6 +648,7 @@ def _wants_profile(setting: Setting, cfg: E2EConfig, budgets: list[int]) -> bool
 
 def _base(spec: ModelSpec, batch: int, s: Setting) -> dict[str, Any]:
     return {
+        **s.record_fields(),
         "model": spec.key,
         "batch": batch,
         "setting": s.name,
@@ -601,15 +663,15 @@ def _base(spec: ModelSpec, batch: int, s: Setting) -> dict[str, Any]:
 
 
 def _prepare_with_fallback(
-    model, spec, inputs, setting: Setting, device, cfg, peaks, want_profile, trace
+    model, spec, inputs, setting: Setting, device, cfg, peaks, want_profile, trace, path: str = "eager"
 ) -> tuple[dict[str, Any], _Unit | None]:
     """Warm a setting up; if the adapter cannot supply its context, use the method's documented fallback."""
-    rec, unit = _prepare(model, spec, inputs, setting, device, cfg, peaks, want_profile, trace)
+    rec, unit = _prepare(model, spec, inputs, setting, device, cfg, peaks, want_profile, trace, path)
     alt = FALLBACK_PARAMS.get(setting.reducer or "")
     if rec["status"] == "unsupported" and alt and not setting.params:
         first, requested = rec["error"], rec["setting"]
         setting = dataclasses.replace(setting, params=tuple(sorted(alt.items())))
-        rec, unit = _prepare(model, spec, inputs, setting, device, cfg, peaks, want_profile, trace)
+        rec, unit = _prepare(model, spec, inputs, setting, device, cfg, peaks, want_profile, trace, path)
         rec["fallback_from"] = first
         rec["requested"] = requested
     return rec, unit
@@ -622,9 +684,12 @@ def _short(rec: dict[str, Any]) -> str:
 
 
 @contextmanager
-def _path_context(model, setting: Setting, cfg: E2EConfig) -> Iterator[Any]:
+def _path_context(model, setting: Setting, path: str) -> Iterator[Any]:
     """The model as the record's ``path`` runs it, with the setting's pipeline applied (handle or None)."""
     pipeline = setting.pipeline()
+    if path == "fast":  # unreduced: the identity pipeline, which takes the fast path as well
+        identity = Pipeline([Step(Stage.PROJECTOR, tokenreduce.create("pool", 1.0, stage=Stage.PROJECTOR))])
+        pipeline = dataclasses.replace(pipeline or identity, fast=True)
     ctx = tokenreduce.apply(model, pipeline) if pipeline is not None else nullcontext()
     with torch.inference_mode(), ctx as handle:
         yield handle
@@ -649,19 +714,27 @@ def _guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def _prepare(
-    model, spec, inputs: Inputs, setting: Setting, device, cfg: E2EConfig, peaks: Peaks, want_profile: bool, trace
+    model, spec, inputs: Inputs, setting: Setting, device, cfg: E2EConfig, peaks: Peaks, want_profile: bool, trace,
+    path: str = "eager",
 ) -> tuple[dict[str, Any], _Unit | None]:
     box: dict[str, float] = {}
 
     def go() -> dict[str, Any]:
-        with _path_context(model, setting, cfg) as handle:
-            return _warm_and_measure(model, spec, inputs, setting, handle, device, cfg, peaks, want_profile, box, trace)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with _path_context(model, setting, path) as handle:
+                rec = _warm_and_measure(
+                    model, spec, inputs, setting, handle, device, cfg, peaks, want_profile, box, trace, path
+                )
+        # What ran eagerly on the fast path, and why (the adapters' one-line warnings).
+        eager = sorted({str(w.message) for w in caught if "fast path" in str(w.message)})
+        return {**rec, **({"fast_path_notes": eager} if eager else {})}
 
-    rec = {**_base(spec, inputs.batch, setting), **_guarded(go)}
+    rec = {**_base(spec, inputs.batch, setting), "path": path, **_guarded(go)}
     if rec["status"] != "ok":
         return rec, None
     rec["status"] = "pending"  # warmed up; "ok" once a round has timed it
-    return rec, _Unit(setting, inputs, rec, box["round_s"])
+    return rec, _Unit(setting, inputs, rec, box["round_s"], path)
 
 
 def _warm_and_measure(
@@ -676,15 +749,14 @@ def _warm_and_measure(
     want_profile: bool,
     box: dict[str, float],
     trace,
+    path: str = "eager",
 ) -> dict[str, Any]:
     """The untimed warm-up of a setting and everything about it that does not vary between calls."""
     kw = inputs.kwargs
     b = inputs.batch
-
-    def prefill():
-        return model(**kw, use_cache=True, logits_to_keep=1)
-
-    out = prefill()  # its cache tells how many tokens each decoder layer processed
+    prefill = _ttft_call(model, inputs, cfg, path)
+    # A forward's cache tells how many tokens each decoder layer processed (the same on both paths).
+    out = model(**kw, use_cache=True, logits_to_keep=1)
     lengths = cache_lengths(compat.output_cache(out))
     kv_prefill = cache_nbytes(compat.output_cache(out))
     records = [_record_dict(r) for r in (handle.records if handle is not None else [])]
@@ -694,11 +766,11 @@ def _warm_and_measure(
         sync(device)
         t0 = time.perf_counter()
         prefill()
-        gen = _generate(model, inputs, cfg)
+        gen = _generate(model, inputs, cfg, path)
         sync(device)
         box["round_s"] = time.perf_counter() - t0
         new = int(gen.sequences.shape[1] - kw["input_ids"].shape[1])
-        kv_final = cache_nbytes(compat.output_cache(gen))
+        kv_final = cache_nbytes(compat.output_cache(gen)) if path == "eager" else None
         del gen
         if trace is not None:
             trace.append(("warmup", setting.name, b, None))
@@ -712,7 +784,8 @@ def _warm_and_measure(
     per_layer = [max(0, length - text) for length in lengths] if lengths and len(lengths) == n_layers else None
     if per_layer is None:
         per_layer = setting.image_tokens_per_layer(inputs.image_tokens, n_layers)
-    proj = None if setting.stage != "vision_encoder" else setting.budgets[0]
+    # A video's projector runs on every frame before pooling, whatever the steps (the adapter keeps the stock order).
+    proj = None if setting.stage != "vision_encoder" or spec.video else setting.budgets[0]
     profile = token_profile(
         spec, model.config, image_tokens=inputs.image_tokens, prompt_len=inputs.prompt_len, per_layer=per_layer
     )
@@ -721,7 +794,8 @@ def _warm_and_measure(
     roof = summarize_components(prefill_components(model, spec, profile, b), peaks)
     rec: dict[str, Any] = {
         "status": "ok",
-        "path": cfg.path,
+        "path": path,
+        **({k: inputs.extra[k] for k in ("frames", "frame_tokens", "video_tokens")} if spec.video else {}),
         "image_tokens": inputs.image_tokens,
         "prompt_len": inputs.prompt_len,
         "image_tokens_per_layer": per_layer,
@@ -745,20 +819,28 @@ def _warm_and_measure(
     return rec
 
 
+def _ttft_call(model, inputs: Inputs, cfg: E2EConfig, path: str) -> Callable[[], Any]:
+    """Time to first token: a prefill forward (eager), or a one-token ``generate()`` (fast)."""
+    if path == "fast":
+        return lambda: _generate(model, inputs, cfg, path, new_tokens=1)
+    return lambda: model(**inputs.kwargs, use_cache=True, logits_to_keep=1)
+
+
 def _sample(model, unit: _Unit, device: str, cfg: E2EConfig, trace, rnd: int) -> None:
     """One round of one unit: a timed prefill (TTFT), then a timed ``generate()`` with its peak memory."""
-    kw = unit.inputs.kwargs
 
     def go() -> dict[str, Any]:
-        with _path_context(model, unit.setting, cfg):
-            (ttft,) = time_call(lambda: model(**kw, use_cache=True, logits_to_keep=1), device, reps=1, warmup=0)
-            with peak_memory(device) as mem:
-                sync(device)
-                t0 = time.perf_counter()
-                gen = _generate(model, unit.inputs, cfg)
-                sync(device)
-                gen_ms = (time.perf_counter() - t0) * 1e3
-            del gen
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once, at the warm-up (the record's fast_path_notes)
+            with _path_context(model, unit.setting, unit.path):
+                (ttft,) = time_call(_ttft_call(model, unit.inputs, cfg, unit.path), device, reps=1, warmup=0)
+                with peak_memory(device) as mem:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    gen = _generate(model, unit.inputs, cfg, unit.path)
+                    sync(device)
+                    gen_ms = (time.perf_counter() - t0) * 1e3
+                del gen
         unit.ttft_ms.append(ttft)
         unit.generate_ms.append(gen_ms)
         if mem["peak_gib"] is not None:
@@ -854,6 +936,7 @@ def model_summary(model: torch.nn.Module, spec: ModelSpec, build_s: float) -> di
         "family": spec.family,
         "class": type(model).__name__,
         "image_size": list(spec.image_size),
+        **({k: probe.extra[k] for k in ("frames", "frame_tokens", "video_tokens")} if spec.video else {}),
         "image_tokens": probe.image_tokens,
         "prompt_len": probe.prompt_len,
         "decoder_layers": tc.num_hidden_layers,

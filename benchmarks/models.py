@@ -1,8 +1,9 @@
 """The benchmarked models: published configurations, fast random-weight builds, synthetic prompts.
 
 Every model is a stock transformers class (``LlavaForConditionalGeneration``,
-``LlavaNextForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``) built
-from its published configuration; nothing is downloaded. Weights are random: the
+``LlavaNextForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``LlavaOnevisionForConditionalGeneration``) built from its published configuration;
+nothing is downloaded. Weights are random: the
 compute and memory traffic of a forward pass do not depend on their values.
 
 Building a 7B model with transformers' default initialisation takes minutes; here it
@@ -11,10 +12,15 @@ disabled (``transformers.initialization.no_init_weights``) and then every parame
 filled in one pass (normal(0, 0.02), norms 1), which takes seconds.
 
 ``quick=True`` swaps in tiny configurations of the same classes (CPU tests).
+
+A spec with ``frames`` is a video row: one synthetic video of ``frames`` frames per prompt
+(LLaVA-OneVision: each frame a 384x384 SigLIP crop, 27x27 patches 2x2-pooled to 14x14 =
+196 tokens, then one newline token per video).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +29,7 @@ import torch
 LLAVA = "llava"
 LLAVA_NEXT = "llava_next"
 QWEN = "qwen2_5_vl"
+LLAVA_ONEVISION = "llava_onevision"
 
 # Text around the image: about the length of the LLaVA-1.5 / Qwen chat templates with a
 # one-line question (FastV's official code hard-codes 35 tokens before the image).
@@ -37,31 +44,55 @@ class ModelSpec:
     Attributes:
         key: short name used in results (``llava-1.5-7b``).
         title: what it stands for.
-        family: ``llava``, ``llava_next`` or ``qwen2_5_vl``.
-        image_size: ``(height, width)`` of the synthetic input image in pixels.
+        family: ``llava``, ``llava_next``, ``qwen2_5_vl`` or ``llava_onevision``.
+        image_size: ``(height, width)`` of the synthetic input image (of each frame) in pixels.
+        frames: frames of the synthetic video (0: an image model row).
     """
 
     key: str
     title: str
     family: str
     image_size: tuple[int, int]
+    frames: int = 0
+
+    @property
+    def video(self) -> bool:
+        return self.frames > 0
 
 
 FULL_SPECS = (
     ModelSpec("llava-1.5-7b", "LLaVA-1.5-7B (CLIP-L/336 + Llama-7B), 576 image tokens", LLAVA, (336, 336)),
     ModelSpec("llava-next-7b", "LLaVA-NeXT-7B (vicuna), 672x672 image (2x2 tiles + base)", LLAVA_NEXT, (672, 672)),
     ModelSpec("qwen2.5-vl-7b", "Qwen2.5-VL-7B, 1344x1344 image", QWEN, (1344, 1344)),
+    ModelSpec(
+        "llava-onevision-7b-video",
+        "LLaVA-OneVision-7B (SigLIP so400m/384 + Qwen2-7B), 32-frame video, 6,272 video tokens",
+        LLAVA_ONEVISION,
+        (384, 384),
+        frames=32,
+    ),
 )
 
 QUICK_SPECS = (
     ModelSpec("llava-1.5-7b", "tiny LLaVA-1.5 layout (CPU test config)", LLAVA, (48, 48)),
     ModelSpec("llava-next-7b", "tiny LLaVA-NeXT layout (CPU test config)", LLAVA_NEXT, (48, 48)),
     ModelSpec("qwen2.5-vl-7b", "tiny Qwen2.5-VL layout (CPU test config)", QWEN, (48, 48)),
+    ModelSpec(
+        "llava-onevision-7b-video", "tiny LLaVA-OneVision layout, 16-frame video (CPU test config)", LLAVA_ONEVISION, (48, 48), 16
+    ),
 )
 
 
 def model_specs(quick: bool) -> tuple[ModelSpec, ...]:
     return QUICK_SPECS if quick else FULL_SPECS
+
+
+def image_specs(quick: bool) -> tuple[ModelSpec, ...]:
+    return tuple(s for s in model_specs(quick) if not s.video)
+
+
+def video_specs(quick: bool) -> tuple[ModelSpec, ...]:
+    return tuple(s for s in model_specs(quick) if s.video)
 
 
 # -- configurations ----------------------------------------------------------------------
@@ -126,10 +157,76 @@ def _llama(quick: bool) -> Any:
     )
 
 
+def _onevision(quick: bool, image_size: int) -> Any:
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    if quick:
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=4,
+            vision_use_head=False,
+        )
+        text = Qwen2Config(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=160,
+            max_position_embeddings=4096,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        ids = dict(image_token_id=150, video_token_id=151)
+    else:
+        # llava-hf/llava-onevision-qwen2-7b-ov-hf: google/siglip-so400m-patch14-384 without
+        # its last layer (26 of 27, "full" features of the last kept layer), Qwen2-7B.
+        vision = SiglipVisionConfig(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=26,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+            vision_use_head=False,
+        )
+        text = Qwen2Config(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152128,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            bos_token_id=151643,
+            eos_token_id=151645,
+            pad_token_id=151643,
+        )
+        ids = dict(image_token_id=151646, video_token_id=151647)
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        **ids,
+    )
+
+
 def build_config(spec: ModelSpec, quick: bool) -> Any:
     """The transformers config of ``spec`` (published sizes, or tiny ones when ``quick``)."""
     from transformers import LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig
 
+    if spec.family == LLAVA_ONEVISION:
+        return _onevision(quick, spec.image_size[0])
     image_token = 100 if quick else 32000
     if spec.family == LLAVA:
         return LlavaConfig(
@@ -225,6 +322,7 @@ def model_class(spec: ModelSpec) -> type:
         LLAVA: "LlavaForConditionalGeneration",
         LLAVA_NEXT: "LlavaNextForConditionalGeneration",
         QWEN: "Qwen2_5_VLForConditionalGeneration",
+        LLAVA_ONEVISION: "LlavaOnevisionForConditionalGeneration",
     }[spec.family]
     return getattr(transformers, name)
 
@@ -274,9 +372,11 @@ class Inputs:
 
     Attributes:
         kwargs: ``input_ids``, ``attention_mask``, pixel inputs (model specific).
-        image_tokens: image placeholder tokens per row (``N``).
+        image_tokens: image (video) placeholder tokens per row (``N``; a video's newline included).
         image_start: column of the first image token (the same in every row).
         prompt_len: tokens per row.
+        extra: for a video, ``frames``, ``frame_tokens`` (per frame) and ``video_tokens``
+            (``frames x frame_tokens``: what a per-video budget counts).
     """
 
     kwargs: dict[str, Any]
@@ -290,9 +390,24 @@ class Inputs:
         return int(self.kwargs["input_ids"].shape[0])
 
 
+def frame_token_count(config: Any) -> int:
+    """Tokens of one LLaVA-OneVision video frame: the patch grid 2x2-pooled (``ceil(side / 2)`` squared)."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return math.ceil(side / 2) ** 2
+
+
+def video_token_count(spec: ModelSpec, config: Any) -> int:
+    """Frame tokens of one video of ``spec.frames`` frames (what a video budget counts; no newline)."""
+    return spec.frames * frame_token_count(config)
+
+
 def image_token_count(spec: ModelSpec, config: Any) -> int:
-    """Placeholder tokens one image of ``spec.image_size`` takes (what the HF processor would insert)."""
+    """Placeholder tokens one image (video) of ``spec.image_size`` takes (what the HF processor would insert)."""
     h, w = spec.image_size
+    if spec.family == LLAVA_ONEVISION:
+        if not spec.video:
+            raise ValueError(f"{spec.key}: the LLaVA-OneVision spec is a video row; give it frames")
+        return video_token_count(spec, config) + 1  # the frames' tokens, then one newline per video
     if spec.family == LLAVA:
         side = config.vision_config.image_size // config.vision_config.patch_size
         return side * side
@@ -324,7 +439,15 @@ def make_inputs(spec: ModelSpec, config: Any, *, batch: int, device: str, dtype:
     prefix[:, 0] = text_cfg.bos_token_id if text_cfg.bos_token_id is not None else 1
     h, w = spec.image_size
     kwargs: dict[str, Any] = {}
-    if spec.family in (LLAVA, LLAVA_NEXT):
+    extra: dict[str, Any] = {}
+    if spec.family == LLAVA_ONEVISION:
+        # A video prompt: text, the video's placeholders (frame tokens + newline), text.
+        video = torch.full((batch, n), config.video_token_id, dtype=torch.long)
+        ids = torch.cat([prefix, video, suffix], dim=1)
+        start = PREFIX_TOKENS
+        kwargs["pixel_values_videos"] = torch.randn(batch, spec.frames, 3, h, w, generator=gen)
+        extra = {"frames": spec.frames, "frame_tokens": frame_token_count(config), "video_tokens": n - 1}
+    elif spec.family in (LLAVA, LLAVA_NEXT):
         image = torch.full((batch, n), config.image_token_index, dtype=torch.long)
         ids = torch.cat([prefix, image, suffix], dim=1)
         start = PREFIX_TOKENS
@@ -350,7 +473,7 @@ def make_inputs(spec: ModelSpec, config: Any, *, batch: int, device: str, dtype:
     kwargs["attention_mask"] = torch.ones_like(ids)
     for k, v in list(kwargs.items()):
         kwargs[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-    return Inputs(kwargs=kwargs, image_tokens=n, image_start=start, prompt_len=int(ids.shape[1]))
+    return Inputs(kwargs=kwargs, image_tokens=n, image_start=start, prompt_len=int(ids.shape[1]), extra=extra)
 
 
 # -- structure (for the roofline and the official-style paths) -------------------------------

@@ -4,7 +4,8 @@ Reads every ``roofline.json``, ``overhead.json``, ``e2e_*.json`` and ``attention
 of the folder and writes ``README.md`` (environment, the targets of issue 8 with how far
 each is from its goal, one table per suite, errors and skipped work) and the plots
 ``latency_vs_budget_<model>.png``, ``memory_vs_budget_<model>.png`` and
-``overhead_vs_n.png``.
+``overhead_vs_n.png``. Video rows (``e2e_<key>.json`` of a model with frames) get a
+"Video" section and ``video_<key>.png`` (:mod:`benchmarks.video_report`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from . import video_report
 from .common import read_json
 
 TARGET_RATIO = 0.90  # ApET TTFT speed-up >= 90% of the roofline-ideal speed-up
@@ -24,11 +26,13 @@ TARGET_REDUCER_SHARE = 0.05  # no reducer slower than 5% of the unreduced prefil
 
 
 def load(out: Path) -> dict[str, Any]:
-    """All result documents of a folder."""
+    """All result documents of a folder; end-to-end files of video rows under ``"video"``, the others under ``"e2e"``."""
+    e2e = {p.stem[len("e2e_") :]: read_json(p) for p in sorted(out.glob("e2e_*.json"))}
     return {
         "roofline": read_json(out / "roofline.json"),
         "overhead": read_json(out / "overhead.json"),
-        "e2e": {p.stem[len("e2e_") :]: read_json(p) for p in sorted(out.glob("e2e_*.json"))},
+        "e2e": {k: d for k, d in e2e.items() if not video_report.is_video(d)},
+        "video": {k: d for k, d in e2e.items() if video_report.is_video(d)},
         "attention": {p.stem[len("attention_") :]: read_json(p) for p in sorted(out.glob("attention_*.json"))},
         # benchmarks/apet_in_model.py: ApET against `random` at the same budget, 20 reps in rotation.
         "apet_in_model": read_json(out / "apet_in_model_cuda.json"),
@@ -410,6 +414,7 @@ TARGET19_B8 = 3.5  # projector methods, batch 8
 TARGET19_REDUCER_MS = {1: 1.0, 8: 2.0}  # every reducer at N=576, D=4096
 TARGET19_APET_2880_MS = 5.0  # ApET at N=2880, D=4096, B=8
 TARGET19_QWEN = 2.5  # apet-qwen@projector:256, B=1
+TARGET19_VS_FAST = 1.7  # projector methods, batch 1, fast path vs the fast path without reduction
 
 
 def targets19(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -453,6 +458,25 @@ def targets19(data: dict[str, Any]) -> list[dict[str, Any]]:
 
     proj = ("apet-llava", "visionzip", "random")
     add("Batch-1 TTFT", TARGET19_B1, "llava-1.5-7b", proj, 1, "projector", [], 64)
+    sel, _ = e2e_rows("llava-1.5-7b", proj, 1, "projector", [], 64)
+    doc = data["e2e"].get("llava-1.5-7b")
+    fast_none = next(
+        (r for r in timed(doc["results"]) if r["reducer"] is None and r["batch"] == 1 and path_of(r) == "fast"), None
+    ) if doc else None
+    for r in sorted((r for r in sel if path_of(r) == "fast"), key=lambda r: r["reducer"]):
+        if fast_none is None:
+            break
+        s = speedup_vs_stock(r, fast_none)
+        out.append(
+            {
+                "target": f"Batch-1 TTFT vs the fast path without reduction: `{r['setting']}` (fast) on llava-1.5-7b",
+                "value": s["median"],
+                "goal": f"≥ {TARGET19_VS_FAST:.1f}x",
+                "met": s["median"] >= TARGET19_VS_FAST,
+                "detail": f"TTFT {r['ttft_ms']:.1f} ms vs {fast_none['ttft_ms']:.1f} ms; {_x(s)}",
+                "fmt": "x",
+            }
+        )
     add("LLM-layer method at batch 1", TARGET19_B1_LLM, "llava-1.5-7b", ("fastv", "dart"), 1, "llm_layer", [2], 64)
     add("Batch 8", TARGET19_B8, "llava-1.5-7b", proj, 8, "projector", [], 64)
     add("Qwen2.5-VL-7B at 1344², batch 1", TARGET19_QWEN, "qwen2.5-vl-7b", ("apet-qwen",), 1, "projector", [], 256)
@@ -526,16 +550,23 @@ def markdown(data: dict[str, Any], out: Path, plots: list[str]) -> str:
         "the docstrings of `benchmarks/*.py` say how each number is measured.",
         "",
     ]
-    if any(doc and doc["meta"].get("quick") for doc in [data["roofline"], data["overhead"], *data["e2e"].values()]):
+    videos = data.get("video", {})
+    if any(
+        doc and doc["meta"].get("quick")
+        for doc in [data["roofline"], data["overhead"], *data["e2e"].values(), *videos.values()]
+    ):
         lines += [
             "**Quick mode**: tiny CPU configurations that test the benchmark code; the numbers are not benchmark figures.",
             "",
         ]
     lines += _environment(data)
     lines += _buys_sections(data)
+    video, _ = video_docs(data, plots=plots)
+    if video:
+        lines += [video]
     lines += _targets19(data)
     lines += _targets(data, ov)
-    for key, doc in data["e2e"].items():
+    for key, doc in [*data["e2e"].items(), *videos.items()]:
         if doc is not None:
             lines += _e2e(key, doc)
     lines += _attention(data)
@@ -543,6 +574,13 @@ def markdown(data: dict[str, Any], out: Path, plots: list[str]) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines) + "\n"
+
+
+def video_docs(data: dict[str, Any], plot_prefix: str = "", plots: list[str] | None = None) -> tuple[str, list[str]]:
+    """The "Video" section (chart, plain words, a table per batch) of the video rows in ``data``
+    and the plot files it shows; ``("", [])`` when there are none. The Benchmarks page of the
+    docs and ``README.md`` both use it (``plots``: the plot files present, None = assume drawn)."""
+    return video_report.docs_section(data, plot_prefix, plots)
 
 
 def _buys_sections(data: dict[str, Any]) -> list[str]:
@@ -562,7 +600,7 @@ def _environment(data: dict[str, Any]) -> list[str]:
     lines = ["## Environment", ""]
     roof = data["roofline"]
     docs = [("roofline", roof)] + [("overhead", data["overhead"])]
-    docs += [(f"e2e {k}", v) for k, v in data["e2e"].items()] + [
+    docs += [(f"e2e {k}", v) for k, v in [*data["e2e"].items(), *data.get("video", {}).items()]] + [
         (f"attention {k}", v) for k, v in data["attention"].items()
     ]
     rows = []
@@ -835,6 +873,10 @@ def plots(data: dict[str, Any], out: Path) -> list[str]:
     plt.rcParams["axes.prop_cycle"] = cycler(color=[s["color"] for s in style], marker=[s["marker"] for s in style])
 
     names = []
+    for key, doc in data.get("video", {}).items():
+        name = video_report.plot(plt, key, doc, out) if doc and timed(doc["results"]) else None
+        if name:
+            names.append(name)
     for key, doc in data["e2e"].items():
         if doc is None:
             continue

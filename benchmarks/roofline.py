@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .common import sync, time_call
-from .models import LLAVA_NEXT, QWEN, ModelSpec, text_model, vision_modules
+from .models import LLAVA_NEXT, LLAVA_ONEVISION, QWEN, ModelSpec, text_model, vision_modules
 
 
 @dataclass
@@ -133,6 +133,12 @@ def token_profile(
         window = (v.window_size // v.patch_size) ** 2
         windows = [None if i in set(v.fullatt_block_indexes) else window for i in range(v.depth)]
         seqs, length, proj = 1, patches, image_tokens
+    elif spec.family == LLAVA_ONEVISION:
+        # Video: every frame through SigLIP (no [CLS]); the projector runs on every frame's
+        # patches before the 2x2 pooling (the stock order, kept by the adapter whatever the steps).
+        p = v.image_size // v.patch_size
+        seqs, length, proj = spec.frames, p * p, spec.frames * p * p
+        windows = [None] * v.num_hidden_layers
     else:
         p = v.image_size // v.patch_size
         seqs = 1

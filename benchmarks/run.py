@@ -5,6 +5,7 @@
     python -m benchmarks.run --suite all                    # GPU: about 8 minutes on one H100
     python -m benchmarks.run --suite all --quick            # CPU, tiny configs (CI)
     python -m benchmarks.run --suite e2e --resume --models qwen2.5-vl-7b   # measure what a run skipped
+    python -m benchmarks.run --suite e2e --models llava-onevision-7b-video --batches 1   # the video row
 
 Writes, under ``--out`` (default ``benchmarks/results``; ``benchmarks/results/quick``
 with ``--quick``): ``roofline.json`` (measured peaks), ``overhead.json``,
@@ -27,7 +28,10 @@ rounds would not end in time, and every setting after it) is recorded as skipped
 named in the report with the command that completes it
 (``--resume`` keeps what an earlier run on the same GPU measured). Within a model the
 most important settings run first (no reduction, ApET at every budget, every other
-method at the smallest budget, then the rest). One model build is shared by the
+method at the smallest budget, then the rest). The video row
+(``llava-onevision-7b-video``, :mod:`benchmarks.video`) runs every registered video method
+and the ``random`` / ``pool`` baselines at ``--video-ratio`` (default 0.1) of the video's
+tokens, per video. One model build is shared by the
 attention and end-to-end suites and freed before the next model.
 """
 
@@ -71,7 +75,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="budgets for 576 image tokens, scaled per model (default 192 128 64)",
     )
+    p.add_argument(
+        "--video-ratio",
+        type=float,
+        default=None,
+        help="video row: share of the video's tokens every setting keeps, per video (default 0.1)",
+    )
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per generate() (default 64)")
+    p.add_argument(
+        "--paths",
+        nargs="*",
+        choices=end_to_end.PATHS,
+        default=None,
+        help="e2e execution paths, each setting on each, interleaved (default: eager)",
+    )
+    p.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="fast path: let transformers compile the decoding steps (tens of seconds per shape)",
+    )
     p.add_argument(
         "--reps",
         type=int,
@@ -184,12 +206,15 @@ def run_models(
         e2e_cfg.new_tokens = args.new_tokens
     if args.reducers:
         e2e_cfg.reducers = tuple(args.reducers)
-    if args.reps is not None or args.warmup is not None:  # through the constructor: it checks the values
-        e2e_cfg = dataclasses.replace(
+    if args.reps is not None or args.warmup is not None or args.video_ratio is not None or args.paths:
+        e2e_cfg = dataclasses.replace(  # through the constructor: it checks the values
             e2e_cfg,
             reps=e2e_cfg.reps if args.reps is None else args.reps,
             warmup=e2e_cfg.warmup if args.warmup is None else args.warmup,
+            video_ratio=e2e_cfg.video_ratio if args.video_ratio is None else args.video_ratio,
+            paths=tuple(args.paths) if args.paths else e2e_cfg.paths,
         )
+    e2e_cfg.compile_decode = args.compile_decode
     total = args.models_s if args.models_s is not None else (None if args.quick else 380.0)
     all_deadline = Deadline(total)
     for i, spec in enumerate(specs):
@@ -253,9 +278,9 @@ def run_models(
         free_device_memory(collect=True)
 
 
-def record_key(rec: dict[str, Any]) -> tuple[str, int]:
-    """What an e2e record is about: the setting asked for (before any fallback) and the batch."""
-    return rec.get("requested", rec["setting"]), rec["batch"]
+def record_key(rec: dict[str, Any]) -> tuple[str, int, str]:
+    """What an e2e record is about: the setting asked for (before any fallback), the batch and the path."""
+    return rec.get("requested", rec["setting"]), rec["batch"], rec.get("path") or "eager"
 
 
 def upsert(results: list[dict[str, Any]], rec: dict[str, Any]) -> None:
@@ -268,14 +293,14 @@ def upsert(results: list[dict[str, Any]], rec: dict[str, Any]) -> None:
     results.append(rec)
 
 
-def _previous_e2e(path: Path, meta: dict[str, Any], doc: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+def _previous_e2e(path: Path, meta: dict[str, Any], doc: dict[str, Any]) -> dict[tuple[str, int, str], dict[str, Any]]:
     """Measured records of an earlier e2e file of the same model, GPU and settings (for ``--resume``)."""
     prev = read_json(path)
     same = prev is not None and all(
         prev["meta"].get(k) == meta.get(k) for k in ("gpu", "device", "quick", "torch", "transformers")
     )
     # What a record's numbers depend on (batches/budgets/reducers only select).
-    keys = ("new_tokens", "prefill_reps", "reps", "warmup", "path")
+    keys = ("new_tokens", "prefill_reps", "reps", "warmup", "compile_decode")
     if not same or any(prev.get("config", {}).get(k) != doc["config"].get(k) for k in keys):
         return {}
     doc["resumed_from"] = [*prev.get("resumed_from", []), prev["meta"]]

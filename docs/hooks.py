@@ -105,8 +105,12 @@ def example_yaml(name: str) -> tuple[str, str]:
 def example_block(name: str) -> str:
     text, source = example_yaml(name)
     title = f' title="{source}"' if source else ""
+    video = "frames" in reducer_class(name).required_context  # the embedded default model takes images only
     how = (
-        f"Check it with `tokenreduce validate {source}`, run it on the embedded default with "
+        f"Check it with `tokenreduce validate {source}` and apply it to a video model "
+        "(see [Video](../video.md))."
+        if source and video
+        else f"Check it with `tokenreduce validate {source}`, run it on the embedded default with "
         f"`tokenreduce run {source}`, or picture it with `tokenreduce show IMAGE --pipeline {source}`."
         if source
         else "Save it as `pipeline.yaml` and check it with `tokenreduce validate pipeline.yaml`."
@@ -454,7 +458,11 @@ def benchmarks_markdown(results: Path = RESULTS, plot_prefix: str = "") -> str:
             data = {"e2e": {}}
     e2e = {k: d for k, d in data.get("e2e", {}).items() if d and report is not None and report.timed(d.get("results", []))}
     parts = []
-    lead = _lead_plot(plots, list(e2e))
+    # The video rows (benchmarks/video_report.py): chart, words and tables, after the image rows.
+    video, shown = ("", [])
+    if report is not None and hasattr(report, "video_docs"):
+        video, shown = report.video_docs(data, plot_prefix, [p.name for p in plots])
+    lead = _lead_plot([p for p in plots if p.name not in shown], list(e2e))
     if lead is not None:
         parts.append(f"![{lead.stem}]({plot_prefix}{lead.name})\n")
     if e2e:
@@ -463,8 +471,11 @@ def benchmarks_markdown(results: Path = RESULTS, plot_prefix: str = "") -> str:
         targets = _targets_section(report, data)
         if targets:
             parts.append(targets)
+    if video:
+        parts.append(video)
+    if e2e:
         parts += _older_runs(report, results)
-    rest = [p for p in plots if p != lead]
+    rest = [p for p in plots if p != lead and p.name not in shown]
     if rest:
         parts.append("## All results\n")
         parts.append(collapsed("All plots", "\n".join(f"![{p.stem}]({plot_prefix}{p.name})\n" for p in rest)))

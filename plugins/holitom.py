@@ -336,7 +336,8 @@ class HoliTomLLM(Reducer):
         x, scale = safe_scale(tokens, valid)
         # Most similar kept token, searched in attention order (the official argmax over the top-k).
         sim = ops.cosine_similarity(x, ops.gather_rows(x, order)).masked_fill(~slots.unsqueeze(1), float("-inf"))
-        target_pos = order.gather(1, sim.argmax(dim=2))  # (B, N) position of the chosen kept token
+        # (B, N) position of the chosen kept token (a row keeping nothing has -1 slots: clamped, never used)
+        target_pos = order.gather(1, sim.argmax(dim=2)).clamp(min=0)
         slot_of = (keep.long().cumsum(dim=1) - 1).clamp(min=0)  # ascending slot of each kept position
         dropped = valid & ~keep & slots.any(dim=1, keepdim=True)
         target = torch.where(dropped, slot_of.gather(1, target_pos), -1)

@@ -10,6 +10,7 @@ import test_adapter_llava_next as llava_next
 import test_adapter_internvl as internvl
 import test_adapter_onevision as onevision
 import torch
+from models_gemma3 import GEMMA_IMAGE, gemma3_inputs, tiny_gemma3
 from models_internvl import IVL_IMAGE_TOKEN, tiny_internvl
 from models import (
     IMAGE_TOKEN,
@@ -77,6 +78,8 @@ FAMILIES = {
     "llava-onevision": (lambda: tiny_onevision(0), onevision.CASE.inputs, [IMAGE_TOKEN, VIDEO_TOKEN], 3),
     # Row 0: a 2-tile image + thumbnail; row 1: a one-tile and a 4-tile + thumbnail image; row 2: a 3-frame video.
     "internvl": (lambda: tiny_internvl(0), internvl.inputs, [IVL_IMAGE_TOKEN], 3),
+    # Row 0: one image; row 1: two images (bidirectional runs, sliding-window layers).
+    "gemma3": (lambda: tiny_gemma3(0), lambda rows: gemma3_inputs([1, 2], rows), [GEMMA_IMAGE], 2),
     "qwen2-vl": (lambda: tiny_qwen2_vl(0), qwen_rows(QWEN_IMAGES, QWEN_VIDEOS), [QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN], 2),
     "qwen2.5-vl": (lambda: tiny_qwen2_5_vl(0), qwen_rows(QWEN_IMAGES, QWEN_VIDEOS), [QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN], 2),
     # Qwen3-VL: DeepStack features are added after decoder layer 0, so llm_layer steps start at 1.
@@ -108,7 +111,10 @@ def test_every_built_in_adapter_conforms(family, positions, capsys):
     # vision tower's [CLS] token on towers without one (SigLIP, Qwen's ViT), and video methods,
     # which need whole videos (video_budget: per_video, checked below): refused everywhere.
     video = {name for name, entry in registered.items() if "frames" in entry.cls.required_context}
-    assert ran == set(registered) - (set() if has_cls else CLS_METHODS) - video
+    # Decode-time steps (DyCoke's KV pruning) read whole caches: refused where layers keep sliding windows.
+    decode = {name for name, entry in registered.items() if entry.cls.acts_at == "decode"}
+    sliding = decode if family == "gemma3" else set()
+    assert ran == set(registered) - (set() if has_cls else CLS_METHODS) - video - sliding
     for name, entry in registered.items():  # ... and at each of its stages exactly one outcome
         for stage in entry.cls.stages:
             key = (name, stage.value)

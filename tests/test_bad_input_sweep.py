@@ -59,8 +59,11 @@ def context_for(tokens: torch.Tensor, stage: Stage) -> ReductionContext:
     n = x.shape[1]
     side = math.isqrt(n)
     attention = torch.softmax(x.mean(dim=-1), dim=-1)
-    grid = (side, side) if n and side * side == n else None
-    return token_context(x.to(tokens.dtype), attention, stage=stage, layer=2, grid=grid)
+    # A video of the most frames (of 1, 2, 4) that divide the tokens evenly, for the video methods.
+    frames = next(t for t in (4, 2, 1) if n % t == 0)
+    per = math.isqrt(n // frames)
+    grid = (per * frames, per) if n and per * per * frames == n else None
+    return token_context(x.to(tokens.dtype), attention, stage=stage, layer=2, grid=grid, frames=frames)
 
 
 def good_tokens(b: int = 2, n: int = 16, d: int = 8, seed: int = 0) -> torch.Tensor:

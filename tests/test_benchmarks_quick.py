@@ -1,7 +1,8 @@
 """The benchmark code runs in ``--quick`` mode (tiny configs, CPU) and writes what the report needs.
 
-One module-scoped run of ``python -m benchmarks.run --suite all --quick`` into a temporary
-folder; the tests then check the JSON, Markdown and PNG it produced, plus the analytic
+One module-scoped run of ``python -m benchmarks.run --suite all --quick`` on the image models
+into a temporary folder (the video row has its own run: tests/test_benchmarks_video.py); the
+tests then check the JSON, Markdown and PNG it produced, plus the analytic
 pieces (roofline counts, budgets, token counts of the published configs) and that the
 hand-written "official" decoder loop reproduces the model's own forward.
 """
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import tokenreduce
-from benchmarks import apet_in_model, attention_cost, end_to_end, models, report, roofline, run
+from benchmarks import apet_in_model, attention_cost, end_to_end, models, report, roofline, run, video
 
 QUICK_MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b")
 ATTENTION_MODELS = ("llava-1.5-7b", "llava-next-7b")
@@ -25,7 +26,7 @@ META_KEYS = {"date", "command", "device", "gpu", "torch", "transformers", "token
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
-    assert run.main(["--suite", "all", "--quick", "--out", str(out), "--quiet"]) == 0
+    assert run.main(["--suite", "all", "--quick", "--models", *QUICK_MODELS, "--out", str(out), "--quiet"]) == 0
     return out
 
 
@@ -77,7 +78,7 @@ def test_end_to_end_records(results: Path, model: str) -> None:
     assert set(base) == {1, 2}
     n = doc["model"]["image_tokens"]
     reps = doc["config"]["reps"]
-    assert reps == 3 and doc["config"]["warmup"] == 1 and doc["config"]["path"] == "eager"
+    assert reps == 3 and doc["config"]["warmup"] == 1 and doc["config"]["paths"] == ["eager"]
     for r in rows:
         if r["status"] != "ok":
             continue
@@ -102,11 +103,12 @@ def test_end_to_end_records(results: Path, model: str) -> None:
         assert r["image_tokens_per_layer"] == [n] * doc["model"]["decoder_layers"]
         assert r["kv_prefill_bytes"] == r["kv_prefill_bytes_analytic"]
         assert r["speedup"] == pytest.approx(1.0) and r["ratio"] == pytest.approx(1.0)
-    # Every registered method has its rows (the family's variant of ApET), run or refused at patch time.
+    # Every registered method has its rows (the family's variant of ApET), run or refused at patch
+    # time; the video methods and their decoder parts run in the video row instead.
     reg = tokenreduce.get_registry()
     family = next(s.family for s in models.QUICK_SPECS if s.key == model)
     variants = {v for fam in end_to_end.VARIANTS.values() for v in fam.values()} | set(end_to_end.VARIANTS)
-    expected = {nm for nm in reg.reducers if nm not in variants}
+    expected = {nm for nm in reg.reducers if nm not in variants and nm not in video.video_only()}
     expected |= {fam[family] for fam in end_to_end.VARIANTS.values()}
     assert {r["reducer"] for r in rows if r["reducer"] is not None} == expected
     reduced = [r for r in rows if r["reducer"] is not None and r["status"] == "ok"]
@@ -185,8 +187,14 @@ def test_report_has_every_section(results: Path) -> None:
 
 def test_published_image_token_counts() -> None:
     counts = {s.key: models.image_token_count(s, models.build_config(s, quick=False)) for s in models.FULL_SPECS}
-    # 24x24 patches; NeXT 672x672 = base 576 + 48 rows of (48 + newline); Qwen 96x96 patches merged 2x2.
-    assert counts == {"llava-1.5-7b": 576, "llava-next-7b": 576 + 48 * 49, "qwen2.5-vl-7b": 48 * 48}
+    # 24x24 patches; NeXT 672x672 = base 576 + 48 rows of (48 + newline); Qwen 96x96 patches merged 2x2;
+    # OneVision: 32 frames of 27x27 patches pooled to 14x14, then the video's newline.
+    assert counts == {
+        "llava-1.5-7b": 576,
+        "llava-next-7b": 576 + 48 * 49,
+        "qwen2.5-vl-7b": 48 * 48,
+        "llava-onevision-7b-video": 32 * 196 + 1,
+    }
 
 
 def test_settings_budgets_and_token_profile() -> None:
@@ -284,7 +292,7 @@ def test_official_decoder_loop_reproduces_the_model(attn: str) -> None:
 
 def test_resume_keeps_measured_records_of_the_same_gpu_only(tmp_path: Path) -> None:
     meta = {"gpu": "H100", "device": "cuda", "quick": False, "torch": "2.11", "transformers": "5.17"}
-    config = {"batches": [1, 8], "new_tokens": 64, "reps": 10, "warmup": 1, "path": "eager"}
+    config = {"batches": [1, 8], "new_tokens": 64, "reps": 10, "warmup": 1, "paths": ["eager"], "compile_decode": False}
     rows = [
         {"setting": "none", "batch": 1, "status": "ok", "rounds": 10},
         {"setting": "dart[pivot_by=token_norm]@L2:64", "requested": "dart@L2:64", "batch": 8, "status": "ok", "rounds": 10},
@@ -296,16 +304,19 @@ def test_resume_keeps_measured_records_of_the_same_gpu_only(tmp_path: Path) -> N
     path.write_text(json.dumps({"meta": meta, "config": config, "results": rows}))
     doc = {"config": config}
     kept = run._previous_e2e(path, meta, doc)
-    assert set(kept) == {("none", 1), ("dart@L2:64", 8)}  # keyed by the requested setting; skips re-run
+    # Keyed by the requested setting, batch and path (records from before paths: eager); skips re-run.
+    assert set(kept) == {("none", 1, "eager"), ("dart@L2:64", 8, "eager")}
     assert doc["resumed_from"] == [meta]
     assert run._previous_e2e(path, {**meta, "gpu": "A100"}, {"config": config}) == {}
     assert run._previous_e2e(path, meta, {"config": {**config, "new_tokens": 8}}) == {}
     assert run._previous_e2e(path, meta, {"config": {**config, "reps": 20}}) == {}
+    assert run._previous_e2e(path, meta, {"config": {**config, "compile_decode": True}}) == {}
     # Records grow round by round: the run's file replaces a record about the same setting and batch.
     results = [dict(r) for r in rows]
     run.upsert(results, {"setting": "dart[pivot_by=token_norm]@L2:64", "requested": "dart@L2:64", "batch": 8, "x": 1})
     run.upsert(results, {"setting": "dart@L2:64", "batch": 1, "x": 2})
-    assert len(results) == len(rows) + 1 and results[1]["x"] == 1 and results[-1]["x"] == 2
+    run.upsert(results, {"setting": "none", "batch": 1, "path": "fast", "x": 3})  # another path: its own record
+    assert len(results) == len(rows) + 2 and results[1]["x"] == 1 and results[-2]["x"] == 2 and results[-1]["x"] == 3
 
 
 def test_apet_in_model_separates_apet_from_the_budget(tmp_path: Path) -> None:
@@ -413,8 +424,8 @@ def test_a_setting_whose_rounds_do_not_fit_is_skipped_with_all_after_it(tiny_lla
     assert [r["status"] for r in recs] == ["skipped", "skipped"]
     with pytest.raises(ValueError, match="reps must be >= 1"):
         end_to_end.E2EConfig(reps=0)
-    with pytest.raises(ValueError, match="path must be one of eager"):
-        end_to_end.E2EConfig(path="graphs")
+    with pytest.raises(ValueError, match="paths must be among eager, fast"):
+        end_to_end.E2EConfig(paths=("graphs",))
 
 
 def test_report_pairs_rounds_and_reads_older_files() -> None:
@@ -460,3 +471,19 @@ def test_report_puts_paths_side_by_side() -> None:
     assert "| 1.00× | 40.0 | 4.00× | 10.0 |" in row  # both against stock eager without reduction
     fast_none = next(line for line in table.splitlines() if line.startswith("| `none`"))
     assert "| – | – | 2.00× | 20.0 |" in fast_none
+
+
+def test_end_to_end_measures_eager_and_fast_paths_in_the_same_rounds(tiny_llava) -> None:
+    cfg = end_to_end.E2EConfig(
+        batches=(1,), base_budgets=(192,), new_tokens=3, reps=2, reducers=("random", "fastv"), paths=("eager", "fast")
+    )
+    trace: list = []
+    recs = _run(tiny_llava, cfg, run.Deadline(None), trace)
+    by = {(r["setting"], r["path"]): r for r in recs}
+    assert {p for _, p in by} == {"eager", "fast"} and all(r["status"] == "ok" for r in recs)
+    # The fast path's unreduced setting is the identity pipeline; an llm_layer step says why it ran eagerly.
+    assert any("llm_layer steps are not captured" in n for n in by[("fastv@L2:12", "fast")]["fast_path_notes"])
+    assert "fast_path_notes" not in by[("random@projector:12", "fast")]
+    # Every round times every (setting, path) once: the paths are interleaved, not run one after the other.
+    rounds = [(name, r) for phase, name, _, r in trace if phase == "round"]
+    assert len(rounds) == 2 * len(recs)

@@ -221,3 +221,39 @@ def test_prefill_mask_is_causal_masks_padding_and_keeps_padding_rows_finite(leng
 
 def test_buckets():
     assert [fast_prefill.bucket(n) for n in (1, 32, 33, 119, 512, 513, 700)] == [32, 32, 64, 128, 512, 640, 768]
+
+
+def test_keep_graphs_reuses_them_across_pipelines_and_releases_them_at_the_end():
+    model = tiny_llava(0)
+    kw = llava.inputs([0])
+    first = None
+    with fast_prefill.keep_graphs(model):
+        for reducer in ("random", "apet-llava", "random"):
+            params = {"basis_tokens": 1} if reducer.startswith("apet") else {}
+            pipe = Pipeline([Step("projector", create(reducer, budget=0.5, **params))], fast=True)
+            with torch.no_grad(), tokenreduce.apply(model, pipe) as handle:
+                model.generate(**kw, max_new_tokens=2, do_sample=False)
+                state = handle.adapter.fast
+            first = first or state
+            assert state is first and len(state.entries) == 1  # the same graphs, one shape
+        assert first.entries  # kept after the last removal
+    assert not first.entries  # released with the block
+    pipe = Pipeline([Step("projector", create("random", budget=0.5))], fast=True)
+    with torch.no_grad(), tokenreduce.apply(model, pipe) as handle:
+        model.generate(**kw, max_new_tokens=2, do_sample=False)
+        state = handle.adapter.fast
+    assert state is not first and not state.entries  # no keep_graphs: released on removal
+
+
+def test_min_new_tokens_and_first_token_rules():
+    model = tiny_llava(0)
+    kw = llava.inputs([0, 1])
+    steps = [Step("projector", create("random", budget=0.5))]
+    first = generate_both(model, kw, steps, new=2)[False][0][:, -2]
+    model.generation_config.eos_token_id = int(first[0])  # row 0's first token ends it, unless min_new_tokens
+    model.generation_config.pad_token_id = 0
+    runs = generate_both(model, kw, steps, new=4, min_new_tokens=2)
+    assert torch.equal(runs[False][0], runs[True][0])
+    pipe = Pipeline(steps, fast=True)
+    with torch.no_grad(), tokenreduce.apply(model, pipe), pytest.warns(UserWarning, match="repetition_penalty"):
+        model.generate(**kw, max_new_tokens=2, do_sample=False, repetition_penalty=1.3)

@@ -110,9 +110,19 @@ def check_reducers(
                     f"{where}: patch() raised {type(err).__name__}: {err}; an adapter refuses a step it cannot "
                     "run with MissingContextError (and only for context it cannot provide)"
                 ) from err
+            decode = reducer.acts_at == "decode"
             try:
-                out = logits_of(env.model, kw)
-                recs = stage_records(handle.records, st)
+                if decode:  # it acts on decoding steps: generate, and look at the scores of each step
+                    with torch.no_grad():
+                        gen = env.model.generate(
+                            **kw, max_new_tokens=env.new_tokens, do_sample=False, output_scores=True,
+                            return_dict_in_generate=True,
+                        )
+                    recs = stage_records(handle.records, st)
+                    out = torch.stack(gen.scores, dim=1)
+                else:
+                    out = logits_of(env.model, kw)
+                    recs = stage_records(handle.records, st)
             except InvalidInputError as err:
                 if st not in may_decline:
                     raise AssertionError(
@@ -132,9 +142,12 @@ def check_reducers(
             assert recs and all(r.reducer == name for r in recs), f"{where}: no record of the step"
             for rec in recs:
                 want = [min(resolve_budget(budget, n, rounding=reducer.ratio_rounding), n) for n in rec.tokens_before]
+                if decode:  # a decoding step that kept its previous selection reports every token
+                    want = [w if info.get("refresh", True) else n for w, n, info in zip(want, rec.tokens_before, rec.info)]
                 assert rec.tokens_after == want, f"{where}: kept {rec.tokens_after} of {rec.tokens_before}, expected {want}"
             assert bool(torch.isfinite(out).all()), f"{where}: non-finite logits"
-            assert out.shape[1] < stock_len, f"{where}: the sequence was not shortened ({out.shape[1]} >= {stock_len})"
+            if not decode:  # a decoding step masks cache entries; the prompt keeps its length
+                assert out.shape[1] < stock_len, f"{where}: the sequence was not shortened ({out.shape[1]} >= {stock_len})"
             report.ran.append((name, st.value))
     ran = {n for n, _ in report.ran}
     never = [n for n in names if n not in ran and not any(r[0] == n for r in report.refused)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,9 +117,10 @@ def _synthetic_context(tokens: torch.Tensor, step: Step) -> ReductionContext:
     sim = torch.einsum("bnd,bd->bn", tokens, tokens.mean(dim=1)) / tokens.shape[-1] ** 0.5
     n = tokens.shape[1]
     frames = None
-    if "frames" in step.reducer.required_context:  # a video method: the tokens as a few equal frames
-        frames = next(t for t in (8, 4, 2, 1) if n % t == 0)
-    side = int((n // (frames or 1)) ** 0.5)
+    if "frames" in step.reducer.required_context:  # a video method: the tokens as a few equal square frames
+        fits = [t for t in (8, 4, 2, 1) if n % t == 0]
+        frames = next((t for t in fits if math.isqrt(n // t) ** 2 == n // t), fits[0])
+    side = math.isqrt(n // (frames or 1))
     grid = (side * (frames or 1), side) if side * side * (frames or 1) == n else None
     return token_context(tokens, sim.softmax(dim=-1), stage=step.stage, layer=step.layer, grid=grid, frames=frames)
 

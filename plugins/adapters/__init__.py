@@ -7,6 +7,8 @@ the embedded default model and evaluation default, and vision features for ``sho
 
 from tokenreduce import hookimpl
 
+from .gemma3 import Gemma3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -15,7 +17,7 @@ from .qwen_vl import QwenVLAdapter
 
 @hookimpl
 def tokenreduce_register_adapters():
-    return [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, QwenVLAdapter]
+    return [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, QwenVLAdapter, InternVLAdapter, Gemma3Adapter]
 
 
 @hookimpl

@@ -117,13 +117,18 @@ def output_cache(out: Any) -> Any:
 # -- masks -----------------------------------------------------------------------------------
 
 
-def causal_mask(kind: str, *, config, inputs_embeds, attention_mask, cache, layer_idx) -> Any:
-    """transformers' own mask for ``kind`` ("full_attention" or "sliding_attention") over ``cache``."""
+def causal_mask(kind: str, *, config, inputs_embeds, attention_mask, cache, layer_idx, block_ids=None) -> Any:
+    """transformers' own mask for ``kind`` ("full_attention" or "sliding_attention") over ``cache``.
+
+    ``block_ids`` ``(B, P + L)``: runs attended bidirectionally (-1: none), composed as Gemma 3
+    composes them: full = causal OR same run; sliding = (causal OR same run) AND window.
+    """
     from transformers import masking_utils
 
+    sliding = kind == "sliding_attention"
     fn = (
         masking_utils.create_sliding_window_causal_mask
-        if kind == "sliding_attention"
+        if sliding and block_ids is None
         else masking_utils.create_causal_mask
     )
     kw = {
@@ -135,6 +140,11 @@ def causal_mask(kind: str, *, config, inputs_embeds, attention_mask, cache, laye
     }
     if "layer_idx" in parameters(fn):
         kw["layer_idx"] = layer_idx
+    if block_ids is not None and sliding:
+        kw["or_mask_function"] = masking_utils.blockwise_overlay(block_ids)
+        kw["and_mask_function"] = masking_utils.sliding_window_overlay(config.sliding_window)
+    elif block_ids is not None:
+        kw["block_sequence_ids"] = block_ids
     return fn(**kw)
 
 

@@ -40,7 +40,8 @@ Semantics
   the sequence: ``(B, L)``, ``(1, L)``, M-RoPE ``(3, B, L)``); ``"compact"`` subtracts,
   per token, the number of tokens removed before it in its row, i.e. layers >= K see the
   position ids the shortened sequence would have had. Rotary embeddings for layers >= K
-  are recomputed with ``decoder.rotary_emb`` from those ids (``original`` gathers them).
+  are recomputed with ``decoder.rotary_emb`` from those ids (``original`` gathers them);
+  a rotary taking the layer type (Gemma 3's local and global bases) gives each layer its own.
 * Mask and cache: layers < K cache the full sequence, layers >= K the reduced one. The
   causal + padding mask of layers >= K is rebuilt with transformers' own mask functions
   (``create_causal_mask`` / ``create_sliding_window_causal_mask`` sized by that layer's
@@ -48,6 +49,9 @@ Semantics
   later forward needs (each reduced cache's padding mask, the per-row removed counts for
   ``compact``) is kept per cache object, so every ``generate()`` decoding step is exact.
   Only ``DynamicCache``-style caches are supported (no static cache, no beam reordering).
+  A decoder handed a prebuilt mask mapping (Gemma 3) gets the 2-D mask and the ids of its
+  bidirectional image runs from the adapter (``set_image_mask(padding=, blocks=)``); the
+  rebuilt masks keep the kept tokens' runs, composed as the model composes them.
 * Attention context: a reducer with ``"attention"`` in ``required_context`` gets
   ``context.attention (B, Q, N_max)``: the head-averaged attention that the query rows pay
   to the image tokens, softmax over the full causal row, recomputed from the q/k
@@ -67,7 +71,8 @@ Semantics
 Modules: the per-forward state and its phases are in :mod:`.decoder_state`, the checks and
 set-up at a forward's first hooked layer in :mod:`.decoder_start`, the reducer's context
 in :mod:`.decoder_context`, the recomputed attention rows and keys in
-:mod:`.decoder_attention`.
+:mod:`.decoder_attention`. A step whose reducer class says ``acts_at = "decode"`` (DyCoke's
+KV pruning) is not run on prompts but on decode steps, by :mod:`.decoder_kv`.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ from tokenreduce.stages import Stage
 from . import compat
 from .decoder_attention import attention_rows, layer_keys
 from .decoder_context import StepSite, step_context, step_record
+from .decoder_kv import DecodePruning, acts_at_decode
 from .decoder_start import start_forward
 from .decoder_state import CacheState, NotStarted, Passthrough, Reduced, Reducing
 
@@ -96,6 +102,8 @@ __all__ = ["DecoderReduction", "attention_rows", "decoder_layers", "find_text_de
 
 #: The state of the forward in progress: None outside a decoder forward.
 Phase = NotStarted | Passthrough | Reducing | Reduced
+#: ``set_image_mask(padding=...)`` not given.
+_UNSET: Any = object()
 
 
 def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
@@ -136,15 +144,24 @@ class DecoderReduction:
             raise ConfigError(f"positions={positions!r} is not allowed; use 'compact' or 'original'")
         self.decoder = decoder
         self.layers = decoder_layers(decoder)
-        self.steps = [s for s in steps if s.stage is Stage.LLM_LAYER]
+        llm = [s for s in steps if s.stage is Stage.LLM_LAYER]
+        # Decode-time steps (DyCoke's KV pruning) leave prefills alone: run by .decoder_kv.
+        self.steps = [s for s in llm if not acts_at_decode(s)]
+        self.decode = DecodePruning.build(
+            decoder, self.layers, [s for s in llm if acts_at_decode(s)], self.steps,
+            on_record=on_record, apply_rotary=apply_rotary,
+        )
         self.positions = positions
         self.on_record = on_record
         self.apply_rotary = apply_rotary
         self.rotary = getattr(decoder, "rotary_emb", None)
+        # A rotary embedding called once per layer type (Gemma 3: local and global bases): tables per layer.
+        typed = self.rotary is not None and "layer_type" in compat.parameters(self.rotary.forward)
+        self._kinds = list(decoder.config.layer_types) if typed else None
         self.last_kept: torch.Tensor | None = None
         self._handles: list[Any] = []
         self._phase: Phase | None = None
-        self._pending: tuple[torch.Tensor | None, tuple[int, int] | None] = (None, None)
+        self._pending: tuple = (None, None, _UNSET, None)
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.validate()
         self._step_at = {s.layer: j for j, s in enumerate(self.steps)}
@@ -182,6 +199,8 @@ class DecoderReduction:
             raise ConfigError(f"cannot recompute attention rows for {type(layer).__name__} (needs input_layernorm, self_attn.q_proj/k_proj)")
 
     def attach(self) -> None:
+        if self.decode is not None:
+            self.decode.attach()
         if self._handles or not self.steps:
             return
         self._handles.append(self.decoder.register_forward_pre_hook(self._pre_decoder, with_kwargs=True))
@@ -193,25 +212,43 @@ class DecoderReduction:
             self._handles.append(self.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
+        if self.decode is not None:
+            self.decode.detach()
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._phase = None
         self._states = weakref.WeakKeyDictionary()
 
-    def set_image_mask(self, mask: torch.Tensor | None, grid: tuple[int, int] | None = None) -> None:
-        """Image-token positions ``(B, L)`` of the next forward's input (consumed by it)."""
+    def set_image_mask(
+        self,
+        mask: torch.Tensor | None,
+        grid: tuple[int, int] | None = None,
+        *,
+        padding: Any = _UNSET,
+        blocks: torch.Tensor | None = None,
+    ) -> None:
+        """Image-token positions ``(B, L)`` of the next forward's input (consumed by it).
+
+        For a decoder handed a prebuilt mask mapping (Gemma 3): ``padding`` is the 2-D mask it
+        was built from (None: no padding); ``blocks`` ``(B, L_t)`` the ids of the runs its masks
+        make bidirectional, by absolute position (-1: none), which the reduced masks keep.
+        """
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
             raise InvalidInputError(f"image mask must be a (B, L) bool tensor, got {getattr(mask, 'shape', mask)!r}")
-        self._pending = (None if mask is None else mask.bool(), grid)
+        self._pending = (None if mask is None else mask.bool(), grid, padding, blocks)
+        if self.decode is not None:
+            self.decode.set_image_mask(self._pending[0], **({} if padding is _UNSET else {"padding": padding}))
 
     # -- hooks -----------------------------------------------------------------------------
 
     def _pre_decoder(self, module, args, kwargs):
-        mask, grid = self._pending
-        self._pending = (None, None)
+        mask, grid, padding, blocks = self._pending
+        self._pending = (None, None, _UNSET, None)
         state, past0 = self._cache_state(compat.get_cache(kwargs))
-        self._phase = NotStarted(kwargs.get("attention_mask"), mask, grid, cache_state=state, past0=past0)
+        am = kwargs.get("attention_mask")
+        am = padding if isinstance(am, dict) and padding is not _UNSET else am
+        self._phase = NotStarted(am, mask, grid, cache_state=state, past0=past0, blocks=blocks)
         self.last_kept = None
 
     def _cache_state(self, cache: Any) -> tuple[CacheState | None, int]:
@@ -268,7 +305,7 @@ class DecoderReduction:
         """Layer ``i``'s kwargs for the reduced sequence: its mask, rotary tables and position ids."""
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = self._mask_for(phase, i, hidden)
-        kwargs["position_embeddings"] = phase.cos_sin
+        kwargs["position_embeddings"] = phase.table(i)
         if phase.seq.layer_ids is not None:  # the model passes position_ids to its layers
             kwargs["position_ids"] = phase.layer_ids
         return kwargs
@@ -285,6 +322,9 @@ class DecoderReduction:
         types = getattr(self.decoder.config, "layer_types", None)
         kind = types[i] if types is not None and i < len(types) else "full_attention"
         if kind not in phase.masks:
+            blocks = phase.seq.blocks  # the kept slots' bidirectional runs; none in the cache
+            if blocks is not None:
+                blocks = torch.nn.functional.pad(blocks, (phase.mask2d.shape[1] - blocks.shape[1], 0), value=-1)
             phase.masks[kind] = compat.causal_mask(
                 kind,
                 config=self.decoder.config,
@@ -292,6 +332,7 @@ class DecoderReduction:
                 attention_mask=phase.mask2d,
                 cache=phase.fwd.cache,
                 layer_idx=i if phase.fwd.cache is not None else None,
+                block_ids=blocks,
             )
         return phase.masks[kind]
 
@@ -344,10 +385,10 @@ class DecoderReduction:
         fwd = phase.fwd
         shift = seq.shift(fwd, j)  # (B, q')
         if self.positions == "compact":
-            cos_sin = self.rotary(hidden, seq.rope_ids - shift)
+            cos_sin = self._rope(hidden, seq.rope_ids - shift)
             layer_ids = None if seq.layer_ids is None else seq.layer_ids - shift
         else:
-            cos_sin, layer_ids = seq.cos_sin, seq.layer_ids
+            cos_sin, layer_ids = seq.cos_sin if self._kinds is None else self._rope(hidden, seq.rope_ids), seq.layer_ids
             if "flash" in str(getattr(self.decoder.config, "_attn_implementation", "")):
                 layer_ids = None  # gapped ids would look like packed sequences to flash-attn
         # Padding mask of the reduced cache: what it held before + this forward's slots.
@@ -356,6 +397,13 @@ class DecoderReduction:
         mask2d = torch.cat([past.to(hidden.device), seq.valid], dim=1)
         saved = (*phase.saved, (mask2d, fwd.past_removed(j) + seq.total_dropped))
         return Reduced(fwd, seq, saved, step=j, cos_sin=cos_sin, layer_ids=layer_ids, mask2d=mask2d)
+
+    def _rope(self, hidden: torch.Tensor, ids: torch.Tensor):
+        """Rotary tables at ``ids``: one pair, or ``{layer: pair}`` for a rotary taking the layer type."""
+        if self._kinds is None:
+            return self.rotary(hidden, ids)
+        by_kind = {k: self.rotary(hidden, ids, k) for k in set(self._kinds)}
+        return {i: by_kind[k] for i, k in enumerate(self._kinds)}
 
     @staticmethod
     def _check_cache_length(cache: Any, layer_idx: int, expected: int) -> None:

@@ -137,7 +137,7 @@ def _source(site: StepSite):
         h, cos_sin, past = phase.fwd.captured[li]
         return li, h, cos_sin, past
     # The layer's stock kwargs hold full-length tables once the sequence was reduced.
-    cos_sin = phase.cos_sin if isinstance(phase, Reduced) else site.kwargs.get("position_embeddings")
+    cos_sin = phase.table(site.layer_idx) if isinstance(phase, Reduced) else site.kwargs.get("position_embeddings")
     cache = phase.fwd.cache
     past = cache.get_seq_length(site.layer_idx) if cache is not None else 0
     return site.layer_idx, site.hidden, cos_sin, past

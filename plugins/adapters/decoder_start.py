@@ -57,6 +57,7 @@ def start_forward(
         rope_ids=rope_ids,
         layer_ids=None if layer_ids is None else _per_row(layer_ids, b, q),
         cos_sin=cos_sin,
+        blocks=_blocks(pending.blocks, pending.past0, q, dev),
     )
     return Reducing(fwd, seq)
 
@@ -93,6 +94,14 @@ def _image_tokens(mask: torch.Tensor | None, b: int, q: int, dev: torch.device) 
     if tuple(mask.shape) != (b, q):
         raise InvalidInputError(f"image mask has shape {tuple(mask.shape)} but the decoder input is {(b, q)}")
     return mask.to(dev)
+
+
+def _blocks(ids: torch.Tensor | None, past0: int, q: int, dev: torch.device) -> torch.Tensor | None:
+    """This forward's columns ``[past0, past0 + q)`` of run ids given by absolute position (-1 past their end)."""
+    if ids is None:
+        return None
+    ids = torch.nn.functional.pad(ids.to(dev), (0, max(0, past0 + q - ids.shape[1])), value=-1)
+    return ids[:, past0 : past0 + q]
 
 
 def _per_row(ids: torch.Tensor, b: int, q: int) -> torch.Tensor:

@@ -50,6 +50,7 @@ class NotStarted:
     cache_state: CacheState | None = None  # the reduced cache this forward continues
     past0: int = 0  # tokens before this forward, counted at full length
     rope_ids: torch.Tensor | None = None  # the first position ids given to rotary_emb
+    blocks: torch.Tensor | None = None  # (B, L_t) bidirectional run ids by absolute position (Gemma 3)
 
     def with_rope_ids(self, ids: torch.Tensor | None) -> NotStarted:
         """Keeps the first ids the rotary embedding sees (the decoder's own call)."""
@@ -132,6 +133,7 @@ class Sequence:
     rope_ids: torch.Tensor | None  # original ids given to rotary_emb, (..., B, q)
     layer_ids: torch.Tensor | None  # original `position_ids` kwarg of the layers (None: not given)
     cos_sin: tuple[torch.Tensor, torch.Tensor]  # stock (original) rotary tables
+    blocks: torch.Tensor | None = None  # (B, q) bidirectional run id (-1: none), Gemma 3's image tokens
 
     def gather(self, src: torch.Tensor, drop: torch.Tensor) -> Sequence:
         """The sequence after removing ``drop (B, q)``: ``src (B, q')`` lists the kept slots (-1 = padding)."""
@@ -147,6 +149,7 @@ class Sequence:
             rope_ids=None if self.rope_ids is None else ids_gather(self.rope_ids, src),
             layer_ids=None if self.layer_ids is None else ids_gather(self.layer_ids, src),
             cos_sin=(_cos_gather(cos, src), _cos_gather(sin, src)),
+            blocks=None if self.blocks is None else gather_rows(self.blocks, src).masked_fill(~slot, -1),
         )
 
     def shift(self, fwd: Forward, j: int) -> torch.Tensor:
@@ -175,7 +178,11 @@ class Reduced:
     seq: Sequence
     saved: Saved
     step: int
-    cos_sin: tuple[torch.Tensor, torch.Tensor]  # rotary tables of the current slots
+    cos_sin: Any  # rotary tables of the current slots: a (cos, sin) pair, or {layer: pair}
     layer_ids: torch.Tensor | None  # `position_ids` kwarg of the layers
     mask2d: torch.Tensor  # (B, P + q) padding mask of the reduced cache + this forward's slots
     masks: dict[str, Any] = field(default_factory=dict)  # per layer type, built once per step
+
+    def table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables of decoder layer ``layer``."""
+        return self.cos_sin[layer] if isinstance(self.cos_sin, dict) else self.cos_sin

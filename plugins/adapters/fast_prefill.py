@@ -25,7 +25,10 @@ capture. A capture that fails is remembered and that shape runs eagerly.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +91,21 @@ class FastPrefill:
         self.decoder = decoder
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.failed: set[tuple] = set()
+        self.tower_graphs: OrderedDict = OrderedDict()  # the GraphedTower's, kept with these
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, decoder: torch.nn.Module) -> FastPrefill:
+        """The graphs kept for ``model`` by :func:`keep_graphs`, or new ones."""
+        kept = _kept.get(model)
+        return kept if kept is not None else cls(model, decoder)
+
+    def done(self) -> bool:
+        """The pipeline is removed: release the graphs, unless :func:`keep_graphs` keeps them; True if released."""
+        if model_kept(self.model):
+            _kept[self.model] = self
+            return False
+        self.release()
+        return True
 
     # -- memory ------------------------------------------------------------------------
 
@@ -98,6 +116,7 @@ class FastPrefill:
     def release(self) -> None:
         """Drop every graph and cache (the pipeline is removed or the shapes are done with)."""
         self.entries.clear()
+        self.tower_graphs.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -184,6 +203,31 @@ class FastPrefill:
         entry.nbytes = max(torch.cuda.memory_allocated(entry.embeds.device) - before, 0)
 
 
+# Models whose graphs outlive a pipeline's removal (inside keep_graphs): model -> FastPrefill or None.
+_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_kept(model: torch.nn.Module) -> bool:
+    return model in _kept
+
+
+@contextmanager
+def keep_graphs(model: torch.nn.Module) -> Iterator[None]:
+    """Keep ``model``'s fast-path graphs across pipeline removals until the block ends.
+
+    The captured graphs depend on the model and the shapes only, not on the reducer, so
+    code that alternates pipelines on one model (a benchmark interleaving settings) can
+    reuse them instead of capturing again after every removal. On exit they are released.
+    """
+    _kept[model] = _kept.get(model)
+    try:
+        yield
+    finally:
+        state = _kept.pop(model, None)
+        if state is not None:
+            state.release()
+
+
 def scatter_features(embeds: torch.Tensor, ids: torch.Tensor, features: dict[int, torch.Tensor]) -> torch.Tensor:
     """The stock forward's splice: each placeholder id's features, in order, into its positions."""
     for token_id, feats in features.items():
@@ -199,7 +243,7 @@ _CONSUMED = frozenset(
         "input_ids", "inputs", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids", "labels",
         "pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "batch_num_images",
         "mm_encoder_outputs", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
-        "max_new_tokens",
+        "max_new_tokens", "min_new_tokens",
     }
 )
 
@@ -220,7 +264,27 @@ def refusal(model: torch.nn.Module, kw: dict[str, Any]) -> str | None:
         return "a caller's cache is not supported by the fast prefill (it fills its own static cache)"
     if kw.get("max_new_tokens", config.max_new_tokens) is None:
         return "the fast prefill needs max_new_tokens (its static cache is sized from it)"
+    if kw.get("logits_processor"):
+        return "a caller's logits_processor is not supported by the fast prefill"
+    for name, neutral in _FIRST_TOKEN_RULES:  # rules that could change the greedy first token
+        value = kw.get(name, getattr(config, name, neutral))
+        if value not in (neutral, None):
+            return f"{name}={value!r} is not supported by the fast prefill (it picks the first token by argmax)"
     return None
+
+
+# Generation options that alter the first token's logits, with their neutral values.
+_FIRST_TOKEN_RULES = (
+    ("repetition_penalty", 1.0),
+    ("no_repeat_ngram_size", 0),
+    ("bad_words_ids", None),
+    ("suppress_tokens", None),
+    ("begin_suppress_tokens", None),
+    ("sequence_bias", None),
+    ("forced_bos_token_id", None),
+    ("forced_eos_token_id", None),
+    ("encoder_repetition_penalty", 1.0),
+)
 
 
 def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, features: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -237,9 +301,13 @@ def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, featur
     new = int(kw.get("max_new_tokens", config.max_new_tokens))
     embeds = scatter_features(model.get_input_embeddings()(ids), ids, features)
     logits, cache, padded = adapter.fast.run(embeds, valid, new)
-    first = logits.argmax(-1, keepdim=True).to(ids.dtype)
-    eos = config.eos_token_id
+    eos = kw.get("eos_token_id", config.eos_token_id)
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    at_least = kw.get("min_new_tokens", config.min_new_tokens) or 0
+    if at_least >= 1 and eos:  # as generate()'s MinNewTokensLengthLogitsProcessor: no end token yet
+        logits = logits.clone()
+        logits[:, eos] = float("-inf")
+    first = logits.argmax(-1, keepdim=True).to(ids.dtype)
     if new == 1 or (eos and bool(torch.isin(first, torch.tensor(eos, device=first.device)).all())):
         return torch.cat([prompt.to(first.device), first], dim=1)
     extra = padded - ids.shape[1]
@@ -247,6 +315,8 @@ def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, featur
     ids_p = torch.nn.functional.pad(ids, (extra, 0), value=0 if pad is None else pad)
     mask_p = torch.nn.functional.pad(valid.long(), (extra, 0), value=0)
     rest = {k: v for k, v in kw.items() if k not in _CONSUMED}
+    if at_least:
+        rest["min_new_tokens"] = at_least - 1
     saved = model.__dict__.pop("forward", None)  # decoding needs no reduction: the stock forward (compilable)
     try:
         out = adapter._orig_generate(

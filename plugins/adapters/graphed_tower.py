@@ -22,19 +22,23 @@ MAX_GRAPHS = 8
 class GraphedTower:
     """Installs itself as ``tower.forward`` (an instance attribute) until :meth:`remove`."""
 
-    def __init__(self, tower: torch.nn.Module):
+    def __init__(self, tower: torch.nn.Module, graphs: OrderedDict | None = None):
         self.tower = tower
         self.saved = tower.__dict__.get("forward")
         self.stock = tower.forward
-        self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, Any, int]] = OrderedDict()
+        # Captured graphs by call key; given when they outlive one patch (see fast_prefill.keep_graphs).
+        self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, Any, int]] = (
+            OrderedDict() if graphs is None else graphs
+        )
         self.failed: set[tuple] = set()
         tower.forward = self
 
-    def remove(self) -> None:
+    def remove(self, keep: bool = False) -> None:
         self.tower.__dict__.pop("forward", None)
         if self.saved is not None:
             self.tower.forward = self.saved
-        self.graphs.clear()
+        if not keep:
+            self.graphs.clear()
 
     def held_bytes(self) -> int:
         return sum(entry[3] for entry in self.graphs.values())

@@ -178,8 +178,8 @@ class LlavaFamilyAdapter(Adapter):
         if self.pipeline.fast:
             why = self._fast_refusal()
             if why is None:
-                self.fast = FastPrefill(self.model, find_text_decoder(self.model))
-                self._graphed_tower = GraphedTower(self.inner.vision_tower)
+                self.fast = FastPrefill.for_model(self.model, find_text_decoder(self.model))
+                self._graphed_tower = GraphedTower(self.inner.vision_tower, self.fast.tower_graphs)
             else:
                 warnings.warn(f"tokenreduce fast path: {type(self.model).__name__} runs eagerly: {why}", stacklevel=4)
 
@@ -205,8 +205,8 @@ class LlavaFamilyAdapter(Adapter):
         if self.decoder is not None:
             self.decoder.detach()
         if self.fast is not None:
-            self._graphed_tower.remove()
-            self.fast.release()
+            self._graphed_tower.remove(keep=True)  # the graphs go with self.fast
+            self.fast.done()
             self.fast = None
 
     def graph_bytes(self) -> int:
@@ -338,8 +338,9 @@ class LlavaFamilyAdapter(Adapter):
         if kw.get("labels") is not None:
             new["labels"] = apply_plan(kw["labels"], src, slot, -100)
         for name in ("token_type_ids", "mm_token_type_ids"):
-            if kw.get(name) is not None:
-                new[name] = apply_plan(kw[name], src, slot, 0)
+            if kw.get(name) is not None:  # may be shorter than the ids (the stock model accepts it): padded
+                types = torch.nn.functional.pad(kw[name], (0, ids.shape[1] - kw[name].shape[-1]))
+                new[name] = apply_plan(types, src, slot, 0)
         pos = kw.get("position_ids")
         if self.positions == "original":
             if pos is None:

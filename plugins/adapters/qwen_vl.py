@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -192,6 +193,11 @@ class QwenVLAdapter(Adapter):
         Under SDPA/eager the stock tower calls attention once per window (thousands of calls
         at high resolution); flash-attention already makes one varlen call and is kept.
         """
+        warnings.warn(
+            f"tokenreduce fast path: {type(self.model).__name__}'s decoder runs eagerly: capturing its prefill "
+            "(M-RoPE positions) is not built yet; its vision tower takes the fast path",
+            stacklevel=4,
+        )
         config = self.inner.visual.config
         current = config._attn_implementation
         if current is not None and "flash" in current:
@@ -290,7 +296,8 @@ class QwenVLAdapter(Adapter):
         state = self._states.get(cache) if cache is not None and not has_vision else None
         if state is not None and cache.get_seq_length() > 0:
             return self._forward(orig, state.translate(kw))
-        self.records.clear()
+        if has_vision:  # a new prompt: its records replace the last one's (decoding steps add theirs)
+            self.records.clear()
         if not (has_vision and (self._encoder_steps() or self._renumbers())):
             return self._forward(orig, kw)
         kw, pending, served = self._prefill(kw, compat.takes_encoder_outputs(orig))

@@ -1,0 +1,117 @@
+"""Adapter for Gemma 3 (``Gemma3ForConditionalGeneration``: SigLIP, pooling projector, Gemma 3 decoder)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from tokenreduce.ops import gather_rows, keep_mask_from
+from tokenreduce.stages import Stage
+
+from .llava import encoder_context
+from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter, per_row
+from .vision import VisionContext, vision_context
+
+
+class Gemma3Adapter(LlavaFamilyAdapter):
+    """Gemma 3: each image is a ``p x p`` SigLIP patch grid that the projector average-pools
+    to ``s x s`` tokens (``mm_tokens_per_image``, 16 x 16 in the released checkpoints), then
+    RMS-normalises and projects into the LLM width.
+
+    ``projector`` steps see those ``s x s`` projected tokens; ``vision_encoder`` steps see
+    the same ``s x s`` cells in the vision width, pooled but not yet normalised and
+    projected (the model pools inside its projector: a budget counts the same tokens at
+    both stages). Context: the pooled cells' keys (the last SigLIP layer's, head-averaged,
+    averaged over each cell's patches), the grid while it is intact, the instruction's
+    embeddings. SigLIP has no [CLS] token: ``cls_token``/``cls_attention`` are not available.
+
+    The decoder attends bidirectionally within each run of image tokens (``token_type_ids``):
+    the shortened ``token_type_ids`` keep each image's kept tokens one run, and ``llm_layer``
+    steps keep the kept tokens' runs in the masks they rebuild (sliding-window layers too).
+    Deviation: attention rows recomputed for a reducer are causal; they differ from the
+    model's only for a query that is itself an image token (a prompt ending in an image).
+    """
+
+    name = "gemma3"
+    model_classes = ("Gemma3ForConditionalGeneration",)
+    modalities: ClassVar[dict[str, str]] = {"image": "image_token_id"}
+    pixel_args: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    _hook = None  # the pre-hook on the inner model while patched with llm_layer steps
+
+    def llm_grid(self) -> tuple[int, int]:
+        side = self.inner.multi_modal_projector.tokens_per_side
+        return side, side
+
+    # -- the decoder sees Gemma's mask mapping, not the 2-D mask and runs it was built from --
+
+    def attach(self) -> None:
+        super().attach()
+        if self.decoder is not None:
+            self._hook = self.inner.register_forward_pre_hook(self._decoder_inputs, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        super().detach()
+
+    def _decoder_inputs(self, module, args, kwargs) -> None:
+        # Imported here, not at registration (see LlavaNextAdapter.num_patches).
+        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+        types = kwargs.get("token_type_ids")
+        blocks = None if types is None else get_block_sequence_ids_for_mask(types)
+        self.decoder.set_image_mask(
+            self._media_mask(kwargs), self.llm_grid(), padding=kwargs.get("attention_mask"), blocks=blocks
+        )
+
+    # -- encoder side ------------------------------------------------------------------------
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, p*p, D) -> (n, s*s, D)``: the projector's average pooling, as its forward does it."""
+        proj = self.inner.multi_modal_projector
+        n, _, d = x.shape
+        grid = x.transpose(1, 2).reshape(n, d, proj.patches_per_image, proj.patches_per_image).contiguous()
+        return proj.avg_pool(grid).flatten(2).transpose(1, 2)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled cells -> LLM width: the projector's norm and linear map (per token)."""
+        proj = self.inner.multi_modal_projector
+        return torch.matmul(proj.mm_soft_emb_norm(x), proj.mm_input_projection_weight).type_as(x)
+
+    def encode(self, kw: dict) -> dict[str, Encoded]:
+        inner = self.inner
+        tower = inner.vision_tower
+        need_keys = self.needs("keys")
+        out = tower(pixel_values=kw["pixel_values"], output_hidden_states=need_keys, return_dict=True)
+        tokens = self._pool(out.last_hidden_state)
+        vctx = None
+        if need_keys:  # SigLIP's output is its last layer's, post-normed: that layer's keys
+            vctx = VisionContext(None, None, self._pool(vision_context(tower, out.hidden_states, -1, 0).keys))
+        n, total = tokens.shape[:2]
+        grid = self.llm_grid()
+        text, text_mask = self.text_context("image", [total] * n)
+        idx = torch.arange(total, device=tokens.device).expand(n, total)
+        valid = torch.ones(n, total, dtype=torch.bool, device=tokens.device)
+        reduced = False
+        for stage in ENCODER_STAGES:
+            if stage is Stage.PROJECTOR:
+                # Unreduced: the stock projector on the stock input, so identity is bit for bit.
+                tokens = self._project(tokens) if reduced else inner.multi_modal_projector(out.last_hidden_state)
+            step = self.step(stage)
+            if step is None:
+                continue
+            ctx = encoder_context(stage, vctx, idx, text, text_mask, grid)
+            # Equal images, equal counts kept: rows never hold padding (see LlavaAdapter.encode).
+            red, seconds = self.run_step(step, tokens, None, ctx)
+            before = valid.sum(dim=1).tolist()
+            counts, _, info = per_row(red)
+            if not red.info.get("identity"):
+                idx = gather_rows(idx.unsqueeze(-1), red.indices).squeeze(-1).masked_fill(~red.valid, -1)
+                tokens, valid, grid, reduced = red.tokens, red.valid, None, True
+            self.add_record(step, before, counts, [idx[i, : counts[i]] for i in range(n)], info, seconds)
+        counts = valid.sum(dim=1).tolist()
+        # The model splices one (images, tokens, D) tensor: kept tokens of every image, in order.
+        pooler = torch.cat([tokens[i, : counts[i]] for i in range(n)])[None] if reduced else tokens
+        return {"image": Encoded(keep=list(keep_mask_from(idx, valid, total)), pooler=pooler)}
