@@ -108,7 +108,7 @@ def example_block(name: str) -> str:
     video = "frames" in reducer_class(name).required_context  # the embedded default model takes images only
     how = (
         f"Check it with `tokenreduce validate {source}` and apply it to a video model "
-        "(see [Video](../video.md))."
+        "(see the Video page: the embedded default model takes images only)."
         if source and video
         else f"Check it with `tokenreduce validate {source}`, run it on the embedded default with "
         f"`tokenreduce run {source}`, or picture it with `tokenreduce show IMAGE --pipeline {source}`."
