@@ -452,10 +452,6 @@ class E2EConfig:
     reducers: tuple[str, ...] | None = None  # restrict to these reducer names (None = all)
     #: Execution paths measured, every setting on each, interleaved in the same rounds.
     paths: tuple[str, ...] = ("eager",)
-    #: On the fast path, let transformers compile the decoding steps (its default on CUDA).
-    #: Off here by default: each batch size and cache length compiles anew (tens of seconds
-    #: each), so the fast path's decode is measured eagerly on its static cache.
-    compile_decode: bool = False
     #: The video row: every setting keeps this share of the video's tokens (per video).
     video_ratio: float = 0.1
 
@@ -635,7 +631,7 @@ def _generate(model, inputs: Inputs, cfg: E2EConfig, path: str = "eager", new_to
         pad_token_id=pad if pad is not None else 0,
     )
     if path == "fast":
-        out = model.generate(**kw, disable_compile=not cfg.compile_decode)
+        out = model.generate(**kw)
         return SimpleNamespace(sequences=out, cache=None)
     return model.generate(**kw, return_dict_in_generate=True)
 

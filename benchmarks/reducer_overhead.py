@@ -7,31 +7,59 @@ timed calls (CUDA events on the GPU). Reducers that need context get a synthetic
 the right shape: CLS attention ``(B, N)``, CLS token ``(B, D)``, keys ``(B, N, D)``,
 decoder attention rows ``(B, 1, N)`` (``(B, 32, N)``, one per text token, for reducers whose
 ``attention_query`` is ``"text"``), text embeddings / keys ``(B, 32, D)``, the patch grid
-and positions.
+and positions. Video methods (``frames`` in ``required_context``) get the N tokens as one
+whole video (:func:`video_shape`: ``T`` frames of a square ``h x h`` grid, 16 x 6x6 for
+N = 576, 32 x 16x16 for N = 8192) with ``frames``, ``frame_index`` and the stacked grid
+``(T*h, h)``, as the adapters give a video row under ``video_budget: per_video``.
 
 The grid is run in priority order (CUDA before CPU, small N before large) under a
 time budget; points that do not fit are listed as skipped. A call slower than
 ``slow_ms`` is timed fewer times (recorded in ``reps``) so one slow method cannot eat the
 budget of the rest. The report divides each time by the prefill of the matching 7B
 model from the end-to-end suite.
+
+Two paths per point on CUDA (issue 19): a ``graph_safe`` reducer called without a mask is
+replayed from a captured CUDA graph (:mod:`tokenreduce.graphs`, what a user gets), and the
+same call runs eagerly under :func:`tokenreduce.graphs.eager`. Both are warmed up (the
+capture happens in the first call) and timed in the same run, interleaved (graph, eager,
+eager, graph, ...), each call bracketed by CUDA events: ``graph`` and ``eager`` hold
+p10/median/p90 of each, the top-level figures are the default path's (``path``). Standalone::
+
+    python -m benchmarks.reducer_overhead --shapes 576x1 576x8 2880x8 --widths 4096 \
+        --out benchmarks/results/reducer_graphs.json
+
+times every reducer at N=576 B=1/B=8 and N=2880 B=8, D=4096, and prints a table against
+the targets (1 ms at N=576 B=1, 2 ms at B=8, ApET 5 ms at N=2880 B=8).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import tokenreduce
-from tokenreduce import ReductionContext, Stage
+from tokenreduce import ReductionContext, Stage, graphs
 
-from .common import Deadline, Reporter, free_device_memory, summarize, sync, time_call
+from .common import (
+    Deadline,
+    Reporter,
+    command_line,
+    free_device_memory,
+    run_meta,
+    summarize,
+    sync,
+    time_call,
+    write_json,
+)
 
 TEXT_TOKENS = 32
 
@@ -51,6 +79,10 @@ class OverheadConfig:
     warmup: int = 3
     slow_ms: float = 100.0
     reducers: tuple[str, ...] | None = None
+    #: ``(N, B)`` pairs timed at every width instead of the tokens x batches grid (both devices).
+    shapes: tuple[tuple[int, int], ...] | None = None
+    #: On CUDA, time graph-safe reducers on both paths (graph replay and eager), interleaved.
+    graph_column: bool = True
 
     @classmethod
     def quick(cls) -> OverheadConfig:
@@ -74,6 +106,23 @@ def grid_shape(n: int) -> tuple[int, int]:
     while n % h:
         h -= 1
     return h, n // h
+
+
+def video_shape(n: int, max_frames: int = 32) -> tuple[int, tuple[int, int]]:
+    """``(T, (h, w))``: the most frames (at most ``max_frames``) whose frames are square grids of ``n / T`` tokens."""
+    for t in range(min(max_frames, n), 0, -1):
+        side = math.isqrt(n // t)
+        if n % t == 0 and side * side == n // t:
+            return t, (side, side)
+    return 1, grid_shape(n)
+
+
+def video_context(context: ReductionContext, n: int) -> ReductionContext:
+    """``context`` with the tokens read as one whole video per row (see :func:`video_shape`)."""
+    t, (h, w) = video_shape(n)
+    b = context.positions.shape[0]
+    frame_index = (torch.arange(n, device=context.positions.device) // (h * w)).expand(b, n)
+    return dataclasses.replace(context, frames=t, frame_index=frame_index, grid=(t * h, w))
 
 
 def synthetic_context(tokens: torch.Tensor, stage: Stage, gen: torch.Generator) -> ReductionContext:
@@ -107,11 +156,15 @@ def points(cfg: OverheadConfig, cuda: bool) -> list[dict[str, Any]]:
         if device == "cuda" and not cuda:
             continue
         on_cpu = device == "cpu"
-        for n in cfg.cpu_tokens if on_cpu else cfg.tokens:
-            for b in cfg.cpu_batches if on_cpu else cfg.batches:
-                for d in cfg.cpu_widths if on_cpu else cfg.widths:
-                    for dt in cfg.dtypes:
-                        out.append({"device": device, "N": n, "B": b, "D": d, "dtype": dt})
+        if cfg.shapes is not None:
+            shapes = list(cfg.shapes)
+        else:
+            ns, bs = (cfg.cpu_tokens, cfg.cpu_batches) if on_cpu else (cfg.tokens, cfg.batches)
+            shapes = [(n, b) for n in ns for b in bs]
+        for n, b in shapes:
+            for d in cfg.cpu_widths if on_cpu else cfg.widths:
+                for dt in cfg.dtypes:
+                    out.append({"device": device, "N": n, "B": b, "D": d, "dtype": dt})
     return out
 
 
@@ -171,8 +224,49 @@ def run(
             if on_result is not None:
                 on_result(rec)
         del tokens, contexts
+        graphs.clear(empty_cache=False)  # this point's graphs: no later point has its shapes
         free_device_memory()
     return results
+
+
+def _graph_bytes(name: str, stage: Stage, shape: torch.Size) -> int:
+    """Bytes held by the cached graph of ``name`` at ``stage`` for tokens of ``shape`` (0: none)."""
+    for entry in reversed(graphs.stats()["entries"]):
+        if entry["reducer"] == name and entry["stage"] == stage.value and entry["shape"] == tuple(shape):
+            return entry["bytes"]
+    return 0
+
+
+def time_paths(call: Callable[[], Any], *, reps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Milliseconds of ``call()`` on the default path and under :func:`tokenreduce.graphs.eager`.
+
+    Interleaved in one run (rep i: graph then eager for even i, eager then graph for odd i,
+    so neither always goes first), after ``warmup`` untimed calls of each; every call is
+    bracketed by CUDA events."""
+    for _ in range(warmup):
+        call()
+        with graphs.eager():
+            call()
+    torch.cuda.synchronize()
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
+
+    def timed(start: torch.cuda.Event, end: torch.cuda.Event, eager: bool) -> None:
+        if eager:
+            with graphs.eager():
+                start.record()
+                call()
+                end.record()
+        else:
+            start.record()
+            call()
+            end.record()
+
+    for i, (gs, ge, es, ee) in enumerate(events):
+        order = [(gs, ge, False), (es, ee, True)]
+        for start, end, eager in order if i % 2 == 0 else order[::-1]:
+            timed(start, end, eager)
+    torch.cuda.synchronize()
+    return [gs.elapsed_time(ge) for gs, ge, _, _ in events], [es.elapsed_time(ee) for _, _, es, ee in events]
 
 
 def _time_one(
@@ -186,24 +280,56 @@ def _time_one(
 ) -> dict[str, Any]:
     try:
         reducer = tokenreduce.create(name, budget, stage=stage)
+        if "frames" in reducer.required_context:
+            context = video_context(context, tokens.shape[1])
         if reducer.attention_query != "text" and context.attention is not None:
             context = dataclasses.replace(context, attention=context.attention[:, -1:])
 
         def call():
             return reducer(tokens, context=context)
 
+        both = device.startswith("cuda") and cfg.graph_column and bool(getattr(reducer, "graph_safe", False))
         with torch.inference_mode():
             sync(device)
             t0 = time.perf_counter()
-            out = call()  # first call: also the check that the output has the requested size
+            out = call()  # first call (the capture, on the graph path): also checks the output size
             sync(device)
             first_ms = (time.perf_counter() - t0) * 1e3
             kept = int(out.num_kept)
+            graph_bytes = _graph_bytes(name, stage, tokens.shape)
+            t0 = time.perf_counter()
+            call()
+            sync(device)
+            second_ms = (time.perf_counter() - t0) * 1e3
             reps, warmup = cfg.reps, cfg.warmup
-            if first_ms > cfg.slow_ms:  # a slow point: fewer repetitions, recorded
-                reps, warmup = max(3, min(reps, int(2000 / first_ms))), 1
-            ms = time_call(call, device, reps=reps, warmup=warmup)
-        return {"status": "ok", "kept": kept, "first_ms": first_ms, **summarize(ms)}
+            if second_ms > cfg.slow_ms:  # a slow point: fewer repetitions (at least 10), recorded
+                reps, warmup = max(min(reps, 10), min(reps, int(2000 / second_ms))), 1
+            if not both:
+                ms = time_call(call, device, reps=reps, warmup=warmup)
+                return {
+                    "status": "ok",
+                    "kept": kept,
+                    "first_ms": first_ms,
+                    "path": "eager",
+                    **summarize(ms),
+                    "eager": summarize(ms),
+                    "graph": None,
+                }
+            graph_ms, eager_ms = time_paths(call, reps=reps, warmup=warmup)
+        failed = [why for key, why in graphs.stats()["failed"].items() if key.startswith(f"{name}@{stage.value} ")]
+        g, e = summarize(graph_ms), summarize(eager_ms)
+        return {
+            "status": "ok",
+            "kept": kept,
+            "first_ms": first_ms,
+            "path": "graph" if graph_bytes > 0 and not failed else "eager",
+            **g,
+            "eager": e,
+            "graph": g,
+            "graph_speedup": e["median_ms"] / g["median_ms"],
+            "graph_mib": graph_bytes / 2**20,
+            "graph_failed": failed[0] if failed else None,
+        }
     except torch.cuda.OutOfMemoryError as err:
         free_device_memory(collect=True)
         return {"status": "oom", "error": str(err).splitlines()[0]}
@@ -211,3 +337,101 @@ def _time_one(
         tb = traceback.extract_tb(err.__traceback__)
         where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
         return {"status": "error", "error": f"{type(err).__name__}: {err}{where}"}
+
+
+#: Targets of issue 19 on an H200: ``(N, B) -> ms`` for every reducer, and ApET's at N=2880 B=8.
+TARGET_MS = {(576, 1): 1.0, (576, 8): 2.0}
+APET_TARGET_MS = {(2880, 8): 5.0}
+
+
+def target_ms(rec: dict[str, Any]) -> float | None:
+    """The issue-19 target for a record (``None`` where there is none)."""
+    if rec["reducer"].startswith("apet") and (rec["N"], rec["B"]) in APET_TARGET_MS:
+        return APET_TARGET_MS[(rec["N"], rec["B"])]
+    return TARGET_MS.get((rec["N"], rec["B"]))
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Markdown table: eager and graph p10/median/p90, the speed-up and the target."""
+
+    def cell(s: dict[str, Any] | None) -> str:
+        return "-" if not s else f"{s['p10_ms']:.3f} / {s['median_ms']:.3f} / {s['p90_ms']:.3f}"
+
+    lines = [
+        "| reducer | stage | B | N | D | dtype | eager p10/med/p90 ms | graph p10/med/p90 ms | speed-up | path "
+        "| target ms | met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        head = f"| {r['reducer']} | {r['stage']} | {r['B']} | {r['N']} | {r['D']} | {r['dtype']} |"
+        if r.get("status") != "ok":
+            lines.append(f"{head} {r.get('status')}: {r.get('error', '')[:80]} | | | | | |")
+            continue
+        goal = target_ms(r)
+        speed = f"{r['graph_speedup']:.1f}x" if r.get("graph_speedup") else "-"
+        met = "-" if goal is None else ("yes" if r["median_ms"] <= goal else "NO")
+        lines.append(
+            f"{head} {cell(r['eager'])} | {cell(r.get('graph'))} | {speed} | {r['path']} | "
+            f"{'-' if goal is None else goal} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        n, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes takes NxB pairs such as 576x8, got {text!r}") from None
+    if n < 2 or b < 1:
+        raise argparse.ArgumentTypeError(f"--shapes: N must be >= 2 and B >= 1, got {text!r}")
+    return n, b
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.reducer_overhead", description="Per-call time of every reducer, graph and eager."
+    )
+    p.add_argument(
+        "--shapes",
+        type=_shape,
+        nargs="+",
+        default=[(576, 1), (576, 8), (2880, 8)],
+        help="NxB pairs (default 576x1 576x8 2880x8)",
+    )
+    p.add_argument("--widths", type=int, nargs="+", default=[4096], help="token widths D (default 4096)")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reducers", nargs="*", default=None, help="restrict to these reducers (default: all)")
+    p.add_argument("--reps", type=int, default=20, help="timed calls of each path (at least 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls of each path after the first")
+    p.add_argument("--time-budget-s", type=float, default=None, help="skip what does not fit (default: none)")
+    p.add_argument("--out", type=Path, default=None, help="JSON file for the records and the table")
+    args = p.parse_args(argv)
+    if args.reps < 10:
+        p.error("--reps must be at least 10")
+    cfg = OverheadConfig(
+        shapes=tuple(args.shapes),
+        widths=tuple(args.widths),
+        cpu_widths=tuple(args.widths),
+        dtypes=tuple(getattr(torch, d) for d in args.dtypes),
+        devices=(args.device,),
+        reps=args.reps,
+        warmup=args.warmup,
+        slow_ms=float("inf"),
+        reducers=tuple(args.reducers) if args.reducers else None,
+    )
+    with Reporter() as rep:
+        results = run(cfg, deadline=Deadline(args.time_budget_s), reporter=rep)
+    text = table(results)
+    print(text)
+    if args.out is not None:
+        meta = run_meta(quick=False, device=args.device, command=command_line(argv, "benchmarks.reducer_overhead"))
+        config = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(cfg).items()}
+        config["dtypes"] = list(args.dtypes)
+        write_json(args.out, {"meta": meta, "config": config, "results": results, "table": text})
+        print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

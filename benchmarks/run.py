@@ -89,11 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="e2e execution paths, each setting on each, interleaved (default: eager)",
     )
-    p.add_argument(
-        "--compile-decode",
-        action="store_true",
-        help="fast path: let transformers compile the decoding steps (tens of seconds per shape)",
-    )
+
     p.add_argument(
         "--reps",
         type=int,
@@ -214,7 +210,6 @@ def run_models(
             video_ratio=e2e_cfg.video_ratio if args.video_ratio is None else args.video_ratio,
             paths=tuple(args.paths) if args.paths else e2e_cfg.paths,
         )
-    e2e_cfg.compile_decode = args.compile_decode
     total = args.models_s if args.models_s is not None else (None if args.quick else 380.0)
     all_deadline = Deadline(total)
     for i, spec in enumerate(specs):
@@ -300,7 +295,7 @@ def _previous_e2e(path: Path, meta: dict[str, Any], doc: dict[str, Any]) -> dict
         prev["meta"].get(k) == meta.get(k) for k in ("gpu", "device", "quick", "torch", "transformers")
     )
     # What a record's numbers depend on (batches/budgets/reducers only select).
-    keys = ("new_tokens", "prefill_reps", "reps", "warmup", "compile_decode")
+    keys = ("new_tokens", "prefill_reps", "reps", "warmup")
     if not same or any(prev.get("config", {}).get(k) != doc["config"].get(k) for k in keys):
         return {}
     doc["resumed_from"] = [*prev.get("resumed_from", []), prev["meta"]]

@@ -6,17 +6,17 @@ Method page: ``docs/reducers/apet.md``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, merge_nearest, ops
+from tokenreduce import Reducer, ReducerParams, Stage, graphs, make_reduction, merge_nearest, ops
 from tokenreduce.errors import InvalidInputError
+from tokenreduce.sync import host_reads_free
 
 from .apet_basis import select_basis
-from .apet_graph import graphable as _graphable
-from .apet_graph import replay_graph
 
 # Ridge of the published code: 1e-5 after the vision encoder, 1e-1 at the decoder layer
 # (Qwen2.5-VL code; the LLaVA code uses 1e-5 at both points, see ApETLlava).
@@ -98,6 +98,9 @@ class ApET(Reducer):
     Gram matrix cannot overflow or underflow; the ridge is divided by its square). A
     numerically singular Gram matrix (duplicated or dependent basis tokens) is solved with
     a stronger ridge instead of returning NaN. Output features are in the input dtype.
+    On CUDA, farthest point sampling ranks each step's distances from one ``torch.cdist``
+    kernel (Euclidean, where the reference and the CPU path sum squares): the same picks,
+    except where two squared distances differ only in their last bits.
 
     ``info``: ``errors`` (B, N) reconstruction errors (0 at padded tokens and in rows kept
     whole), ``basis_indices`` (B, k) in pick order (-1 in rows kept whole), ``basis_slots``
@@ -108,6 +111,10 @@ class ApET(Reducer):
     name = "apet"
     stages = frozenset(Stage)
     Params = ApETParams
+    # Without a mask, one budget for all rows: no host read (sync-free form, below), so on
+    # CUDA the call replays a captured graph (tokenreduce.graphs): ~250 small kernels for
+    # the price of one launch, the same bits.
+    graph_safe = True
     paper = "Ma et al., ApET: Approximation-Error Guided Token Compression for Efficient VLMs, CVPR 2026."
 
     def ridge_at(self, stage: Stage) -> float:
@@ -126,15 +133,14 @@ class ApET(Reducer):
         stage = Stage(context.stage)
         k = self.params.basis_tokens
         t = context.uniform_count
+        sync_free = not host_reads_free(tokens)
         if t is not None:
             # No padding, one budget for all rows: every row is reduced, and everything
             # below is decided on the host (no device read before the work is queued).
             if k >= t:
                 raise _basis_count_error(k, 0, t, tokens.shape[1])
-            if _graphable(self, tokens):
-                return replay_graph(self, tokens, t, stage)
             active = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            return self._reduce(tokens, counts, valid, active, stage, t, sync_free=tokens.is_cuda, dense=True)
+            return self._reduce(tokens, counts, valid, active, stage, t, sync_free=sync_free, dense=True)
         # Rows kept whole (budget >= valid count) or empty are not reduced at all.
         active = (counts < valid.sum(dim=1)) & (counts > 0)
         bad = active & (counts <= k)
@@ -144,9 +150,9 @@ class ApET(Reducer):
         if any_bad:
             row = int(bad.nonzero()[0, 0])
             raise _basis_count_error(k, row, int(counts[row]), int(valid[row].sum()))
-        if dense and _graphable(self, tokens):
-            return replay_graph(self, tokens, t, stage)
-        return self._reduce(tokens, counts, valid, active, stage, t, sync_free=tokens.is_cuda, dense=bool(dense))
+        if dense:  # an all-true mask and one budget: the common case (a CUDA graph where possible)
+            return graphs.reduce_uniform(self, tokens, t, replace(context, uniform_count=t))
+        return self._reduce(tokens, counts, valid, active, stage, t, sync_free=sync_free)
 
     def _reduce(self, tokens, counts, valid, active, stage, t, *, sync_free, dense=False):
         """The algorithm. With ``sync_free`` (always on CUDA) it never reads a device value on
@@ -168,8 +174,10 @@ class ApET(Reducer):
             x, order, indices, slots, counts, basis, None if dense else active, p.basis_blend, self.basis_order_at(stage)
         )
         targets = slots & ~basis_slots if p.merge == "nearest_cosine" else torch.zeros_like(slots)
+        # x is float32, in range and zero at padding already (what merge_nearest's rescaling
+        # would make of it, bit for bit): prescaled skips three passes over (B, N, D).
         features, sizes, assignment = merge_nearest(
-            x, indices, slots, valid, targets=targets, kept_features=kept, kept_weight=p.merge_scaling
+            x, indices, slots, valid, targets=targets, kept_features=kept, kept_weight=p.merge_scaling, prescaled=True
         )
 
         work = torch.float64 if tokens.dtype == torch.float64 else torch.float32
@@ -250,20 +258,22 @@ def _normalise(tokens: torch.Tensor, valid: torch.Tensor | None, sync_free: bool
     ``sync_free``: then the factor, 1 for rows in range, is always applied, still exactly).
     Padded tokens are zeroed; ``valid=None`` means every token is valid.
     """
-    wide = tokens.double() if tokens.dtype == torch.float64 else tokens.float()
-    # max |x| as max(max x, -min x): two plain reductions, several times faster on CPU
-    # than an infinity norm (which takes |x| elementwise first).
-    peak = torch.maximum(wide.amax(dim=-1), wide.amin(dim=-1).neg())
+    wide_dtype = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    # max |x| as max(max x, -min x): one pass over the tokens in their own dtype (widening
+    # is exact, and so are max and min), several times faster than an infinity norm.
+    lo, hi = torch.aminmax(tokens, dim=-1)
+    peak = torch.maximum(hi.to(wide_dtype), lo.to(wide_dtype).neg())
     peak = (peak if valid is None else peak.masked_fill(~valid, 0)).amax(dim=1).double()
     out_of_range = (peak > _SAFE_PEAK) | ((peak < 1.0 / _SAFE_PEAK) & (peak > 0))
     exponent = torch.where(out_of_range, torch.floor(torch.log2(peak)), torch.zeros_like(peak))
     scale = torch.exp2(exponent)
     if not sync_free and not bool(out_of_range.any()) and (valid is None or bool(valid.all())):
-        return wide.float(), scale
-    # One pass: multiplying by 1/scale (a power of two) equals dividing; padding -> 0.
-    inverse = scale.to(wide.dtype).reciprocal().unsqueeze(1)
-    factor = inverse if valid is None else valid.to(wide.dtype) * inverse
-    return (wide * factor.unsqueeze(-1)).float(), scale
+        return tokens.float(), scale
+    # One pass: multiplying by 1/scale (a power of two) equals dividing; padding -> 0. The
+    # product widens the tokens as it reads them (the same bits as widening first).
+    inverse = scale.to(wide_dtype).reciprocal().unsqueeze(1)
+    factor = inverse if valid is None else valid.to(wide_dtype) * inverse
+    return (tokens * factor.unsqueeze(-1)).float(), scale
 
 
 def _scaled_ridge(ridge: float, scale: torch.Tensor) -> torch.Tensor:

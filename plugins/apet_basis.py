@@ -15,19 +15,21 @@ import torch
 
 from tokenreduce import ops
 
+from .random_select import seeded_scores
+
 
 def _row_random_scores(n: int, seed: int, device: torch.device) -> torch.Tensor:
     """``(N,)`` seeded uniform scores, identical on every device and for every row.
 
     Shared by all rows (like the ``random`` reducer) so a row's choice never depends on
-    the other rows of the batch.
+    the other rows of the batch. Made once per (N, seed, device): no host-to-device copy
+    per call (see :func:`~tokenreduce_plugins.random_select.seeded_scores`).
     """
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(n, generator=gen).to(device)
+    return seeded_scores(n, seed, device)
 
 
 def farthest_point_sampling(
-    x: torch.Tensor, valid: torch.Tensor, k: int, *, start: str = "first", seed: int = 0
+    x: torch.Tensor, valid: torch.Tensor, k: int, *, start: str = "first", seed: int = 0, fused: bool | None = None
 ) -> torch.Tensor:
     """Indices ``(B, k)`` of ``k`` tokens picked by farthest point sampling, in pick order.
 
@@ -40,6 +42,14 @@ def farthest_point_sampling(
     remaining token duplicates a pick (fewer distinct tokens than ``k``), the next pick
     is the lowest-index unpicked duplicate, so the indices stay distinct. Otherwise the
     picks are identical to the reference.
+
+    ``fused`` (default: on CUDA): each step's distances come from one ``torch.cdist``
+    kernel (the Euclidean distance, reading the tokens once) instead of a subtraction, a
+    square and a sum (five passes over ``(B, N, D)``: most of ApET's GPU time at large
+    inputs). The square root keeps the order of the distances, so the picks are the same,
+    except where two squared distances differ only in their last bits (they may round to
+    one root, a tie then won by the lower index); on CPU the reference's exact squared
+    distances are used.
     """
     b, n, _ = x.shape
     rows = torch.arange(b, device=x.device)
@@ -51,16 +61,23 @@ def farthest_point_sampling(
     # Padded tokens sit at -inf so they are never the farthest; min() keeps them there.
     dist = torch.full((b, n), math.inf, device=x.device).masked_fill(~valid, -math.inf)
     picks = [cur]
+    fused = x.is_cuda if fused is None else fused
     # Picks are indices, never differentiated: no autograd, so one (B, N, D) buffer serves
     # every step (a fresh one per step costs page faults that double the step on CPU).
+    # k - 1 steps, a host-known count, none reading the device: capturable in a CUDA graph.
     with torch.no_grad():
-        diff = torch.empty_like(x)
+        diff = None if fused else torch.empty_like(x)
         for _ in range(k - 1):
-            # Subtracting an expanded view: several times faster on CPU than broadcasting.
-            torch.sub(x, x[rows, cur].unsqueeze(1).expand_as(x), out=diff)
-            # (x - c)^2 summed, not |x|^2 - 2xc + |c|^2: exact zeros for duplicates and
-            # bit-for-bit the reference's distances (hence its picks). x*x == x**2 exactly.
-            dist = torch.minimum(dist, diff.mul_(diff).sum(-1))
+            centre = x[rows, cur].unsqueeze(1)
+            if fused:
+                step = torch.cdist(x, centre, compute_mode="donot_use_mm_for_euclid_dist").squeeze(-1)
+            else:
+                # Subtracting an expanded view: several times faster on CPU than broadcasting.
+                torch.sub(x, centre.expand_as(x), out=diff)
+                # (x - c)^2 summed, not |x|^2 - 2xc + |c|^2: exact zeros for duplicates and
+                # bit-for-bit the reference's distances (hence its picks). x*x == x**2 exactly.
+                step = diff.mul_(diff).sum(-1)
+            torch.minimum(dist, step, out=dist)
             dist.scatter_(1, cur.unsqueeze(1), -1.0)  # below every real distance: never re-picked
             cur = dist.argmax(dim=1)
             picks.append(cur)

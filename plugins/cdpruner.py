@@ -89,34 +89,34 @@ def greedy_map(
     (B, t))``: indices in selection order (``-1`` past a row's count) and the slot mask.
     """
     b, n, _ = kernel.shape
-    dev = kernel.device
-    rows = torch.arange(b, device=dev)
-    pos = torch.arange(n, device=dev)
     cis = kernel.new_zeros(b, t, n)
     di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
-    picks = torch.full((b, t), -1, dtype=torch.long, device=dev)
     slots = ops.slot_mask(counts, t)
     available = valid.clone()
     floor = -torch.finfo(kernel.dtype).max  # below any finite d^2, above the -inf of taken tokens
+    picks = []
     # A fixed, host-known number of steps whose every operation stays on the device (no
-    # sync), so the loop can be captured in a CUDA graph.
+    # sync), so the loop can be captured in a CUDA graph; about 18 kernels a step. A row
+    # past its count keeps stepping on its own data; its extra picks are masked at the end.
     for i in range(t):
         # Taken and padded tokens are excluded explicitly (the official code marks taken ones
         # -inf); non-finite d^2 of a degenerate kernel never wins over a finite one.
         score = torch.where(available, di2s.nan_to_num(nan=floor, neginf=floor), float("-inf"))
-        j = score.argmax(dim=1)  # first index on ties
-        d2 = di2s[rows, j]
+        j = score.argmax(dim=1, keepdim=True)  # (B, 1), first index on ties
+        d2 = di2s.gather(1, j)
         ok = d2 > 0  # the official code takes sqrt(d^2) unguarded (NaN once the kernel is exhausted)
-        done = cis[:, :i]  # (B, i, N): the Cholesky rows of the i picks so far
-        # sum_t c_t[j] * c_t (the official einsum); a product and a sum, as a (1 x i) @ (i x N)
-        # batched matmul takes a slow path on CPU.
-        num = kernel[rows, j] - (done[rows, :, j].unsqueeze(2) * done).sum(dim=1)
-        eis = torch.where(ok.unsqueeze(1), num / torch.sqrt(torch.where(ok, d2, 1.0)).unsqueeze(1), 0.0)
+        num = kernel.gather(1, j.unsqueeze(2).expand(b, 1, n)).squeeze(1)  # L[j, :]
+        if i > 0:
+            done = cis[:, :i]  # (B, i, N): the Cholesky rows of the i picks so far
+            # sum_t c_t[j] * c_t (the official einsum); a product and a sum, as a (1 x i) @ (i x N)
+            # batched matmul takes a slow path on CPU. (At i = 0 the sum is empty: L[j, :] - 0.)
+            num = num - (done.gather(2, j.unsqueeze(1).expand(b, i, 1)) * done).sum(dim=1)
+        eis = torch.where(ok, num / torch.sqrt(torch.where(ok, d2, 1.0)), 0.0)
         cis[:, i] = eis
         di2s = di2s - torch.square(eis)
-        available = available & (pos != j.unsqueeze(1))
-        picks[:, i] = torch.where(slots[:, i], j, -1)
-    return picks, slots
+        available.scatter_(1, j, False)
+        picks.append(j)
+    return torch.cat(picks, dim=1).masked_fill(~slots, -1), slots
 
 
 def _check_text(context: ReductionContext, b: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +204,7 @@ class CDPruner(Reducer):
     stages = frozenset({Stage.PROJECTOR})
     Params = CDPrunerParams
     required_context = frozenset({"text_embeds"})
+    graph_safe = True
     paper = (
         'Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in '
         'MLLMs", NeurIPS 2025, arXiv:2506.10967 (github.com/Theia-4869/CDPruner)'

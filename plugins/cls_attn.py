@@ -42,6 +42,7 @@ class ClsAttention(ScoringReducer):
     name = "cls_attn"
     stages = frozenset({Stage.VISION_ENCODER, Stage.PROJECTOR})
     required_context = frozenset({"cls_attention"})
+    graph_safe = True
     paper = (
         'Zhang et al., "[CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make VLM '
         'Inference Faster" (FasterVLM), arXiv:2412.01818 (github.com/Theia-4869/FasterVLM)'

@@ -81,6 +81,8 @@ class DART(Reducer):
     # The default parameters' needs; each instance narrows this to its own parameters.
     required_context = frozenset({"keys", "text_embeds", "text_keys"})
     attention_layer = "previous"
+    # Without a mask every loop bound is host-known (below): no device read.
+    graph_safe = True
     paper = (
         'Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More", '
         "EMNLP 2025, arXiv:2502.11494 (github.com/ZichenWen1/DART)"
@@ -98,11 +100,13 @@ class DART(Reducer):
                 need.add("text_keys")
         self.required_context = frozenset(need)  # type: ignore[misc]  # per-instance, shadows the class default
 
-    def _pivots(self, x, tokens, counts, valid, context):
+    def _pivots(self, x, tokens, counts, valid, context, t_img):
         """Pivot features ``(B, P, D)`` in sequence order, their mask, and the kept image pivots.
 
         ``x`` are the tokens in float32, rows of extreme magnitude divided by a power of
-        two (which changes neither norm rankings within a row nor cosine similarities)."""
+        two (which changes neither norm rankings within a row nor cosine similarities).
+        ``t_img`` is the largest image pivot count (host-known); the text pivots get
+        ``min(L, pivot_text_tokens)`` slots, real or not (their mask says)."""
         b, n, d = tokens.shape
         p = self.params
         if p.pivot_by == "key_norm":
@@ -111,7 +115,7 @@ class DART(Reducer):
         else:
             img_norm = x.abs().sum(dim=-1)
         n_img = counts.clamp(max=p.pivot_image_tokens)
-        order, img_slots = ops.topk_per_row(img_norm.to(tokens.device), n_img, valid)
+        order, img_slots = ops.topk_per_row(img_norm.to(tokens.device), n_img, valid, t_img)
         img_idx = ops.ascending(order, img_slots)
         feats, ok = [ops.gather_rows(x, img_idx)], [img_slots]
         if p.pivot_text_tokens > 0:
@@ -134,7 +138,9 @@ class DART(Reducer):
             else:
                 text_norm = text.abs().sum(dim=-1)
             n_txt = text_ok.sum(dim=1).clamp(max=p.pivot_text_tokens)
-            order, txt_slots = ops.topk_per_row(text_norm, n_txt, text_ok)
+            # Slots for every possible text pivot: the count per row depends on text_mask (a
+            # device value); unused slots are masked, and a pivot slot past n_piv gets no quota.
+            order, txt_slots = ops.topk_per_row(text_norm, n_txt, text_ok, min(text.shape[1], p.pivot_text_tokens))
             txt_idx = ops.ascending(order, txt_slots)
             feats.append(ops.gather_rows(text, txt_idx))
             ok.append(txt_slots)
@@ -145,24 +151,32 @@ class DART(Reducer):
 
     def reduce(self, tokens, counts, valid, context):
         b, n, _ = tokens.shape
+        p = self.params
+        # Host-known bounds: without a mask the uniform count; with one, the largest count
+        # (one device read, as the masked path may).
+        t = context.uniform_count if context.uniform_count is not None else int(counts.max())
+        t_img = min(t, p.pivot_image_tokens)
         # Float32 tokens, rows of extreme magnitude divided by a power of two (exact), so
         # L1 norms and cosine similarities cannot overflow float32 (bfloat16 near 1e38).
         x, _ = safe_scale(tokens, valid)
-        pivots, pivot_ok, img_idx, img_slots = self._pivots(x, tokens, counts, valid, context)
+        pivots, pivot_ok, img_idx, img_slots = self._pivots(x, tokens, counts, valid, context, t_img)
         n_piv = pivot_ok.sum(dim=1)
         rest = counts - img_slots.sum(dim=1)  # budget left after the kept image pivots
         base, extra = rest // n_piv.clamp(min=1), rest % n_piv.clamp(min=1)
+        # The tokens normalised once, not once per pivot (the same tensor each time).
+        x_unit = ops.normalize(x)
+        # A pivot's quota is at most the budget left after the image pivots, t - t_img.
+        quota_max = max(0, t - t_img)
 
         kept = ops.keep_mask_from(img_idx, img_slots, n)
-        for j in range(pivots.shape[1]):  # a handful of pivots; each step is batched
+        # A handful of pivots, each step batched and never reading the device: a pivot slot
+        # with no quota in any row (padding, or a text pivot a row lacks) keeps nothing.
+        for j in range(pivots.shape[1] if quota_max > 0 else 0):
             quota = torch.where(j < n_piv, base + (j < extra).long(), torch.zeros_like(base))
-            if not bool((quota > 0).any()):
-                continue
-            sim = ops.cosine_similarity(pivots[:, j : j + 1], x)[:, 0]  # (B, N)
-            order, slots = ops.topk_per_row(-sim, quota, valid & ~kept)
+            sim = (ops.normalize(pivots[:, j : j + 1]) @ x_unit.transpose(1, 2))[:, 0]  # (B, N) cosine
+            order, slots = ops.topk_per_row(-sim, quota, valid & ~kept, quota_max)
             kept |= ops.keep_mask_from(order, slots, n)
 
-        t = int(counts.max())
         slots = ops.slot_mask(counts, t)
         positions = torch.where(kept, torch.arange(n, device=tokens.device), n)
         indices = torch.sort(positions, dim=1).values[:, :t].masked_fill(~slots, -1)

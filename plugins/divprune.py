@@ -8,8 +8,9 @@ from tokenreduce import Reducer, Stage, make_reduction, ops
 from tokenreduce.numerics import safe_scale
 
 
+@torch.no_grad()  # picks are indices, never differentiated; the kept features are gathered from the input
 def max_min_select(
-    tokens: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor
+    tokens: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor, t: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy max-min diversity selection (DivPrune's rule), batched.
 
@@ -17,14 +18,14 @@ def max_min_select(
         tokens: ``(B, N, D)`` features.
         counts: ``(B,)`` how many tokens each row selects (``<=`` its valid count).
         valid: ``(B, N)`` validity; padded tokens are never selected nor used as distances.
+        t: ``counts.max()`` when known on the host (no device read then).
 
     Returns:
         ``(picks (B, T), slots (B, T))``: selected indices in selection order (``-1`` at
         padded slots) and the slot mask.
     """
     b, n, _ = tokens.shape
-    dev = tokens.device
-    t = int(counts.max())
+    t = int(counts.max()) if t is None else t
     # Rows of extreme magnitude are first divided by a power of two (exact), so the squared
     # norms cannot overflow float32 (bfloat16 tokens near 1e19 and beyond would all
     # normalise to zero and every distance would tie).
@@ -36,24 +37,27 @@ def max_min_select(
     # is the second smallest entry of its column, the smallest being its own (~0) distance.
     k = min(2, n)
     first_score = torch.topk(dist, k, dim=1, largest=False).values[:, k - 1, :]
-    neg_inf = torch.tensor(float("-inf"), device=dev)
-    picks = torch.full((b, t), -1, dtype=torch.long, device=dev)
+    # Selected tokens are excluded explicitly: the official code relies on their zero
+    # self-distance, which fails only for exact duplicates. With the diagonal at -inf, the
+    # row of a pick carries its own exclusion: score = min(score, dist[pick]) is then both
+    # the update of every token's distance to its nearest pick and the pick's removal.
+    dist.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    pick = torch.where(valid, first_score, float("-inf")).argmax(dim=1)  # first index on ties
+    # score[j]: distance of token j to its nearest pick so far, -inf for picks and padding
+    # (exactly the official code's masked minimum distance, one elementwise minimum per step).
+    score = torch.full((b, n), float("inf"), device=tokens.device).masked_fill(~valid, float("-inf"))
+    picks = [pick]
+    # t steps, a host-known count, and no step reads the device: three kernels per step
+    # (gather the pick's row, minimum, argmax), capturable in a CUDA graph. A row past its
+    # count keeps picking (it only ever sees -inf or distances of its own row); its extra
+    # picks are masked at the end, so the rows stay independent.
+    for _ in range(t - 1):
+        row = dist.gather(1, pick.view(b, 1, 1).expand(b, 1, n)).squeeze(1)
+        torch.minimum(score, row, out=score)
+        pick = score.argmax(dim=1)
+        picks.append(pick)
     slots = ops.slot_mask(counts, t)
-    chosen = torch.zeros(b, n, dtype=torch.bool, device=dev)
-    min_dist = torch.full((b, n), float("inf"), device=dev)
-    rows = torch.arange(b, device=dev)
-    for step in range(t):  # one pick per step for every row at once
-        score = first_score if step == 0 else min_dist
-        # Selected tokens are excluded explicitly: the official code relies on their zero
-        # self-distance, which fails only for exact duplicates.
-        score = torch.where(valid & ~chosen, score, neg_inf)
-        pick = score.argmax(dim=1)  # first index on ties
-        active = slots[:, step]
-        picks[:, step] = torch.where(active, pick, torch.full_like(pick, -1))
-        chosen[rows, pick] |= active
-        # Distance of every token to its nearest selected token (rows of the picked tokens).
-        min_dist = torch.where(active[:, None], torch.minimum(min_dist, dist[rows, pick]), min_dist)
-    return picks, slots
+    return torch.stack(picks, dim=1).masked_fill(~slots, -1), slots
 
 
 class DivPrune(Reducer):
@@ -85,6 +89,7 @@ class DivPrune(Reducer):
 
     name = "divprune"
     stages = frozenset(Stage)
+    graph_safe = True
     ratio_rounding = "half_even"  # official: int(round(threshold_ratio * N))
     paper = (
         'Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models", CVPR 2025, '
@@ -92,6 +97,6 @@ class DivPrune(Reducer):
     )
 
     def reduce(self, tokens, counts, valid, context):
-        picks, slots = max_min_select(tokens, counts, valid)
+        picks, slots = max_min_select(tokens, counts, valid, context.uniform_count)
         indices = ops.ascending(picks, slots)
         return make_reduction(tokens, indices, slots, sizes=slots.float(), info={"selection_order": picks})

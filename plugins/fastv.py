@@ -49,6 +49,7 @@ class FastV(ScoringReducer):
     required_context = frozenset({"attention"})
     attention_query = "last"
     attention_layer = "previous"
+    graph_safe = True
     paper = (
         'Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024, arXiv:2403.06764 '
         "(github.com/pkunlp-icler/FastV)"

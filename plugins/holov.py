@@ -7,6 +7,7 @@ from pydantic import Field
 
 from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.errors import InvalidInputError
+from tokenreduce.sync import host_reads_free
 
 from .cls_attn import cls_scores
 
@@ -182,6 +183,7 @@ class HoloV(Reducer):
     required_context = frozenset({"cls_attention"})
     # Only the official Qwen2.5-VL script takes a ratio: keep_num = int(N * prune_rate).
     ratio_rounding = "floor"
+    graph_safe = True
     paper = (
         'Zou et al., "Don\'t Just Chase “Highlighted Tokens” in MLLMs: Revisiting Visual Holistic Context '
         'Retention" (HoloV), NeurIPS 2025, arXiv:2510.02912 (github.com/obananas/HoloV)'
@@ -190,7 +192,7 @@ class HoloV(Reducer):
     def reduce(self, tokens, counts, valid, context):
         b, n, d = tokens.shape
         att = cls_scores(context.cls_attention, tokens, self.name).masked_fill(~valid, 0)
-        if att.device.type == "cpu" and not bool(torch.isfinite(att).all()):
+        if host_reads_free(att) and not bool(torch.isfinite(att).all()):
             # Checked on CPU only (no device sync): NaN would silently decide the allocation.
             raise InvalidInputError(f"{self.name}: context.cls_attention must be finite at the valid tokens")
         pos, ok = region_layout(valid, self.params.regions)

@@ -112,6 +112,8 @@ class MustDrop(Reducer):
     required_context = ContextByStage({Stage.LLM_LAYER: _LLM_NEEDS}, unset=Stage.VISION_ENCODER)  # type: ignore[assignment]
     attention_query = "text"
     attention_layer = "previous"
+    # Without a mask the window plan comes from host-known sizes: no device read.
+    graph_safe = True
     paper = (
         'Liu et al., "Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language Model", '
         "arXiv:2411.10803 (github.com/liuting20/MustDrop)"

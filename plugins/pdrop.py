@@ -62,6 +62,7 @@ class PDrop(ScoringReducer):
     attention_query = "last"
     attention_layer = "current"
     ratio_rounding = "floor"  # official: int(N * ratio)
+    graph_safe = True
     paper = (
         'Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual '
         'Redundancy Reduction", CVPR 2025, arXiv:2410.17247 (github.com/Cooperx521/PyramidDrop)'

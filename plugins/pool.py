@@ -42,6 +42,8 @@ class PoolReducer(Reducer):
     name = "pool"
     stages = frozenset(Stage)
     Params = PoolParams
+    # Without a mask the grid geometry comes from host-known sizes: no device read.
+    graph_safe = True
     paper = "2-D average pooling (baseline), as in LLaVA-OneVision's video pooling."
 
     def _grid(self, n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
@@ -59,30 +61,36 @@ class PoolReducer(Reducer):
 
     def reduce(self, tokens, counts, valid, context):
         b, n, _ = tokens.shape
-        n_valid = valid.sum(dim=1)
-        # Grid geometry per distinct (n, T) pair, computed on host: a handful of scalars.
-        pairs = {(nv, t) for nv, t in zip(n_valid.tolist(), counts.tolist())}
-        geo = {}
-        for nv, t in pairs:
-            if nv == 0:
-                geo[(nv, t)] = (1, 1, 1)
-                continue
-            h, w = self._grid(nv, context.grid)
-            geo[(nv, t)] = (h, w, _bands(h, w, t, self.params.aspect))
-        rows = [geo[(nv, t)] for nv, t in zip(n_valid.tolist(), counts.tolist())]
-        h_, w_, hp_ = (torch.tensor(c, device=tokens.device) for c in zip(*rows))
+        if context.uniform_count is not None:
+            # Every row holds n tokens and keeps the same count: one geometry, known here.
+            t_max = context.uniform_count
+            h, w = self._grid(n, context.grid)
+            h_, w_, hp_ = h, w, _bands(h, w, t_max, self.params.aspect)  # host ints: the same arithmetic
+        else:
+            n_valid = valid.sum(dim=1)
+            # Grid geometry per distinct (n, T) pair, computed on host: a handful of scalars.
+            pairs = {(nv, t) for nv, t in zip(n_valid.tolist(), counts.tolist())}
+            geo = {}
+            for nv, t in pairs:
+                if nv == 0:
+                    geo[(nv, t)] = (1, 1, 1)
+                    continue
+                h, w = self._grid(nv, context.grid)
+                geo[(nv, t)] = (h, w, _bands(h, w, t, self.params.aspect))
+            rows = [geo[(nv, t)] for nv, t in zip(n_valid.tolist(), counts.tolist())]
+            h_, w_, hp_ = (torch.tensor(c, device=tokens.device)[:, None] for c in zip(*rows))
+            t_max = int(counts.max())
 
         rank = valid.long().cumsum(dim=1) - 1  # position within the row's valid tokens
-        r, c = rank // w_[:, None], rank % w_[:, None]
-        band = r * hp_[:, None] // h_[:, None]
+        r, c = rank // w_, rank % w_
+        band = r * hp_ // h_
         t = counts[:, None]
-        q, rem = t // hp_[:, None], t % hp_[:, None]
+        q, rem = t // hp_, t % hp_
         cells_in_band = q + (band < rem).long()
         offset = band * q + torch.minimum(band, rem)
-        cell = offset + c * cells_in_band // w_[:, None]
+        cell = offset + c * cells_in_band // w_
         cell = torch.where(valid, cell, torch.full_like(cell, -1))
 
-        t_max = int(counts.max())
         # Sums on rows divided by a power of two when their magnitude is extreme (exact), so
         # bfloat16 tokens near 1e38 cannot overflow the float32 sum.
         x, scale = safe_scale(tokens, valid)

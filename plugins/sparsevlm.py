@@ -12,6 +12,7 @@ from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.errors import ConfigError, InvalidInputError
 from tokenreduce.numerics import safe_scale, unscale
 from tokenreduce.pipeline import Pipeline, Step
+from tokenreduce.sync import host_reads_free
 
 #: The official pruning layers on LLaVA-1.5 are 2, 6 and 15 (``pruning_loc``): each prunes
 #: the *output* of that layer, ranked by that layer's attention. Here a step at layer K
@@ -142,7 +143,7 @@ def dpc_knn_clusters(x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor, c_max
     dev = x.device
     pair = mask.unsqueeze(2) & mask.unsqueeze(1)
     dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / d**0.5
-    inf = torch.tensor(float("inf"), device=dev)
+    inf = float("inf")  # a Python scalar: a tensor made from it would be a host-to-device copy
     nearest = torch.sort(torch.where(pair, dist, inf), dim=2).values  # ascending; padding last
     first = torch.arange(r_max, device=dev).view(1, 1, -1) < c.view(-1, 1, 1)
     density = torch.exp(-torch.where(first, nearest.square(), 0.0).sum(dim=2) / c.clamp(min=1).view(-1, 1).float())
@@ -244,6 +245,7 @@ class SparseVLM(Reducer):
     required_context = frozenset({"attention", "text_embeds"})
     attention_query = "text"
     attention_layer = "previous"
+    graph_safe = True
     paper = (
         'Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference", '
         "ICML 2025, arXiv:2410.04417 (github.com/Gumpest/SparseVLMs)"
@@ -290,7 +292,7 @@ class SparseVLM(Reducer):
         x, scale = safe_scale(tokens, valid)
         raters = select_raters(x, valid, text, text_mask)
         scores = rater_scores(attention, raters)
-        if scores.device.type == "cpu" and not bool(torch.isfinite(scores[valid]).all()):
+        if host_reads_free(scores) and not bool(torch.isfinite(scores[valid]).all()):
             # A NaN would be ranked first by the sort; on CPU the check costs no device sync.
             raise InvalidInputError("sparsevlm: context.attention has non-finite values in the raters' rows")
         out = self._sparsify(tokens, x, scale, scores, counts, valid, context.uniform_count)

@@ -34,6 +34,9 @@ class ToMe(Reducer):
 
     name = "tome"
     stages = frozenset(Stage)
+    # Without a mask every row has the same live count, so the rounds and their sizes are
+    # planned on the host: no device read, capturable in a CUDA graph.
+    graph_safe = True
     paper = (
         'Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023, arXiv:2210.09461 '
         "(github.com/facebookresearch/ToMe)"
@@ -42,26 +45,39 @@ class ToMe(Reducer):
     def reduce(self, tokens, counts, valid, context):
         b, n, _ = tokens.shape
         dev = tokens.device
-        # Working state, in the current token order with live tokens first (padding last):
-        # features, sizes, liveness and each token's representative (original index).
-        perm = torch.sort((~valid).long(), dim=1, stable=True).indices
         # Rows of extreme magnitude are divided by a power of two (exact; cosine
         # similarities and weighted means do not change), so float32 sums cannot overflow.
         x, scale = safe_scale(tokens, valid)
-        state = (ops.gather_rows(x, perm), valid.gather(1, perm).float(), valid.gather(1, perm), perm)
         owner = torch.arange(n, device=dev).expand(b, n)  # per input token: its group's representative
-        rounds = 0
-        while True:
-            live = state[2].sum(dim=1)
-            r = torch.minimum(live - counts, live // 2).clamp(min=0)
-            if not bool((r > 0).any()):
-                break
-            state, owner = _merge_round(*state, r, owner)
-            rounds += 1
+        t = context.uniform_count
+        if t is not None:
+            # Every token valid, every row keeping t: the live count after each round is the
+            # same in every row and known here, so is each round's r. The state starts in
+            # position order (the sort below would be the identity).
+            pos = torch.arange(n, device=dev).expand(b, n)
+            state = (x, valid.float(), valid, pos)
+            live, rounds = n, 0
+            while min(live - t, live // 2) > 0:
+                r = min(live - t, live // 2)
+                state, owner = _merge_round(*state, r, owner, live)
+                live, rounds = live - r, rounds + 1
+        else:
+            # Working state, in the current token order with live tokens first (padding
+            # last): features, sizes, liveness and each token's representative (original index).
+            perm = torch.sort((~valid).long(), dim=1, stable=True).indices
+            state = (ops.gather_rows(x, perm), valid.gather(1, perm).float(), valid.gather(1, perm), perm)
+            rounds = 0
+            while True:  # per-row budgets: rounds until no row has tokens left to merge (one read each)
+                live = state[2].sum(dim=1)
+                r = torch.minimum(live - counts, live // 2).clamp(min=0)
+                if not bool((r > 0).any()):
+                    break
+                state, owner = _merge_round(*state, r, owner)
+                rounds += 1
+            t = int(counts.max())
         x, size, alive, rep = state
 
         # Output in position order of the representatives.
-        t = int(counts.max())
         slots = ops.slot_mask(counts, t)
         order = torch.sort(torch.where(alive, rep, n), dim=1).indices[:, :t]
         indices = rep.gather(1, order).masked_fill(~slots, -1)
@@ -79,15 +95,18 @@ class ToMe(Reducer):
         )
 
 
-def _merge_round(x, size, alive, rep, r, owner):
+def _merge_round(x, size, alive, rep, r, owner, live=None):
     """One round of bipartite soft matching, merging ``r[b]`` tokens of each row.
 
     ``x (B, N, D)`` float32 features, ``size``/``alive``/``rep (B, N)`` in the current
-    order (live first); ``owner (B, N)`` maps input tokens to representatives.
+    order (live first); ``owner (B, N)`` maps input tokens to representatives. ``r`` is
+    ``(B,)``; or an int, with ``live`` the host-known live count, when every row has
+    ``live`` live tokens and merges ``r``: the new order is then known without a sort.
     Returns the new state (same layout) and owner map.
     """
     b, n, d = x.shape
     dev = x.device
+    uniform = live is not None
     xa, xb = x[:, 0::2], x[:, 1::2]
     ok_a, ok_b = alive[:, 0::2], alive[:, 1::2]
     scores = ops.cosine_similarity(xa, xb)
@@ -95,7 +114,7 @@ def _merge_round(x, size, alive, rep, r, owner):
     node_max, node_idx = scores.max(dim=2)  # a row reaching here has n >= 2, so B is not empty
     # A tokens by decreasing best match; the first r[b] of each row are merged away.
     edge = torch.sort(node_max, dim=1, descending=True, stable=True).indices
-    is_src = torch.arange(edge.shape[1], device=dev)[None] < r[:, None]
+    is_src = torch.arange(edge.shape[1], device=dev)[None] < (r if uniform else r[:, None])
     dst = node_idx.gather(1, edge)
     a_x = xa.gather(1, edge.unsqueeze(-1).expand(-1, -1, d))
     a_size, a_rep, a_ok = size[:, 0::2].gather(1, edge), rep[:, 0::2].gather(1, edge), ok_a.gather(1, edge)
@@ -112,6 +131,17 @@ def _merge_round(x, size, alive, rep, r, owner):
     remap = torch.arange(n + 1, device=dev).repeat(b, 1)
     remap.scatter_(1, torch.where(is_src, a_rep, n), rep[:, 1::2].gather(1, dst))
     owner = remap.gather(1, owner)
+
+    if uniform:
+        # The order the stable sort below gives, known on the host: the first la of A (by
+        # match) and lb of B (by position) are live; A's first r were merged away.
+        la, lb = (live + 1) // 2, live // 2
+
+        def order(a: torch.Tensor, bb: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a[:, r:la], bb[:, :lb], a[:, :r], a[:, la:], bb[:, lb:]], dim=1)
+
+        state = (order(a_x, new_xb), order(a_size, new_b_size), order(a_ok & ~is_src, ok_b), order(a_rep, rep[:, 1::2]))
+        return state, owner
 
     # New order as in the official code: [unmerged A by match, B in order]; live first.
     x = torch.cat([a_x, new_xb], dim=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import Field
 
@@ -74,6 +76,8 @@ class VisionZip(Reducer):
     stages = frozenset({Stage.VISION_ENCODER, Stage.PROJECTOR})
     Params = VisionZipParams
     required_context = frozenset({"cls_attention", "keys"})
+    # Without a mask the dominant/contextual split is worked out on the host: no device read.
+    graph_safe = True
     paper = (
         'Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR 2025, '
         "arXiv:2412.04467 (github.com/dvlab-research/VisionZip)"
@@ -87,6 +91,12 @@ class VisionZip(Reducer):
             contextual = torch.floor(counts.double() * self.params.contextual_ratio + 0.5).long().clamp(max=counts)
         return counts - contextual, contextual
 
+    def contextual_count(self, t: int) -> int:
+        """``C`` for a budget ``t``: the host twin of :meth:`split` (the same float64 arithmetic)."""
+        if self.params.contextual is not None:
+            return min(t, self.params.contextual)
+        return min(t, math.floor(t * self.params.contextual_ratio + 0.5))
+
     def reduce(self, tokens, counts, valid, context):
         b, n, _ = tokens.shape
         keys = context.keys
@@ -96,9 +106,15 @@ class VisionZip(Reducer):
             )
         scores = cls_scores(context.cls_attention, tokens, self.name)
         n_dom, n_ctx = self.split(counts)
+        if context.uniform_count is not None:  # every row's split, known on the host
+            t = context.uniform_count
+            c_max = self.contextual_count(t)
+            d_max = t - c_max
+        else:
+            t, c_max, d_max = int(counts.max()), int(n_ctx.max()), int(n_dom.max())
 
         # 1. Dominant tokens: top-D by [CLS] attention.
-        order, slots = ops.topk_per_row(scores, n_dom, valid)
+        order, slots = ops.topk_per_row(scores, n_dom, valid, d_max)
         dominant = ops.keep_mask_from(order, slots, n)
 
         # 2. Contextual targets at a uniform stride over the remaining tokens, in order.
@@ -107,7 +123,6 @@ class VisionZip(Reducer):
         step = (rest.sum(dim=1) // n_ctx.clamp(min=1)).clamp(min=1)[:, None]
         target = rest & (rank % step == 0) & (rank // step < n_ctx[:, None])
         target_id = torch.where(target, rank // step, torch.full_like(rank, -1))  # 0..C-1, in order
-        c_max = int(n_ctx.max())
 
         x = tokens.float()
         features = x
@@ -137,7 +152,6 @@ class VisionZip(Reducer):
             merged_into = torch.where(assign >= 0, tpos.gather(1, assign.clamp(min=0)), merged_into)
 
         kept = dominant | target
-        t = int(counts.max())
         slots = ops.slot_mask(counts, t)
         positions = torch.where(kept, torch.arange(n, device=tokens.device), n)  # dropped sort last
         indices = torch.sort(positions, dim=1).values[:, :t].masked_fill(~slots, -1)

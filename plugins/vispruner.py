@@ -96,6 +96,8 @@ class VisPruner(Reducer):
     stages = frozenset({Stage.VISION_ENCODER, Stage.PROJECTOR})
     Params = VisPrunerParams
     required_context = frozenset({"cls_attention"})
+    # Without a mask the rounds are planned from host-known counts (_round_sizes): no device read.
+    graph_safe = True
     paper = (
         'Zhang et al., "Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in VLMs", '
         "ICCV 2025, arXiv:2412.01818 (github.com/Theia-4869/VisPruner)"
@@ -107,13 +109,11 @@ class VisPruner(Reducer):
         important = torch.floor(counts.double() * self.params.important_ratio).long()
         return important, counts - important
 
-    def _rounds(self, counts, valid, context) -> list[int]:
-        """Per round, the largest count any row removes (host integers; only the round count matters)."""
-        if context.uniform_count is not None:
-            t, n = context.uniform_count, valid.shape[1]
-            pairs = [(n, t)]
-        else:
-            pairs = set(zip(valid.sum(dim=1).tolist(), counts.tolist()))  # one read with a padding mask
+    def _rounds(self, counts, valid) -> list[int]:
+        """Per round, the largest count any row removes (host integers; only the round count matters).
+
+        For padded batches: reads the valid counts and budgets once."""
+        pairs = set(zip(valid.sum(dim=1).tolist(), counts.tolist()))
         plans = []
         for n, t in pairs:
             imp = math.floor(t * self.params.important_ratio)
@@ -133,25 +133,50 @@ class VisPruner(Reducer):
         place = torch.arange(n, device=dev).expand(b, n)
         important = ops.keep_mask_from(order, place < n_imp[:, None], n)
 
-        # Residual list: order[T_imp:], in the same (attention) order, -1 padded.
-        rem = n_valid - n_imp
-        residual = order.gather(1, (place + n_imp[:, None]).clamp(max=n - 1)).masked_fill(place >= rem[:, None], -1)
         # Scaled by a power of two where the magnitude is extreme, so norms cannot overflow.
         x = ops.normalize(safe_scale(tokens, valid)[0])
         sim = x @ x.transpose(1, 2)  # (B, N, N) cosine similarity, float32
-        # A fixed, host-known number of rounds, each batched over rows, none reading the device.
-        for _ in self._rounds(counts, valid, context):
-            residual, rem = _match_round(sim, residual, rem, n_div)
+        t = context.uniform_count
+        if t is not None:
+            # Every row holds n tokens and keeps t: the residual list is order[T_imp:] with no
+            # padding, and every round's size is known here, so the list is kept exactly as
+            # long as it is (six kernels a round instead of forty).
+            imp = math.floor(t * self.params.important_ratio)
+            residual = order[:, imp:]
+            for r in _round_sizes(n - imp, t - imp):
+                residual = _match_round_dense(sim, residual, r)
+            diverse = ops.keep_mask_from(residual, torch.ones_like(residual, dtype=torch.bool), n) if t > imp else None
+        else:
+            # Residual list: order[T_imp:], in the same (attention) order, -1 padded.
+            rem = n_valid - n_imp
+            residual = order.gather(1, (place + n_imp[:, None]).clamp(max=n - 1)).masked_fill(place >= rem[:, None], -1)
+            # A fixed, host-known number of rounds, each batched over rows, none reading the device.
+            for _ in self._rounds(counts, valid):
+                residual, rem = _match_round(sim, residual, rem, n_div)
+            diverse = ops.keep_mask_from(residual, (residual >= 0) & (n_div > 0)[:, None], n)
+            t = int(counts.max())
 
         # Official: with T_div = 0 only the important tokens are kept (no residual).
-        kept = important | ops.keep_mask_from(residual, (residual >= 0) & (n_div > 0)[:, None], n)
-        t = context.uniform_count if context.uniform_count is not None else int(counts.max())
+        kept = important if diverse is None else important | diverse
         slots = ops.slot_mask(counts, t)
         positions = torch.where(kept, torch.arange(n, device=dev), n)
         indices = torch.sort(positions, dim=1).values[:, :t].masked_fill(~slots, -1)
         return make_reduction(
             tokens, indices, slots, sizes=slots.float(), info={"scores": scores, "important": important}
         )
+
+
+def _match_round_dense(sim: torch.Tensor, residual: torch.Tensor, r: int) -> torch.Tensor:
+    """:func:`_match_round` for rows whose lists are all real and equally long, removing ``r``.
+
+    The same similarities, maxima and stable sort as the padded form (its padding only
+    adds -inf entries that sort last), so the same list, without the padding arithmetic.
+    """
+    a, bb = residual[:, 0::2], residual[:, 1::2]  # a round runs with >= 2 entries: bb is not empty
+    s = torch.gather(sim, 1, a.unsqueeze(2).expand(-1, -1, sim.shape[2]))  # (B, Na, N)
+    s = torch.gather(s, 2, bb.unsqueeze(1).expand(-1, a.shape[1], -1)).amax(dim=2)  # best match of each a
+    by_score = torch.sort(s, dim=1, descending=True, stable=True).indices
+    return torch.cat([a.gather(1, by_score)[:, r:], bb], dim=1)
 
 
 def _match_round(

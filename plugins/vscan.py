@@ -189,6 +189,7 @@ class VScan(Reducer):
     # The local scan's encoder layer (official LLaVA code: attentions[5]): the LLaVA-family
     # adapters recompute its [CLS] row and pass it as context.extra["shallow_cls_attention"].
     shallow_cls_layer = 5
+    graph_safe = True
     paper = (
         'Zhang et al., "VScan: Rethinking Visual Token Reduction for Efficient Large Vision-Language Models", '
         "TMLR 2026, arXiv:2505.22654 (github.com/Tencent/SelfEvolvingAgent/tree/main/VScan)"

@@ -536,14 +536,15 @@ def test_cuda_graph_replay_equals_the_eager_algorithm(dtype, stage):
     # The graphed path (CUDA, no padding, one budget) must give the eager kernels' bits,
     # on the capturing call and on later replays with new inputs, and must not let a
     # replay overwrite what an earlier call returned.
-    from tokenreduce_plugins import apet_graph
+    from tokenreduce import graphs
 
     gen = torch.Generator().manual_seed(21)
     xs = [torch.randn(4, 576, 256, generator=gen).to(dtype).cuda() for _ in range(3)]
     reducer = ApET(64, stage=stage, basis_tokens=10)
     graphed = [reducer(x) for x in xs]
-    key_count = len(apet_graph._graphs)
-    assert key_count >= 1 and not apet_graph._failed, "the common case must be captured"
+    key_count = graphs.stats()["graphs"]
+    failed = [k for k in graphs.stats()["failed"] if k.startswith("apet@")]
+    assert key_count >= 1 and not failed, f"the common case must be captured: {failed}"
     first_again = graphed[0].tokens.clone()
     for x, out in zip(xs, graphed):
         b, n, _ = x.shape
@@ -566,10 +567,10 @@ def test_cuda_graph_replay_equals_the_eager_algorithm(dtype, stage):
     valid[1, 500:] = False
     padded = reducer(xs[0], mask=valid)
     assert not bool((padded.keep_mask & ~valid).any())
-    assert len(apet_graph._graphs) == key_count
+    assert graphs.stats()["graphs"] == key_count
     # An all-true mask is the dense case: it replays the same graph.
     masked = reducer(xs[1], mask=torch.ones(4, 576, dtype=torch.bool, device="cuda"))
-    assert torch.equal(masked.tokens, graphed[1].tokens) and len(apet_graph._graphs) == key_count
+    assert torch.equal(masked.tokens, graphed[1].tokens) and graphs.stats()["graphs"] == key_count
 
 
 @pytest.mark.gpu
@@ -597,13 +598,16 @@ def test_cuda_graph_serves_callers_in_and_out_of_inference_mode_and_keeps_autogr
 @pytest.mark.gpu
 def test_cuda_inputs_above_the_graph_size_cap_run_eagerly(monkeypatch):
     # Large inputs must not pin a graph's buffers on the GPU; they run the eager path.
-    from tokenreduce_plugins import apet_graph
+    from tokenreduce import graphs
 
-    monkeypatch.setattr(apet_graph, "_MAX_GRAPH_ELEMENTS", 2 * 300 * 64 - 1)
-    x = torch.randn(2, 300, 64, generator=torch.Generator().manual_seed(23)).cuda()
-    before = len(apet_graph._graphs)
-    out = ApET(40, basis_tokens=8)(x)
-    assert len(apet_graph._graphs) == before
+    previous = graphs.configure(max_elements=2 * 300 * 64 - 1)
+    try:
+        x = torch.randn(2, 300, 64, generator=torch.Generator().manual_seed(23)).cuda()
+        before = graphs.stats()["graphs"]
+        out = ApET(40, basis_tokens=8)(x)
+        assert graphs.stats()["graphs"] == before
+    finally:
+        graphs.configure(**previous)
     ref = ApET(40, basis_tokens=8)(x.cpu())
     assert torch.equal(out.indices.cpu(), ref.indices)
     torch.testing.assert_close(out.tokens.cpu(), ref.tokens, rtol=1e-4, atol=1e-4)

@@ -292,7 +292,7 @@ def test_official_decoder_loop_reproduces_the_model(attn: str) -> None:
 
 def test_resume_keeps_measured_records_of_the_same_gpu_only(tmp_path: Path) -> None:
     meta = {"gpu": "H100", "device": "cuda", "quick": False, "torch": "2.11", "transformers": "5.17"}
-    config = {"batches": [1, 8], "new_tokens": 64, "reps": 10, "warmup": 1, "paths": ["eager"], "compile_decode": False}
+    config = {"batches": [1, 8], "new_tokens": 64, "reps": 10, "warmup": 1, "paths": ["eager"]}
     rows = [
         {"setting": "none", "batch": 1, "status": "ok", "rounds": 10},
         {"setting": "dart[pivot_by=token_norm]@L2:64", "requested": "dart@L2:64", "batch": 8, "status": "ok", "rounds": 10},
@@ -310,7 +310,6 @@ def test_resume_keeps_measured_records_of_the_same_gpu_only(tmp_path: Path) -> N
     assert run._previous_e2e(path, {**meta, "gpu": "A100"}, {"config": config}) == {}
     assert run._previous_e2e(path, meta, {"config": {**config, "new_tokens": 8}}) == {}
     assert run._previous_e2e(path, meta, {"config": {**config, "reps": 20}}) == {}
-    assert run._previous_e2e(path, meta, {"config": {**config, "compile_decode": True}}) == {}
     # Records grow round by round: the run's file replaces a record about the same setting and batch.
     results = [dict(r) for r in rows]
     run.upsert(results, {"setting": "dart[pivot_by=token_norm]@L2:64", "requested": "dart@L2:64", "batch": 8, "x": 1})

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import ops
+from . import graphs, ops
 from .budget import Budget, RatioRounding, check_budget, resolve_budget, resolve_budgets
 from .context import ReductionContext
 from .errors import InvalidInputError, MissingContextError, StageError
@@ -25,6 +25,7 @@ from .numerics import safe_scale, unscale
 from .params import ReducerParams, build_params
 from .reduction import Reduction
 from .stages import ALL_STAGES, Stage
+from .sync import host_reads_free
 from .validation import check_mask, check_tokens
 
 #: Context fields that hold tensors (a reducer requiring one gets a clear error for anything else).
@@ -80,6 +81,12 @@ class Reducer(abc.ABC):
     * ``Params``: a :class:`ReducerParams` subclass (validated, documented fields).
     * ``required_context``: names of :class:`ReductionContext` fields it needs.
     * ``paper``: the citation shown by ``tokenreduce list`` and the docs.
+    * ``graph_safe`` (optional): ``True`` when :meth:`reduce` never reads a device value on
+      the host given ``context.uniform_count`` (no mask, one count for all rows): such calls
+      on CUDA are then replayed from captured CUDA graphs (:mod:`tokenreduce.graphs`). Its
+      behaviour must depend only on the parameters, the stage and the context (an instance
+      may set the attribute per its parameters). ``tests/test_graph_safe.py`` checks every
+      built-in that declares it under :func:`tokenreduce.sync.no_host_sync`.
 
     and implement :meth:`reduce`. Construct with ``Reducer(budget, stage=..., **params)``
     or ``tokenreduce.create(name, budget=..., **params)``; call with tokens.
@@ -101,6 +108,11 @@ class Reducer(abc.ABC):
     # "half_up" by default; a method whose official code rounds otherwise declares its rule
     # here, so ratio budgets keep the official counts.
     ratio_rounding: ClassVar[RatioRounding] = "half_up"
+    # When an ``llm_layer`` step acts: "prefill" (the prompt's tokens, once) or "decode"
+    # (at every decoding step, on the cache: DyCoke's dynamic KV pruning). Adapters that
+    # cannot run decode-time steps refuse them at patch time.
+    acts_at: ClassVar[str] = "prefill"
+    graph_safe: ClassVar[bool] = False
 
     def __init__(self, budget: Budget | None = None, *, stage: Stage | str | None = None, **params: Any):
         self.budget = None if budget is None else check_budget(budget)
@@ -196,10 +208,11 @@ class Reducer(abc.ABC):
             b, n, _ = tokens.shape
             t = resolve_budget(budget, n, rounding=self.ratio_rounding)
             if t == n:
-                out = identity_reduction(tokens, valid)
+                out = identity_reduction(tokens, valid, n)
             else:
                 context.uniform_count = t
-                out = self.reduce(tokens, torch.full((b,), t, dtype=torch.long, device=tokens.device), valid, context)
+                # Eager, or replayed from a CUDA graph for graph_safe reducers on CUDA.
+                out = graphs.reduce_uniform(self, tokens, t, context)
         else:
             valid_counts = valid.sum(dim=1)
             counts = resolve_budgets(budget, valid_counts, rounding=self.ratio_rounding)
@@ -259,13 +272,17 @@ def make_reduction(
     )
 
 
-def identity_reduction(tokens: torch.Tensor, valid: torch.Tensor) -> Reduction:
-    """Every valid token kept, features unchanged (budget >= valid count)."""
+def identity_reduction(tokens: torch.Tensor, valid: torch.Tensor, t: int | None = None) -> Reduction:
+    """Every valid token kept, features unchanged (budget >= valid count).
+
+    ``t``: the largest valid count when known on the host (no device read then)."""
     counts = valid.sum(dim=1)
     n = tokens.shape[1]
     pos = torch.arange(n, device=tokens.device).expand_as(valid)
     order = torch.where(valid, pos, torch.full_like(pos, n))
-    indices = torch.sort(order, dim=1).values[:, : int(counts.max()) if counts.numel() else 0]
+    if t is None:
+        t = int(counts.max()) if counts.numel() else 0
+    indices = torch.sort(order, dim=1).values[:, :t]
     slots = ops.slot_mask(counts, indices.shape[1])
     indices = indices.masked_fill(~slots, -1)
     return make_reduction(tokens, indices, slots, sizes=slots.float(), info={"identity": True})
@@ -286,7 +303,7 @@ class ScoringReducer(Reducer):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Ascending kept indices ``(B, T)``, their slot mask and diagnostics."""
         scores = self.score(tokens, valid, context).float()
-        if scores.device.type == "cpu":
+        if host_reads_free(scores):
             _check_finite_scores(self.name, scores, valid)
         order, slots = ops.topk_per_row(scores, counts, valid, context.uniform_count)
         return ops.ascending(order, slots), slots, {"scores": scores}
@@ -336,6 +353,7 @@ def merge_nearest(
     targets: torch.Tensor | None = None,
     kept_features: torch.Tensor | None = None,
     kept_weight: float = 1.0,
+    prescaled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Average each dropped valid token into its most cosine-similar target slot.
 
@@ -348,6 +366,10 @@ def merge_nearest(
         kept_features: ``(B, T, D)`` features of the kept slots before merging
             (default: the gathered input). Similarities use these.
         kept_weight: weight of the kept token itself in its average.
+        prescaled: ``tokens`` are float32, every row's largest magnitude is within
+            ``[2^-40, 2^40]`` (or zero) and padded tokens are zero, as
+            :func:`~tokenreduce.numerics.safe_scale` returns them: the rescaling pass (which
+            would then change nothing) is skipped.
 
     Returns:
         ``(features (B, T, D) float32, sizes (B, T) float32, assignment (B, N))`` where
@@ -356,7 +378,10 @@ def merge_nearest(
     """
     # Rows of extreme magnitude are divided by a power of two (exact; cosine similarities and
     # weighted means do not change), so the float32 sums cannot overflow.
-    x, scale = safe_scale(tokens, valid)
+    if prescaled:
+        x, scale = tokens.float(), tokens.new_ones(tokens.shape[0], 1, 1, dtype=torch.float32)
+    else:
+        x, scale = safe_scale(tokens, valid)
     kept = ops.gather_rows(x, indices) if kept_features is None else kept_features.float() / scale
     targets = slots if targets is None else (targets & slots)
     n, t = x.shape[1], indices.shape[1]

@@ -15,8 +15,10 @@ decoding:
 * that call is captured once per (batch, bucket, cache length, dtype) and replayed; a
   bounded LRU keeps the graphs, their cache and static buffers; :meth:`FastPrefill.held_bytes`
   reports the memory they hold and :meth:`FastPrefill.release` frees it;
-* decoding continues in the stock ``generate()`` on the filled static cache (which
-  transformers compiles for decoding on CUDA).
+* decoding continues in the stock ``generate()`` on the filled static cache, eagerly:
+  transformers' automatic compilation of decoding steps is turned off there (its CUDA-graph
+  trees, alternating with the graphs captured here, crashed on an H200); captured decoding
+  steps are not built yet.
 
 On CPU (no graphs) the same calls run eagerly, so the CPU tests cover everything but the
 capture. A capture that fails is remembered and that shape runs eagerly.
@@ -243,7 +245,7 @@ _CONSUMED = frozenset(
         "input_ids", "inputs", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids", "labels",
         "pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "batch_num_images",
         "mm_encoder_outputs", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
-        "max_new_tokens", "min_new_tokens",
+        "max_new_tokens", "min_new_tokens", "disable_compile",
     }
 )
 
@@ -317,6 +319,10 @@ def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, featur
     rest = {k: v for k, v in kw.items() if k not in _CONSUMED}
     if at_least:
         rest["min_new_tokens"] = at_least - 1
+    # Decoding runs on the static cache without transformers' automatic compilation: its
+    # CUDA-graph trees and the graphs captured here, used in turn, gave "unspecified launch
+    # failure" on an H200 (torch 2.11); with compilation off the same runs were clean.
+    rest["disable_compile"] = True
     saved = model.__dict__.pop("forward", None)  # decoding needs no reduction: the stock forward (compilable)
     try:
         out = adapter._orig_generate(
