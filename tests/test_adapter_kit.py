@@ -254,3 +254,23 @@ def test_a_broken_adapter_still_works_where_it_is_not_broken(use_adapter):
     with tokenreduce.apply(model, Step("projector", tokenreduce.create("random", 9))) as handle:
         assert torch.isfinite(checks.logits(model, kw)).all()
         assert handle.records[0].tokens_after == [10, 10, 10]
+
+
+def _video_methods() -> list[str]:
+    return sorted(n for n, e in tokenreduce.get_registry().reducers.items() if "frames" in e.cls.required_context)
+
+
+@pytest.mark.parametrize("family", ["llava-onevision", "qwen2.5-vl"])
+def test_video_methods_conform_through_whole_videos(family, capsys):
+    """Under ``video_budget: per_video`` every video method runs through the adapter's video path."""
+    if family == "llava-onevision":
+        build, make, tokens, rows = (lambda: tiny_onevision(0)), (lambda rs: onevision.CASE.inputs([1 for _ in rs])), [VIDEO_TOKEN], 1
+    else:
+        build, make, tokens, rows = (lambda: tiny_qwen2_5_vl(0)), qwen_rows([[], []], [[(4, 4, 4)], [(3, 4, 4)]]), [QWEN_VIDEO_TOKEN], 2
+    names = _video_methods()
+    assert {"dycoke", "fastvid", "holitom", "prunevid"} <= set(names)
+    report = check_adapter(
+        build, make, tokens, rows=rows, stages=["vision_encoder", "projector"], video_budget="per_video",
+        reducers=names, reducer_params=PARAMS,
+    )
+    assert {n for n, _ in report.ran} == set(names) and not report.refused
