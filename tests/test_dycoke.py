@@ -31,6 +31,7 @@ import tokenreduce
 from tokenreduce import ConfigError, MissingContextError, Pipeline, ReductionContext, Step
 from tokenreduce.errors import InvalidInputError
 from tokenreduce.testing import check_reducer
+from tokenreduce_plugins.adapters import compat
 from tokenreduce_plugins.dycoke import (
     PREVIOUS_ATTENTION,
     DyCoke,
@@ -404,17 +405,18 @@ def test_onevision_decode_pruning_only_for_prompts_prefilled_under_the_patch():
     model = tiny_onevision(0)
     kw = onevision_inputs([0])
     with torch.no_grad():
+        name = compat.cache_name(type(model).forward)  # the cache keyword of this transformers release
         pre = model(**kw, use_cache=True)
         nxt = pre.logits[:, -1:].argmax(-1)
         step = {"input_ids": nxt, "attention_mask": torch.ones(1, kw["input_ids"].shape[1] + 1, dtype=torch.long)}
-        cache2 = copy.deepcopy(pre.cache)
-        stock = model(**step, cache=pre.cache).logits
+        cache2 = copy.deepcopy(compat.output_cache(pre))
+        stock = model(**step, **{name: compat.output_cache(pre)}).logits
         with tokenreduce.apply(model, dycoke_pipeline(ttm=False)) as handle:
-            same = model(**step, cache=cache2).logits  # the prompt was prefilled unpatched
+            same = model(**step, **{name: cache2}).logits  # the prompt was prefilled unpatched
             assert torch.equal(same, stock) and not handle.records
             # Prefilled under the patch: the decode step is pruned.
             pre2 = model(**kw, use_cache=True)
-            pruned = model(**step, cache=pre2.cache).logits
+            pruned = model(**step, **{name: compat.output_cache(pre2)}).logits
             assert [r.reducer for r in handle.records] == ["dycoke-kv"]
     assert not torch.allclose(pruned, stock, atol=1e-4)
     # A prompt without visual tokens decodes as stock.
