@@ -6,11 +6,9 @@ from typing import ClassVar
 
 import torch
 
-from tokenreduce.ops import gather_rows, keep_mask_from
-from tokenreduce.stages import Stage
+from tokenreduce.ops import keep_mask_from
 
-from .llava import encoder_context
-from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter, per_row
+from .llava_base import Encoded, LlavaFamilyAdapter
 from .vision import VisionContext, vision_context
 
 
@@ -90,27 +88,14 @@ class Gemma3Adapter(LlavaFamilyAdapter):
         if need_keys:  # SigLIP's output is its last layer's, post-normed: that layer's keys
             vctx = VisionContext(None, None, self._pool(vision_context(tower, out.hidden_states, -1, 0).keys))
         n, total = tokens.shape[:2]
-        grid = self.llm_grid()
         text, text_mask = self.text_context("image", [total] * n)
-        idx = torch.arange(total, device=tokens.device).expand(n, total)
-        valid = torch.ones(n, total, dtype=torch.bool, device=tokens.device)
-        reduced = False
-        for stage in ENCODER_STAGES:
-            if stage is Stage.PROJECTOR:
-                # Unreduced: the stock projector on the stock input, so identity is bit for bit.
-                tokens = self._project(tokens) if reduced else inner.multi_modal_projector(out.last_hidden_state)
-            step = self.step(stage)
-            if step is None:
-                continue
-            ctx = encoder_context(stage, vctx, idx, text, text_mask, grid)
-            # Equal images, equal counts kept: rows never hold padding (see LlavaAdapter.encode).
-            red, seconds = self.run_step(step, tokens, None, ctx)
-            before = valid.sum(dim=1).tolist()
-            counts, _, info = per_row(red)
-            if not red.info.get("identity"):
-                idx = gather_rows(idx.unsqueeze(-1), red.indices).squeeze(-1).masked_fill(~red.valid, -1)
-                tokens, valid, grid, reduced = red.tokens, red.valid, None, True
-            self.add_record(step, before, counts, [idx[i, : counts[i]] for i in range(n)], info, seconds)
+
+        def project(x: torch.Tensor, reduced: bool) -> torch.Tensor:
+            # Unreduced: the stock projector on the stock input, so identity is bit for bit.
+            return self._project(x) if reduced else inner.multi_modal_projector(out.last_hidden_state)
+
+        tokens, valid, idx = self.reduce_rows(tokens, vctx, text, text_mask, self.llm_grid(), project)
+        reduced = valid.shape[1] < total  # a step removed tokens (an identity step keeps the stock tensor)
         counts = valid.sum(dim=1).tolist()
         # The model splices one (images, tokens, D) tensor: kept tokens of every image, in order.
         pooler = torch.cat([tokens[i, : counts[i]] for i in range(n)])[None] if reduced else tokens

@@ -10,8 +10,7 @@ from tokenreduce.errors import ConfigError, InvalidInputError
 from tokenreduce.ops import keep_mask_from
 from tokenreduce.stages import Stage
 
-from .llava import encoder_context
-from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter, per_row
+from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter, encoder_context, per_row
 from .vision import VisionContext, selected_layer, shallow_cls_layer
 
 
