@@ -173,10 +173,15 @@ def media_prompt(rows: list[list[tuple[int, int]]], *, seed: int = 0, row_ids: l
         for token, length in items:
             row += [token] * length + torch.randint(5, VOCAB, (text,), generator=gen).tolist()
         built.append(row)
-    length = max(len(r) for r in built)
-    ids = torch.full((len(built), length), PAD_TOKEN, dtype=torch.long)
-    mask = torch.zeros(len(built), length, dtype=torch.long)
-    for i, row in enumerate(built):
+    return left_pad(built)
+
+
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token rows left-padded with ``PAD_TOKEN`` to the longest."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
         ids[i, length - len(row) :] = torch.tensor(row)
         mask[i, length - len(row) :] = 1
     return ids, mask

@@ -9,7 +9,7 @@ sliding layers cut the bidirectional image blocks, as Gemma 3's masks define the
 from __future__ import annotations
 
 import torch
-from models import PAD_TOKEN, _init, seeded_pixels
+from models import PAD_TOKEN, _init, left_pad, seeded_pixels
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
 GEMMA_EOS, GEMMA_BOS = 1, 2  # Gemma's own order: eos 1, bos 2
@@ -76,12 +76,7 @@ def gemma3_inputs(images: list[int], rows: list[int], *, text: int = 3) -> dict:
             row += torch.randint(6, GEMMA_VOCAB, (text + i,), generator=gen).tolist()
             pixels.append(seeded_pixels((3, GEMMA_SIDE, GEMMA_SIDE), r, i))
         built.append(row)
-    length = max(len(r) for r in built)
-    ids = torch.full((len(built), length), PAD_TOKEN, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(built):
-        ids[i, length - len(row) :] = torch.tensor(row)
-        mask[i, length - len(row) :] = 1
+    ids, mask = left_pad(built)
     out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": (ids == GEMMA_IMAGE).long()}
     if pixels:
         out["pixel_values"] = torch.stack(pixels)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from models import PAD_TOKEN, TINY_TEXT, VOCAB, _init, seeded_pixels
+from models import TINY_TEXT, VOCAB, _init, left_pad, seeded_pixels
 from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
 
 IVL_IMAGE_TOKEN, IVL_START, IVL_END = 3, 4, 5  # <IMG_CONTEXT>, <img>, </img>
@@ -57,10 +57,5 @@ def internvl_inputs(rows: list[list[int]], row_ids: list[int] | None = None, *, 
             row += torch.randint(6, VOCAB, (text,), generator=gen).tolist()
             pixels.append(seeded_pixels((k, 3, IVL_TILE, IVL_TILE), rid, i))
         built.append(row)
-    length = max(len(r) for r in built)
-    ids = torch.full((len(built), length), PAD_TOKEN, dtype=torch.long)
-    mask = torch.zeros(len(built), length, dtype=torch.long)
-    for i, row in enumerate(built):
-        ids[i, length - len(row) :] = torch.tensor(row)
-        mask[i, length - len(row) :] = 1
+    ids, mask = left_pad(built)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels)}
