@@ -45,6 +45,16 @@ def both_paths(model, kw, step, new=4):
     return out
 
 
+def assert_fast_equals_eager(model, kw, name: str, lacks: str) -> None:
+    """Reducer ``name`` at its first stage: the same greedy tokens and kept indices on both paths."""
+    try:
+        runs = both_paths(model, on_cuda(kw), step_for(name))
+    except MissingContextError:
+        pytest.skip(f"{name} needs context {lacks}")
+    assert torch.equal(runs[False][0], runs[True][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[False][1], runs[True][1]))
+
+
 def on_cuda(kw):
     return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
 
@@ -56,13 +66,7 @@ def llava_model():
 
 @pytest.mark.parametrize("name", sorted(tokenreduce.get_registry().reducers))
 def test_llava_fast_equals_eager_for_every_reducer(llava_model, name):
-    kw = on_cuda(llava.inputs([0, 1]))
-    try:
-        runs = both_paths(llava_model, kw, step_for(name))
-    except MissingContextError:
-        pytest.skip(f"{name} needs context LLaVA-1.5 images lack (video frames)")
-    assert torch.equal(runs[False][0], runs[True][0])
-    assert all(torch.equal(a, b) for a, b in zip(runs[False][1], runs[True][1]))
+    assert_fast_equals_eager(llava_model, llava.inputs([0, 1]), name, "LLaVA-1.5 images lack (video frames)")
 
 
 def test_llava_fast_path_captures_replays_and_releases(llava_model):
@@ -86,10 +90,5 @@ def qwen_model():
 
 @pytest.mark.parametrize("name", sorted(tokenreduce.get_registry().reducers))
 def test_qwen_fast_equals_eager_for_every_reducer(qwen_model, name):
-    kw = on_cuda(qwen_vl_inputs([[(8, 12)], [(8, 8)]]))
-    try:
-        runs = both_paths(qwen_model, kw, step_for(name))
-    except MissingContextError:
-        pytest.skip(f"{name} needs context Qwen's tower lacks ([CLS] attention, or video frames)")
-    assert torch.equal(runs[False][0], runs[True][0])
-    assert all(torch.equal(a, b) for a, b in zip(runs[False][1], runs[True][1]))
+    kw = qwen_vl_inputs([[(8, 12)], [(8, 8)]])
+    assert_fast_equals_eager(qwen_model, kw, name, "Qwen's tower lacks ([CLS] attention, or video frames)")
