@@ -94,6 +94,7 @@ class FastPrefill:
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.failed: set[tuple] = set()
         self.tower_graphs: OrderedDict = OrderedDict()  # the GraphedTower's, kept with these
+        self.cache_kw = compat.cache_name(decoder.forward)  # "cache" or "past_key_values", by release
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, decoder: torch.nn.Module) -> FastPrefill:
@@ -179,7 +180,7 @@ class FastPrefill:
             attention_mask=entry.mask,
             position_ids=entry.positions,
             use_cache=True,
-            **{compat.cache_name(self.decoder.forward): entry.cache},
+            **{self.cache_kw: entry.cache},
         )
         logits = self.model.lm_head(out.last_hidden_state[:, -1])
         if entry.logits is None:

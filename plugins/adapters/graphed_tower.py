@@ -33,12 +33,11 @@ class GraphedTower:
         self.failed: set[tuple] = set()
         tower.forward = self
 
-    def remove(self, keep: bool = False) -> None:
+    def remove(self) -> None:
+        """Give the tower its forward back; the graphs stay with whoever owns ``graphs``."""
         self.tower.__dict__.pop("forward", None)
         if self.saved is not None:
             self.tower.forward = self.saved
-        if not keep:
-            self.graphs.clear()
 
     def held_bytes(self) -> int:
         return sum(entry[3] for entry in self.graphs.values())

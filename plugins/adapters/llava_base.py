@@ -207,7 +207,7 @@ class LlavaFamilyAdapter(Adapter):
         if self.decoder is not None:
             self.decoder.detach()
         if self.fast is not None:
-            self._graphed_tower.remove(keep=True)  # the graphs go with self.fast
+            self._graphed_tower.remove()  # its graphs go with self.fast
             self.fast.done()
             self.fast = None
 
