@@ -27,7 +27,8 @@ from tokenreduce.context import ReductionContext
 from tokenreduce.pipeline import Step
 from tokenreduce.stages import Stage
 
-from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter, per_row
+from .llava_base import Encoded, LlavaFamilyAdapter
+from .units import ENCODER_STAGES, slice_info
 from .vision import SHALLOW_CLS_KEY
 
 Pack = Callable[[list[torch.Tensor], torch.Tensor | None], list[torch.Tensor]]
@@ -124,10 +125,10 @@ def reduce_parts(
         )
         red, dt = adapter.run_step(step, tokens[rows][None], None, ctx, budget)
         seconds += dt
-        _, kept, row_info = per_row(red)
-        feats.append(red.tokens[0, : kept[0].numel()])
-        idx.append(rows[kept[0]])
-        info[part] = row_info[0]
+        count = int(red.counts[0])
+        feats.append(red.tokens[0, :count])
+        idx.append(rows[red.indices[0, :count]])
+        info[part] = slice_info(red.info, 0, 1)
     # Base tokens precede crop tokens, so the concatenation stays ascending.
     return torch.cat(feats), torch.cat(idx), info, seconds
 

@@ -20,6 +20,7 @@ from tokenreduce.stages import Stage
 
 from .decoder_attention import attention_rows, layer_keys
 from .decoder_state import Reduced, Reducing, ids_gather
+from .units import slice_info
 
 __all__ = ["StepSite", "step_context", "step_record"]
 
@@ -147,9 +148,6 @@ def step_record(step: Step, n_img: torch.Tensor, red, seconds: float) -> StageRe
     """The step's :class:`StageRecord` (one unit per batch row)."""
     b = n_img.shape[0]
     counts = red.counts
-    info = []
-    for row in range(b):
-        info.append({k: (v[row] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b else v) for k, v in red.info.items()})
     return StageRecord(
         stage=Stage.LLM_LAYER,
         reducer=step.reducer.name,
@@ -157,6 +155,6 @@ def step_record(step: Step, n_img: torch.Tensor, red, seconds: float) -> StageRe
         tokens_before=n_img.tolist(),
         tokens_after=counts.tolist(),
         indices=[red.indices[row, : int(counts[row])].detach() for row in range(b)],
-        info=info,
+        info=[slice_info(red.info, row, b) for row in range(b)],
         seconds=seconds,
     )

@@ -6,9 +6,9 @@ from typing import ClassVar
 
 import torch
 
-from tokenreduce.ops import keep_mask_from
 
 from .llava_base import Encoded, LlavaFamilyAdapter
+from .units import Units, keep_mask
 from .vision import VisionContext, vision_context
 
 
@@ -90,13 +90,12 @@ class Gemma3Adapter(LlavaFamilyAdapter):
         n, total = tokens.shape[:2]
         text, text_mask = self.text_context("image", [total] * n)
 
-        def project(x: torch.Tensor, reduced: bool) -> torch.Tensor:
+        def project(x: torch.Tensor, _units: Units, reduced: bool) -> torch.Tensor:
             # Unreduced: the stock projector on the stock input, so identity is bit for bit.
-            return self._project(x) if reduced else inner.multi_modal_projector(out.last_hidden_state)
+            return self._project(x) if reduced else inner.multi_modal_projector(out.last_hidden_state).flatten(0, 1)
 
-        tokens, valid, idx = self.reduce_rows(tokens, vctx, text, text_mask, self.llm_grid(), project)
-        reduced = valid.shape[1] < total  # a step removed tokens (an identity step keeps the stock tensor)
-        counts = valid.sum(dim=1).tolist()
+        units = Units.rows(n, total, self.llm_grid(), tokens.device)
+        flat, units, original = self.reduce_units(tokens.flatten(0, 1), units, self.unit_context(vctx, text, text_mask), project)
         # The model splices one (images, tokens, D) tensor: kept tokens of every image, in order.
-        pooler = torch.cat([tokens[i, : counts[i]] for i in range(n)])[None] if reduced else tokens
-        return {"image": Encoded(keep=list(keep_mask_from(idx, valid, total)), pooler=pooler)}
+        pooler = flat.view(n, total, -1) if original is None else flat[None]
+        return {"image": Encoded(keep=list(keep_mask(original, n * total, flat.device).view(n, total)), pooler=pooler)}

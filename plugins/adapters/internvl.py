@@ -7,10 +7,9 @@ import math
 import torch
 
 from tokenreduce.errors import ConfigError, InvalidInputError
-from tokenreduce.ops import keep_mask_from
-from tokenreduce.stages import Stage
 
-from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter, encoder_context, per_row
+from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter
+from .units import Units, keep_mask
 from .vision import VisionContext, selected_layer, shallow_cls_layer
 
 
@@ -104,45 +103,21 @@ class InternVLAdapter(LlavaFamilyAdapter):
         feats, vctx = self.tower(kw["pixel_values"], layer, start)
         shuffled = self.shuffle(feats[:, start:])
         projected = inner.multi_modal_projector(shuffled)  # the stock arrangement: bit-identical to the model
-        per_tile, dev = shuffled.shape[1], shuffled.device
+        per_tile, side = shuffled.shape[1], math.isqrt(shuffled.shape[1])
         tiles = self.tiles_per_image(kw["input_ids"], per_tile, shuffled.shape[0])
-        text, text_mask = self.text_context("image", [k * per_tile for k in tiles])
-        first = [sum(tiles[:i]) for i in range(len(tiles))]
-        order = sorted(range(len(tiles)), key=lambda i: (tiles[i], i))  # images grouped by tile count
-        recs = {st: ([], [], [], [], 0.0) for st in ENCODER_STAGES}  # in group order
-        features, keeps = [], []
-        for k in sorted(set(tiles)):  # images with the same tile count reduce together (equal rows)
-            members = [i for i in order if tiles[i] == k]
-            rows = torch.tensor([[first[i] + j for j in range(k)] for i in members], device=dev)
+        lens = [k * per_tile for k in tiles]
+        text, text_mask = self.text_context("image", lens)
+        if vctx is not None:  # an image's [CLS]: its last tile's (the thumbnail, or the only tile)
+            vctx.cls_token = vctx.cls_token[torch.tensor(tiles, device=shuffled.device).cumsum(0) - 1]
+        item = torch.arange(len(tiles), device=shuffled.device)
+        # An image is one unit: its tiles one after another (the tower's order), their grids stacked.
+        units = Units(lens, [(k * side, side) for k in tiles], item, item)
 
-            def stack(x):  # (tiles, n, ...) -> (images, k * n, ...): an image's tiles one after another
-                return None if x is None else x[rows].flatten(1, 2)
+        def project(x: torch.Tensor, _units: Units, reduced: bool) -> torch.Tensor:
+            # The stock projected features while nothing was removed: bit-identical to the model.
+            return inner.multi_modal_projector(x) if reduced else projected.flatten(0, 1)
 
-            gctx = vctx and VisionContext(vctx.cls_token[rows[:, -1]], *map(stack, (
-                vctx.cls_attention, vctx.keys, vctx.shallow_cls_attention)))
-            sel = torch.tensor(members, device=dev)
-            t_text, t_mask = (None, None) if text is None else (text[sel], text_mask[sel])
-            total, grid, changed = k * per_tile, (k * math.isqrt(per_tile), math.isqrt(per_tile)), False
-            idx = torch.arange(total, device=dev).expand(len(members), total)
-            valid, tokens = torch.ones_like(idx, dtype=torch.bool), stack(shuffled)
-            for stage in ENCODER_STAGES:
-                if stage is Stage.PROJECTOR:  # the stock projected features while nothing was removed
-                    tokens = inner.multi_modal_projector(tokens) if changed else stack(projected)
-                if (step := self.step(stage)) is None:
-                    continue
-                # Equal rows keep equal counts: no mask (see LlavaAdapter.encode).
-                red, seconds = self.run_step(step, tokens, None, encoder_context(stage, gctx, idx, t_text, t_mask, grid))
-                before, (counts, _, info) = valid.sum(dim=1).tolist(), per_row(red)
-                if not red.info.get("identity"):
-                    idx = torch.gather(idx, 1, red.indices).masked_fill(~red.valid, -1)
-                    tokens, valid, grid, changed = red.tokens, red.valid, None, True
-                b, a, ix, inf, secs = recs[stage]
-                recs[stage] = (b + before, a + counts, ix + [idx[j, : c] for j, c in enumerate(counts)], inf + info, secs + seconds)
-            features += [tokens[j, :c] for j, c in enumerate(valid.sum(dim=1).tolist())]
-            keeps += list(keep_mask_from(idx, valid, total))
-        back = sorted(range(len(order)), key=order.__getitem__)  # group order -> image order
-        for stage in ENCODER_STAGES:
-            if self.step(stage) is not None:
-                self.add_record(self.step(stage), *([x[p] for p in back] for x in recs[stage][:4]), recs[stage][4])
+        flat, units, original = self.reduce_units(shuffled.flatten(0, 1), units, self.unit_context(vctx, text, text_mask), project)
+        keep = keep_mask(original, sum(lens), flat.device)
         # One tensor, as the stock getter returns it: the forward scatters it over the placeholders in order.
-        return {"image": Encoded(keep=[keeps[p] for p in back], pooler=torch.cat([features[p] for p in back]).unsqueeze(0))}
+        return {"image": Encoded(keep=list(torch.split(keep, lens)), pooler=flat[None])}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from tokenreduce.errors import InvalidInputError
-from tokenreduce.ops import keep_mask_from
 
 from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter
+from .units import Units, keep_mask
 from .vision import vision_context
 
 
@@ -55,10 +55,13 @@ class LlavaAdapter(LlavaFamilyAdapter):
         if self.needs("cls_token", "cls_attention", "keys"):
             vctx = vision_context(inner.vision_tower, out.hidden_states, layer, start, map(self.step, ENCODER_STAGES))
         text, text_mask = self.text_context("image", [total] * n)
-        tokens, valid, idx = self.reduce_rows(
-            tokens, vctx, text, text_mask, grid, lambda x, reduced: inner.multi_modal_projector(x)
+
+        def project(x: torch.Tensor, _units: Units, reduced: bool) -> torch.Tensor:
+            # Unreduced: the stock projector on the stock tensor, so identity is bit for bit.
+            return inner.multi_modal_projector(x if reduced else tokens).flatten(0, -2)
+
+        flat, units, original = self.reduce_units(
+            tokens.flatten(0, 1), Units.rows(n, total, grid, tokens.device), self.unit_context(vctx, text, text_mask), project
         )
-        counts = valid.sum(dim=1).tolist()
-        features = [tokens[i, : counts[i]] for i in range(n)]
-        keep = keep_mask_from(idx, valid, total)
-        return {"image": Encoded(keep=list(keep), pooler=features)}
+        keep = keep_mask(original, n * total, flat.device).view(n, total)
+        return {"image": Encoded(keep=list(keep), pooler=list(torch.split(flat, units.lens)))}

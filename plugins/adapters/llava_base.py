@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokenreduce.adapter import Adapter, StageRecord
 from tokenreduce.context import ReductionContext
 from tokenreduce.errors import InvalidInputError, MissingContextError
-from tokenreduce.ops import gather_rows
 from tokenreduce.pipeline import Step
 from tokenreduce.reduction import Reduction
 from tokenreduce.stages import Stage
@@ -55,9 +53,9 @@ from .sequence import (
     shrink_plan,
     text_after_last,
 )
-from .vision import SHALLOW_CLS_KEY, has_cls
+from .units import ENCODER_STAGES, ContextSource, Units, call_reducer, encoder_steps, record
+from .vision import VisionContext, has_cls
 
-ENCODER_STAGES = (Stage.VISION_ENCODER, Stage.PROJECTOR)
 _MEDIA_ARGS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "batch_num_images")
 
 
@@ -399,49 +397,28 @@ class LlavaFamilyAdapter(Adapter):
 
     def run_step(self, step: Step, tokens: torch.Tensor, valid: torch.Tensor | None, context: ReductionContext,
                  budget=None) -> tuple[Reduction, float]:
-        """Call a step's reducer, timed."""
-        start = time.perf_counter()
-        red = step.reducer(tokens, budget, mask=valid, context=context)
-        return red, time.perf_counter() - start
+        """Call a step's reducer, timed (the engine's reducer call; a hook for tests and subclasses)."""
+        return call_reducer(step, tokens, valid, context, budget)
 
-    def reduce_rows(
+    def reduce_units(
         self,
         tokens: torch.Tensor,
-        vctx: Any,
-        text: torch.Tensor | None,
-        text_mask: torch.Tensor | None,
-        grid: tuple[int, int] | None,
-        project: Callable[[torch.Tensor, bool], torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The encoder-side steps on rows of equal length (one image each), recorded.
+        units: Units,
+        source: ContextSource,
+        project: Callable[[torch.Tensor, Units, bool], torch.Tensor],
+    ) -> tuple[torch.Tensor, Units, torch.Tensor | None]:
+        """The encoder-side steps on the units of ``tokens (S, D_v)``, recorded (see :func:`.units.encoder_steps`).
 
-        ``tokens (n, N, D)`` in the vision width; ``vctx`` their vision context (or None);
-        ``grid`` their token grid while intact; ``project(tokens, reduced)`` the projector's
-        output (``reduced``: a step removed tokens). Every row keeps the same count, so rows
-        never hold padding: steps run without a mask, which lets reducers skip reading one
-        back from the GPU. Returns ``(tokens, valid, idx)``: the kept features, their
-        validity and each one's index into the row's original tokens (-1 at padding).
+        Returns the kept, projected features (unit after unit), their units and the original
+        flat index of each (``None``: nothing was removed, the features are the stock ones).
         """
-        n, total = tokens.shape[:2]
-        idx = torch.arange(total, device=tokens.device).expand(n, total)
-        valid = torch.ones(n, total, dtype=torch.bool, device=tokens.device)
-        reduced = False
-        for stage in ENCODER_STAGES:
-            if stage is Stage.PROJECTOR:
-                tokens = project(tokens, reduced)
-            step = self.step(stage)
-            if step is None:
-                continue
-            red, seconds = self.run_step(step, tokens, None, encoder_context(stage, vctx, idx, text, text_mask, grid))
-            before = valid.sum(dim=1).tolist()
-            counts, _, info = per_row(red)
-            # An identity step keeps the very tensor the stock model would use: in bf16 a copy
-            # can take another matmul path in the projector and round differently.
-            if not red.info.get("identity"):
-                idx = gather_rows(idx.unsqueeze(-1), red.indices).squeeze(-1).masked_fill(~red.valid, -1)
-                tokens, valid, grid, reduced = red.tokens, red.valid, None, True
-            self.add_record(step, before, counts, [idx[i, : counts[i]] for i in range(n)], info, seconds)
-        return tokens, valid, idx
+        recorder = record(self.records, units.offsets(tokens.device))
+        return encoder_steps(self._cur_step, self.run_step, tokens, units, project, source, recorder)
+
+    @staticmethod
+    def unit_context(vctx: VisionContext | None, text: torch.Tensor | None, text_mask: torch.Tensor | None) -> ContextSource:
+        """The context source of one unit per image: the vision context's rows and each image's instruction."""
+        return (vctx or VisionContext(None, None, None)).source({"text_embeds": text, "text_mask": text_mask})
 
     def add_record(self, step: Step, before: list[int], after: list[int], indices: list[torch.Tensor],
                    info: list[dict], seconds: float) -> None:
@@ -449,35 +426,8 @@ class LlavaFamilyAdapter(Adapter):
         self.records.append(StageRecord(step.stage, step.reducer.name, None, before, after, indices, info, seconds))
 
 
-def encoder_context(stage: Stage, vctx: Any, idx: torch.Tensor, text, text_mask, grid) -> ReductionContext:
-    """Context of an encoder-side step for rows whose tokens sit at patch indices ``idx (U, N)``."""
-    shallow = None if vctx is None else vctx.shallow_cls_attention
-    return ReductionContext(
-        stage=stage,
-        cls_token=None if vctx is None else vctx.cls_token,
-        cls_attention=None if vctx is None or vctx.cls_attention is None else gather_rows(vctx.cls_attention.unsqueeze(-1), idx).squeeze(-1),
-        keys=None if vctx is None else gather_rows(vctx.keys, idx),
-        text_embeds=text,
-        text_mask=text_mask,
-        grid=grid,
-        extra={} if shallow is None else {SHALLOW_CLS_KEY: gather_rows(shallow.unsqueeze(-1), idx).squeeze(-1)},
-    )
-
-
 def _flat(pooler: Any) -> torch.Tensor:
     """``(T, D)``: an encoder output's features in sequence order (a list per image, or one tensor)."""
     if isinstance(pooler, (list, tuple)):
         return torch.cat([p.reshape(-1, p.shape[-1]) for p in pooler])
     return pooler.reshape(-1, pooler.shape[-1])
-
-
-def per_row(red: Reduction) -> tuple[list[int], list[torch.Tensor], list[dict]]:
-    """Kept counts, kept indices and info of each row of a reduction."""
-    b = red.indices.shape[0]
-    counts = red.counts.tolist()
-    indices = [red.indices[r, : counts[r]].detach() for r in range(b)]
-    info = [
-        {k: (v[r] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b else v) for k, v in red.info.items()}
-        for r in range(b)
-    ]
-    return counts, indices, info

@@ -7,15 +7,14 @@ from typing import ClassVar
 
 import torch
 
-from tokenreduce.context import ReductionContext
 from tokenreduce.errors import InvalidInputError
-from tokenreduce.ops import gather_rows, keep_mask_from
 from tokenreduce.stages import Stage
 
 from . import compat
 from .anyres import encode_anyres_images
 from .llava import select_features
-from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter, per_row
+from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter
+from .units import ContextSource, Units, keep_mask
 from .vision import SHALLOW_CLS_KEY, vision_context
 
 
@@ -104,75 +103,36 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
         inner = self.inner
         b, f = pixels.shape[:2]
         selected, vctx = self._tower(pixels.flatten(0, 1), layer, start)
-        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
-        grid = (math.ceil(side / 2), math.ceil(side / 2))
+        side = math.ceil(self.model.config.vision_config.image_size / self.model.config.vision_config.patch_size / 2)
         pooled_p = inner.apply_pooling(inner.multi_modal_projector(selected))  # stock order: exact
-        per_frame = pooled_p.shape[1]
-        step_v, step_p = (self.step(st) for st in ENCODER_STAGES)
-        ctx_fields = {}
-        if vctx is not None:
-            ctx_fields["keys"] = inner.apply_pooling(vctx.keys)
-            if vctx.cls_attention is not None:
-                ctx_fields["cls_attention"] = inner.apply_pooling(vctx.cls_attention.unsqueeze(-1))[..., 0]
-                ctx_fields["cls_token"] = vctx.cls_token
-            if vctx.shallow_cls_attention is not None:
-                ctx_fields[SHALLOW_CLS_KEY] = inner.apply_pooling(vctx.shallow_cls_attention.unsqueeze(-1))[..., 0]
-        video_mode = self.pipeline.video_budget == "per_video"
-        n_items = [per_frame * f + 1] * b
-        text, text_mask = self.text_context("video", n_items)
+        per_frame, dev = pooled_p.shape[1], pooled_p.device
+        whole = self.pipeline.video_budget == "per_video"
+        text, text_mask = self.text_context("video", [per_frame * f + 1] * b)
+        item = torch.arange(b, device=dev)
+        if whole:  # one unit per video: its frames stacked, frame after frame
+            units = Units([f * per_frame] * b, [(side * f, side)] * b, item, item, [(f, per_frame)] * b)
+        else:  # one unit per frame
+            units = Units([per_frame] * (b * f), [(side, side)] * (b * f), item.repeat_interleave(f), item.repeat_interleave(f))
+        source = ContextSource(per_item={"text_embeds": text, "text_mask": text_mask} if text is not None else {})
+        if vctx is not None:  # the tower's context, pooled like the features (the model pools after the projector)
+            def pool(x: torch.Tensor) -> torch.Tensor:
+                return inner.apply_pooling(x.unsqueeze(-1))[..., 0] if x.dim() == 2 else inner.apply_pooling(x)
 
-        def units(x: torch.Tensor) -> torch.Tensor:
-            """(B*F, n, ...) frames -> rows of the budget unit."""
-            return x.reshape(b, f * x.shape[1], *x.shape[2:]) if video_mode else x
+            fields = {"keys": vctx.keys, "cls_attention": vctx.cls_attention, f"extra.{SHALLOW_CLS_KEY}": vctx.shallow_cls_attention}
+            source.per_token = {k: pool(v).flatten(0, 1) for k, v in fields.items() if v is not None}
+            if vctx.cls_token is not None:  # a whole video's [CLS]: the mean of its frames'
+                source.per_unit["cls_token"] = vctx.cls_token.view(b, f, -1).mean(1) if whole else vctx.cls_token
 
-        rows = b if video_mode else b * f
-        if text is not None and not video_mode:
-            text, text_mask = text.repeat_interleave(f, 0), text_mask.repeat_interleave(f, 0)
-        unit_len = per_frame * (f if video_mode else 1)
-        unit_grid = (grid[0] * f, grid[1]) if video_mode else grid
-        feats = units(pooled_p)
-        idx = torch.arange(unit_len, device=feats.device).expand(rows, unit_len)
-        valid = torch.ones(rows, unit_len, dtype=torch.bool, device=feats.device)
-        ctx_units = {k: (units(v) if k != "cls_token" else v) for k, v in ctx_fields.items()}
-        if video_mode and "cls_token" in ctx_units:  # one CLS per video: the mean of its frames'
-            ctx_units["cls_token"] = ctx_units["cls_token"].view(b, f, -1).mean(1)
-        for stage, step in zip(ENCODER_STAGES, (step_v, step_p)):
-            if step is None:
-                continue
-            src = units(inner.apply_pooling(selected)) if stage is Stage.VISION_ENCODER else feats
-            ctx = ReductionContext(
-                stage=stage,
-                grid=unit_grid if valid.shape[1] == unit_len else None,  # while every token is there
-                text_embeds=text,
-                text_mask=text_mask,
-                cls_token=ctx_units.get("cls_token"),
-                cls_attention=None if "cls_attention" not in ctx_units else gather_rows(ctx_units["cls_attention"].unsqueeze(-1), idx).squeeze(-1),
-                keys=None if "keys" not in ctx_units else gather_rows(ctx_units["keys"], idx),
-                extra={} if SHALLOW_CLS_KEY not in ctx_units else {
-                    SHALLOW_CLS_KEY: gather_rows(ctx_units[SHALLOW_CLS_KEY].unsqueeze(-1), idx).squeeze(-1)
-                },
-                frames=f if video_mode else None,
-                frame_index=idx.clamp(min=0) // per_frame if video_mode else None,
-            )
-            red, seconds = self.run_step(step, src, valid, ctx)
-            before = valid.sum(1).tolist()
-            idx = gather_rows(idx.unsqueeze(-1), red.indices).squeeze(-1).masked_fill(~red.valid, -1)
-            counts, _, info = per_row(red)
-            self.add_record(step, before, counts, [idx[i, : counts[i]] for i in range(rows)], info, seconds)
-            if stage is Stage.PROJECTOR:
-                feats = red.tokens
-            elif not red.info.get("identity"):
-                feats = inner.multi_modal_projector(red.tokens)
-            valid = red.valid
-        # Back to videos: each video's kept tokens in order, then its newline.
-        counts = valid.sum(1)
-        keep_units = keep_mask_from(idx, valid, unit_len)  # (rows, unit_len)
-        keep = keep_units.reshape(b, f * per_frame)
-        keep = torch.cat([keep, torch.ones(b, 1, dtype=torch.bool, device=keep.device)], dim=1)
-        flat = feats[valid]  # kept features of all units, in order
-        per_video = counts.view(b, -1).sum(1).tolist()
+        def project(x: torch.Tensor, _units: Units, reduced: bool) -> torch.Tensor:
+            return inner.multi_modal_projector(x) if reduced else pooled_p.flatten(0, 1)
+
+        first = inner.apply_pooling(selected).flatten(0, 1) if self.step(Stage.VISION_ENCODER) is not None else None
+        flat, units, original = self.reduce_units(first if first is not None else pooled_p.flatten(0, 1), units, source, project)
+        # Back to videos: each video's kept tokens in order, then its newline (always kept).
+        keep = keep_mask(original, b * f * per_frame, dev).view(b, f * per_frame)
+        keep = torch.cat([keep, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
+        per_video = torch.zeros(b, dtype=torch.long, device=dev).index_add_(0, units.item, units.lengths(dev)).tolist()
         parts = []
-        for chunk in torch.split(flat, per_video):  # per video: its tokens, then its newline
+        for chunk in torch.split(flat, per_video):
             parts += [chunk, inner.image_newline[None].to(chunk.dtype)]
-        pooler = torch.cat(parts).unsqueeze(0)
-        return Encoded(keep=list(keep), pooler=pooler)
+        return Encoded(keep=list(keep), pooler=torch.cat(parts).unsqueeze(0))

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from tokenreduce import ReductionContext, Stage, StageRecord
+from tokenreduce import Stage, StageRecord
 from tokenreduce.errors import ConfigError, InvalidInputError
 from tokenreduce.pipeline import Pipeline
 
-from .qwen_units import StepResult, Units, run_step
 from .qwen_vision import QwenVision, meta_of
+from .units import ENCODER_STAGES, ContextSource, Units, call_reducer, encoder_steps, keep_mask, record
 
 MODALITIES = ("image", "video")
 # Context the encoder-side stages give reducers.
@@ -94,10 +94,9 @@ class EncoderSide:
             )
         per_video = modality == "video" and self.pipeline.video_budget == "per_video"
         units = self.vision.units(items, kw.get(f"{modality}_grid_thw"), token_mask, per_video, modality == "video")
-        offsets0 = units.offsets(flat.device)
-        source: torch.Tensor | None = None  # current flat index -> original flat index
-
-        if self.pipeline.at(Stage.VISION_ENCODER):
+        steps = {stage: next(iter(self.pipeline.at(stage)), None) for stage in ENCODER_STAGES}
+        first = flat
+        if steps[Stage.VISION_ENCODER] is not None:
             metas = [meta_of(t) for t in items]
             if any(m is None or m.groups is None for m in metas):
                 raise ConfigError(
@@ -105,96 +104,34 @@ class EncoderSide:
                     "encoded outside the patched model (precomputed mm_encoder_outputs); pass pixel values "
                     "or reduce at the projector stage only"
                 )
-            groups = torch.cat([m.groups for m in metas], dim=0)  # type: ignore[union-attr]
-            step = self.pipeline.at(Stage.VISION_ENCODER)[0]
-            res = self._run(step.reducer, Stage.VISION_ENCODER, modality, groups, units, prompt, token_mask, None, offsets0)
-            source = res.source
-            self._record(step.reducer.name, Stage.VISION_ENCODER, modality, res, source, offsets0)
-            flat, units = self.vision.merge(res.tokens), res.units
-        for step in self.pipeline.at(Stage.PROJECTOR):
-            res = self._run(step.reducer, Stage.PROJECTOR, modality, flat, units, prompt, token_mask, source, offsets0)
-            source = res.source if source is None else source[res.source]
-            self._record(step.reducer.name, Stage.PROJECTOR, modality, res, source, offsets0)
-            flat, units = res.tokens, res.units
+            first = torch.cat([m.groups for m in metas], dim=0)  # type: ignore[union-attr]
 
-        if source is None:
-            source = torch.arange(total, device=flat.device)
-        keep_tokens = torch.zeros(total, dtype=torch.bool, device=flat.device)
-        keep_tokens[source] = True
+        def project(tokens: torch.Tensor, _units: Units, reduced: bool) -> torch.Tensor:
+            # The merger's stock output while no group was removed (the getter merged them all).
+            return self.vision.merge(tokens) if reduced else flat
+
+        need = set().union(*(s.reducer.required_context for s in steps.values() if s is not None))
+        context = ContextSource(
+            per_token={"positions": prompt.token_positions(token_mask)},
+            per_row={"text_embeds": prompt.embeds, "text_mask": prompt.text_mask} if need & {"text_embeds", "text_mask"} else {},
+            extra=lambda ids: {"modality": modality, "rows": units.row[ids], "items": units.item[ids]},
+        )
+        recorder = record(self.records, units.offsets(flat.device), lambda item: {"modality": modality, "item": item})
+        flat, units, source = encoder_steps(steps, call_reducer, first, units, project, context, recorder)
+
+        keep_tokens = keep_mask(source, total, flat.device)
         per_item = torch.zeros(len(items), dtype=torch.long, device=flat.device)
         per_item.index_add_(0, units.item, units.lengths(flat.device))
         counts = per_item.tolist()
         out.pooler_output = tuple(torch.split(flat, counts))
         deepstack = getattr(out, "deepstack_features", None)
-        if deepstack:  # Qwen3-VL: the features added to early decoder layers follow the kept tokens
+        if deepstack and source is not None:  # Qwen3-VL: the features added to early decoder layers follow the kept tokens
             # Per layer: a tensor of all tokens (older releases) or a tuple per item (newer).
             out.deepstack_features = [
                 f[source] if isinstance(f, torch.Tensor) else tuple(torch.split(torch.cat(list(f))[source], counts))
                 for f in deepstack
             ]
         return out, token_mask, keep_tokens
-
-    def _run(
-        self,
-        reducer: Any,
-        stage: Stage,
-        modality: str,
-        flat: torch.Tensor,
-        units: Units,
-        prompt: Prompt,
-        token_mask: torch.Tensor,
-        source: torch.Tensor | None,
-        offsets0: torch.Tensor,
-    ) -> StepResult:
-        """One step over all units, with the context the reducer asks for."""
-        need = reducer.required_context
-        positions = prompt.token_positions(token_mask)
-        whole_videos = any(units.frames)
-        if whole_videos:
-            frame_len = torch.tensor([f[1] if f else 1 for f in units.frames], device=flat.device)
-
-        def make_context(
-            unit_ids: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, grid: Any
-        ) -> ReductionContext:
-            original = index if source is None else source[index]
-            rows = units.row[unit_ids]
-            ctx = ReductionContext(
-                grid=grid,
-                positions=positions[original],
-                extra={"modality": modality, "rows": rows, "items": units.item[unit_ids]},
-            )
-            if whole_videos:  # one whole video per row: the frame of each token, from its original place
-                local = original - offsets0[unit_ids].unsqueeze(1)
-                ctx.frame_index = (local // frame_len[unit_ids].unsqueeze(1)).masked_fill(~valid, 0)
-            if "text_embeds" in need or "text_mask" in need:
-                ctx.text_embeds = prompt.embeds[rows]
-                ctx.text_mask = prompt.text_mask[rows]
-            return ctx
-
-        return run_step(reducer, stage, flat, units, make_context)
-
-    def _record(
-        self, name: str, stage: Stage, modality: str, res: StepResult, source: torch.Tensor, offsets0: torch.Tensor
-    ) -> None:
-        lens = res.units.lens
-        unit_of = torch.repeat_interleave(
-            torch.arange(len(lens), device=source.device), res.units.lengths(source.device)
-        )
-        local = source - offsets0[unit_of]
-        for info, item in zip(res.info, res.units.item.tolist()):
-            info.update(modality=modality, item=item)
-        self.records.append(
-            StageRecord(
-                stage=stage,
-                reducer=name,
-                layer=None,
-                tokens_before=res.lens_in,
-                tokens_after=list(lens),
-                indices=list(torch.split(local, lens)),
-                info=res.info,
-                seconds=res.seconds,
-            )
-        )
 
 
 # Arguments of the stock forward that are not passed on to the feature getters.

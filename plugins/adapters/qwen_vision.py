@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .qwen_units import Units
+from .units import Units
 
 META = "_tokenreduce_meta"
 _MISSING = object()

@@ -27,7 +27,7 @@ or as a whole, as the pipeline's ``video_budget`` says (``per_frame``: each fram
 unit with the frame's ``(h, w)`` grid; ``per_video``: the video is one unit whose grid is
 its frames stacked vertically, ``(t * h, w)``). Units are padded into one batch with a
 validity mask and reduced in one call per distinct grid (a reducer reading
-``context.grid`` needs one grid per call), see :mod:`.qwen_units`.
+``context.grid`` needs one grid per call), see :mod:`.units`.
 
 Positions
 ---------

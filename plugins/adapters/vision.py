@@ -18,6 +18,8 @@ from torch import nn
 from tokenreduce.errors import ConfigError
 from tokenreduce.pipeline import Step
 
+from .units import ContextSource
+
 #: ``context.extra`` key of the ``(B, N)`` head-averaged [CLS] attention of the encoder layer
 #: a step's reducer names in ``shallow_cls_layer``.
 SHALLOW_CLS_KEY = "shallow_cls_attention"
@@ -57,6 +59,15 @@ class VisionContext:
     cls_attention: torch.Tensor | None  # (B, N)
     keys: torch.Tensor  # (B, N, head_dim), head-averaged
     shallow_cls_attention: torch.Tensor | None = None  # (B, N), as cls_attention at layer shallow_cls_layer
+
+    def source(self, per_item: dict[str, torch.Tensor | None] | None = None) -> ContextSource:
+        """These rows as the engine's context source: one unit per row, tokens flat (plus ``per_item`` fields)."""
+        per_token = {"cls_attention": self.cls_attention, "keys": self.keys, f"extra.{SHALLOW_CLS_KEY}": self.shallow_cls_attention}
+        items = {"cls_token": self.cls_token, **(per_item or {})}
+        return ContextSource(
+            per_token={k: v.flatten(0, 1) for k, v in per_token.items() if v is not None},
+            per_item={k: v for k, v in items.items() if v is not None},
+        )
 
 
 def shallow_cls_layer(steps: Iterable[Step | None], num_layers: int) -> int | None:
