@@ -40,6 +40,26 @@ from .reducer import (
 )
 from .reduction import Reduction
 from .registry import create, get_registry, reset_registry
+from .requirements import (
+    CLS_ATTENTION,
+    CLS_TOKEN,
+    FRAME_INDEX,
+    FRAMES,
+    GRID,
+    KEYS,
+    POSITIONS,
+    TEXT,
+    TEXT_KEYS,
+    TEXT_MASK,
+    AttentionRows,
+    Keys,
+    Need,
+    Provision,
+    Requirement,
+    RequiresByStage,
+    TextKeys,
+    check_context,
+)
 from .stages import Stage
 
 __version__ = "0.1.0"
@@ -51,6 +71,23 @@ def available() -> list[str]:
 
 
 __all__ = [
+    "CLS_ATTENTION",
+    "CLS_TOKEN",
+    "FRAMES",
+    "FRAME_INDEX",
+    "GRID",
+    "KEYS",
+    "POSITIONS",
+    "TEXT",
+    "TEXT_KEYS",
+    "TEXT_MASK",
+    "AttentionRows",
+    "Keys",
+    "Need",
+    "Provision",
+    "Requirement",
+    "RequiresByStage",
+    "TextKeys",
     "Adapter",
     "AlreadyPatchedError",
     "Budget",
@@ -75,6 +112,7 @@ __all__ = [
     "UnknownNameError",
     "apply",
     "available",
+    "check_context",
     "create",
     "get_registry",
     "hookimpl",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .requirements import Provision, check_context
 from .stages import Stage
 
 if TYPE_CHECKING:  # annotations only: building a Pipeline (from YAML) needs the registry
@@ -59,7 +60,26 @@ class Adapter(abc.ABC):
         return bool(names & set(cls.model_classes))
 
     def validate(self) -> None:
-        """Raise early (at patch time) if the pipeline cannot run on this model."""
+        """Raise early (at patch time) if the pipeline cannot run on this model.
+
+        The default checks the context (:meth:`check_context`); an override adds its own
+        rules and calls :meth:`check_context` (or ``super().validate()``) for the context.
+        """
+        self.check_context()
+
+    def provides(self, stage: Stage) -> Provision | None:
+        """What context this adapter gives reducers at ``stage`` on :attr:`model`.
+
+        ``None`` (the default): the adapter declares nothing there and :meth:`check_context`
+        checks nothing. Give the fields, why the others are missing (``reasons``) and, at
+        ``llm_layer``, the attention queries and layers it recomputes.
+        """
+        return None
+
+    def check_context(self) -> None:
+        """Raise :class:`~tokenreduce.errors.MissingContextError` for a step whose reducer
+        requires context that :meth:`provides` does not list at the step's stage."""
+        check_context(self.pipeline, self.provides, model=type(self.model).__name__, adapter=self.name)
 
     @abc.abstractmethod
     def attach(self) -> None:

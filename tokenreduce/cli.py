@@ -82,6 +82,7 @@ def info_cmd(name: str = typer.Argument(..., help="Reducer name.")) -> None:
     """A reducer's paper, stages, context needs and parameter table."""
     from .docgen import params_rows
     from .registry import get_registry
+    from .requirements import describe_requires
 
     try:
         cls = get_registry().reducer_class(name)
@@ -91,8 +92,11 @@ def info_cmd(name: str = typer.Argument(..., help="Reducer name.")) -> None:
     if cls.paper:
         _console().print(f"paper: {cls.paper}")
     _console().print(f"stages: {', '.join(sorted(s.value for s in cls.stages))}")
-    if cls.required_context:
-        _console().print(f"needs context: {', '.join(sorted(cls.required_context))}")
+    needs = describe_requires(cls)
+    if needs:
+        _console().print("needs context:", highlight=False)
+        for line in needs:
+            _console().print(f"  {line}", highlight=False, markup=False)
     table = Table(title="Parameters")
     for col in ("name", "type", "default", "range", "description"):
         table.add_column(col)

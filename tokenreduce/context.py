@@ -14,7 +14,8 @@ from .stages import Stage
 class ReductionContext:
     """Everything beyond the tokens themselves that a reducer may use.
 
-    A reducer lists the field names it needs in ``required_context``; the call fails
+    A reducer declares what it needs in ``requires`` (typed requirements, see
+    :mod:`tokenreduce.requirements`; ``required_context`` lists their fields); the call fails
     with :class:`~tokenreduce.errors.MissingContextError` if one is ``None``. Shapes
     use ``B`` rows (images or sequences), ``N`` tokens being reduced.
 

@@ -30,16 +30,29 @@ from .config_format import (
 from .errors import ConfigError, StageError, UnknownNameError
 from .reducer import Reducer
 from .registry import get_registry
+from .requirements import DECODER_QK_FIELDS, Requirement, decoder_reads
 from .stages import Stage
 
 
 # Context fields an llm_layer step can only get from a decoder layer's queries and keys.
-DECODER_QK_CONTEXT = frozenset({"attention", "keys", "text_keys"})
+DECODER_QK_CONTEXT = DECODER_QK_FIELDS
+
+
+def _requires(reducer: Reducer) -> tuple[Requirement, ...]:
+    """The reducer's requirements; a malformed per-instance declaration is a ConfigError."""
+    try:
+        reqs = tuple(reducer.requires)
+    except (TypeError, ValueError) as err:  # e.g. an instance's own attention_query="bogus"
+        raise ConfigError(f"reducer {reducer.name!r}: {err}") from None
+    bad = [r for r in reqs if not isinstance(r, Requirement)]
+    if bad:
+        raise ConfigError(f"reducer {reducer.name!r}: requires holds Requirement objects, not {bad[0]!r}")
+    return reqs
 
 
 def reads_decoder_qk(reducer: Reducer) -> bool:
     """Whether an ``llm_layer`` step of ``reducer`` reads a decoder layer's q/k (attention rows or keys)."""
-    return bool(DECODER_QK_CONTEXT & set(reducer.required_context))
+    return any(r.reads_decoder_qk for r in _requires(reducer))
 
 
 def check_decoder_step(reducer: Reducer, layer: int) -> None:
@@ -48,15 +61,14 @@ def check_decoder_step(reducer: Reducer, layer: int) -> None:
     Part of building every :class:`Step`, so ``tokenreduce validate`` and ``tokenreduce run``
     reject the same steps; the decoder adapter checks the layer range once it has the model.
     """
-    if not reads_decoder_qk(reducer):
+    reqs = _requires(reducer)
+    if not any(r.reads_decoder_qk for r in reqs):
         return
-    if reducer.attention_query not in ("last", "text"):
-        raise ConfigError(f"reducer {reducer.name!r}: attention_query={reducer.attention_query!r}; allowed: 'last', 'text'")
-    if reducer.attention_layer not in ("previous", "current"):
-        raise ConfigError(
-            f"reducer {reducer.name!r}: attention_layer={reducer.attention_layer!r}; allowed: 'previous', 'current'"
-        )
-    if reducer.attention_layer == "previous" and layer == 0:
+    try:
+        _, read_layer = decoder_reads(reqs)
+    except ValueError as err:
+        raise ConfigError(f"reducer {reducer.name!r}: {err}") from None
+    if read_layer == "previous" and layer == 0:
         raise ConfigError(
             f"reducer {reducer.name!r} reads the attention of the previous layer, so its layer must be >= 1, got layer=0"
         )
