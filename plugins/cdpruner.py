@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
+from tokenreduce import TEXT, Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.context import ReductionContext
 from tokenreduce.errors import InvalidInputError
 from tokenreduce.numerics import safe_scale
@@ -95,27 +95,32 @@ def greedy_map(
     available = valid.clone()
     floor = -torch.finfo(kernel.dtype).max  # below any finite d^2, above the -inf of taken tokens
     picks = []
+    # Made once: a Python scalar in where() becomes a device tensor (a fill kernel) per step.
+    neg_inf, zero = kernel.new_full((), float("-inf")), kernel.new_zeros(())
     # A fixed, host-known number of steps whose every operation stays on the device (no
-    # sync), so the loop can be captured in a CUDA graph; about 18 kernels a step. A row
+    # sync), so the loop can be captured in a CUDA graph; about 14 kernels a step. A row
     # past its count keeps stepping on its own data; its extra picks are masked at the end.
-    for i in range(t):
-        # Taken and padded tokens are excluded explicitly (the official code marks taken ones
-        # -inf); non-finite d^2 of a degenerate kernel never wins over a finite one.
-        score = torch.where(available, di2s.nan_to_num(nan=floor, neginf=floor), float("-inf"))
-        j = score.argmax(dim=1, keepdim=True)  # (B, 1), first index on ties
-        d2 = di2s.gather(1, j)
-        ok = d2 > 0  # the official code takes sqrt(d^2) unguarded (NaN once the kernel is exhausted)
-        num = kernel.gather(1, j.unsqueeze(2).expand(b, 1, n)).squeeze(1)  # L[j, :]
-        if i > 0:
-            done = cis[:, :i]  # (B, i, N): the Cholesky rows of the i picks so far
-            # sum_t c_t[j] * c_t (the official einsum); a product and a sum, as a (1 x i) @ (i x N)
-            # batched matmul takes a slow path on CPU. (At i = 0 the sum is empty: L[j, :] - 0.)
-            num = num - (done.gather(2, j.unsqueeze(1).expand(b, i, 1)) * done).sum(dim=1)
-        eis = torch.where(ok, num / torch.sqrt(torch.where(ok, d2, 1.0)), 0.0)
-        cis[:, i] = eis
-        di2s = di2s - torch.square(eis)
-        available.scatter_(1, j, False)
-        picks.append(j)
+    # Picks are indices, never differentiated: without autograd, each step's row of c is
+    # written in place by its where() (no copy).
+    with torch.no_grad():
+        for i in range(t):
+            # Taken and padded tokens are excluded explicitly (the official code marks taken ones
+            # -inf); non-finite d^2 of a degenerate kernel never wins over a finite one.
+            score = torch.where(available, di2s.nan_to_num(nan=floor, neginf=floor), neg_inf)
+            j = score.argmax(dim=1, keepdim=True)  # (B, 1), first index on ties
+            d2 = di2s.gather(1, j)
+            ok = d2 > 0  # the official code takes sqrt(d^2) unguarded (NaN once the kernel is exhausted)
+            num = kernel.gather(1, j.unsqueeze(2).expand(b, 1, n)).squeeze(1)  # L[j, :]
+            if i > 0:
+                done = cis[:, :i]  # (B, i, N): the Cholesky rows of the i picks so far
+                # sum_t c_t[j] * c_t (the official einsum); a product and a sum, as a (1 x i) @ (i x N)
+                # batched matmul takes a slow path on CPU. (At i = 0 the sum is empty: L[j, :] - 0.)
+                num = num - (done.gather(2, j.unsqueeze(1).expand(b, i, 1)) * done).sum(dim=1)
+            # Where d^2 <= 0 the quotient (inf or NaN) is discarded by the where: no guarded square root.
+            eis = torch.where(ok, num / torch.sqrt(d2), zero, out=cis[:, i])
+            di2s = di2s - torch.square(eis)
+            available.scatter_(1, j, False)
+            picks.append(j)
     return torch.cat(picks, dim=1).masked_fill(~slots, -1), slots
 
 
@@ -203,7 +208,7 @@ class CDPruner(Reducer):
     name = "cdpruner"
     stages = frozenset({Stage.PROJECTOR})
     Params = CDPrunerParams
-    required_context = frozenset({"text_embeds"})
+    requires = (TEXT,)
     graph_safe = True
     paper = (
         'Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in '

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenreduce import ScoringReducer, Stage
+from tokenreduce import CLS_ATTENTION, ScoringReducer, Stage
 from tokenreduce.context import ReductionContext
 from tokenreduce.errors import InvalidInputError
 
@@ -41,7 +41,7 @@ class ClsAttention(ScoringReducer):
 
     name = "cls_attn"
     stages = frozenset({Stage.VISION_ENCODER, Stage.PROJECTOR})
-    required_context = frozenset({"cls_attention"})
+    requires = (CLS_ATTENTION,)
     graph_safe = True
     paper = (
         'Zhang et al., "[CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make VLM '

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
+from tokenreduce import KEYS, TEXT, TEXT_KEYS, Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.errors import InvalidInputError
 from tokenreduce.numerics import safe_scale
 
@@ -57,16 +57,16 @@ class DART(Reducer):
     top-``T`` pivots are kept.
 
     Context. ``llm_layer`` (published: ``K=2``, LLaVA-1.5, 128 kept): ``keys`` are the
-    image tokens' keys of layer ``K-1`` (post-RoPE, heads concatenated,
-    ``attention_layer = "previous"``), ``text_embeds``/``text_mask`` the hidden states
+    image tokens' keys of layer ``K-1`` (post-RoPE, heads concatenated; ``KEYS`` reads
+    layer ``"previous"`` by default), ``text_embeds``/``text_mask`` the hidden states
     of the text tokens after the image and ``text_keys`` their keys. The official
     code computes similarities on the final-norm of layer ``K-1``'s output; here they
     use the tokens as given (the hidden states entering layer ``K``). ``projector``:
     ``keys`` are the selected vision layer's keys; with no text there, set
     ``pivot_text_tokens: 0`` (or pass text embeddings of the LLM width).
 
-    ``required_context`` follows the parameters: ``keys`` for key-norm pivots,
-    ``text_embeds`` (and ``text_keys`` for key norms) when ``pivot_text_tokens > 0``.
+    ``requires`` follows the parameters: ``KEYS`` for key-norm pivots, ``TEXT`` (and
+    ``TEXT_KEYS`` for key norms) when ``pivot_text_tokens > 0``.
 
     Stages: ``projector``, ``llm_layer``.
 
@@ -79,8 +79,7 @@ class DART(Reducer):
     stages = frozenset({Stage.PROJECTOR, Stage.LLM_LAYER})
     Params = DARTParams
     # The default parameters' needs; each instance narrows this to its own parameters.
-    required_context = frozenset({"keys", "text_embeds", "text_keys"})
-    attention_layer = "previous"
+    requires = (KEYS, TEXT, TEXT_KEYS)  # read at llm_layer from layer K-1, the default
     # Without a mask every loop bound is host-known (below): no device read.
     graph_safe = True
     paper = (
@@ -91,14 +90,14 @@ class DART(Reducer):
     def __init__(self, budget=None, *, stage=None, **params: Any):
         super().__init__(budget, stage=stage, **params)
         p = self.params
-        need = set()
+        need = []
         if p.pivot_by == "key_norm":
-            need.add("keys")
+            need.append(KEYS)
         if p.pivot_text_tokens > 0:
-            need.add("text_embeds")
+            need.append(TEXT)
             if p.pivot_by == "key_norm":
-                need.add("text_keys")
-        self.required_context = frozenset(need)  # type: ignore[misc]  # per-instance, shadows the class default
+                need.append(TEXT_KEYS)
+        self.requires = tuple(need)  # type: ignore[misc]  # per-instance, shadows the class default
 
     def _pivots(self, x, tokens, counts, valid, context, t_img):
         """Pivot features ``(B, P, D)`` in sequence order, their mask, and the kept image pivots.
@@ -169,13 +168,27 @@ class DART(Reducer):
         quota_max = max(0, t - t_img)
 
         kept = ops.keep_mask_from(img_idx, img_slots, n)
-        # A handful of pivots, each step batched and never reading the device: a pivot slot
-        # with no quota in any row (padding, or a text pivot a row lacks) keeps nothing.
-        for j in range(pivots.shape[1] if quota_max > 0 else 0):
-            quota = torch.where(j < n_piv, base + (j < extra).long(), torch.zeros_like(base))
-            sim = (ops.normalize(pivots[:, j : j + 1]) @ x_unit.transpose(1, 2))[:, 0]  # (B, N) cosine
-            order, slots = ops.topk_per_row(-sim, quota, valid & ~kept, quota_max)
-            kept |= ops.keep_mask_from(order, slots, n)
+        n_pivots = pivots.shape[1] if quota_max > 0 else 0
+        if n_pivots:
+            # A handful of pivots, each step batched and never reading the device: a pivot
+            # slot with no quota in any row (padding, or a text pivot a row lacks) keeps
+            # nothing. The quotas and their slot masks of every pivot are made at once, and a
+            # step marks its picks in ``free`` (the tokens still to pick from, plus a spare
+            # column for padded slots) directly: ops.topk_per_row + keep_mask_from, inlined,
+            # in seven kernels a pivot instead of about twenty.
+            j = torch.arange(n_pivots, device=tokens.device)
+            quota = torch.where(j < n_piv[:, None], base[:, None] + (j < extra[:, None]).long(), 0)  # (B, P)
+            slots_all = torch.arange(quota_max, device=tokens.device) < quota.unsqueeze(-1)  # (B, P, quota_max)
+            free = torch.cat([valid & ~kept, valid.new_zeros(b, 1)], dim=1)
+            lowest = torch.full((), torch.finfo(torch.float32).min, device=tokens.device)
+            spare = torch.full((), n, device=tokens.device)
+            for j in range(n_pivots):
+                sim = (ops.normalize(pivots[:, j : j + 1]) @ x_unit.transpose(1, 2))[:, 0]  # (B, N) cosine
+                # Most dissimilar first; ties to the lower index (a stable sort, as topk_per_row).
+                masked = torch.where(free[:, :n], -sim, lowest)
+                order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :quota_max]
+                free.scatter_(1, torch.where(slots_all[:, j], order, spare), False)
+            kept = valid & ~free[:, :n]
 
         slots = ops.slot_mask(counts, t)
         positions = torch.where(kept, torch.arange(n, device=tokens.device), n)

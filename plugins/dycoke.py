@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from tokenreduce import ReducerParams, ScoringReducer, Stage, ops
+from tokenreduce import FRAMES, GRID, AttentionRows, ReducerParams, ScoringReducer, Stage, ops
 from tokenreduce.context import ReductionContext
 from tokenreduce.errors import InvalidInputError
 from tokenreduce.numerics import safe_scale
@@ -122,7 +122,7 @@ class DyCoke(ScoringReducer):
 
     name = "dycoke"
     stages = frozenset({Stage.VISION_ENCODER, Stage.PROJECTOR})
-    required_context = frozenset({"frames", "grid"})
+    requires = (FRAMES, GRID)
     graph_safe = True  # every size is host-known (frames, grid, uniform_count)
     paper = PAPER
 
@@ -218,9 +218,7 @@ class DyCokeKV(ScoringReducer):
     name = "dycoke-kv"
     stages = frozenset({Stage.LLM_LAYER})
     Params = DyCokeKVParams
-    required_context = frozenset({"attention"})
-    attention_query = "last"
-    attention_layer = "previous"
+    requires = (AttentionRows(query="last", layer="previous"),)
     ratio_rounding = "floor"  # official: int(n * (1 - P))
     acts_at: ClassVar[str] = "decode"
     graph_safe = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenreduce import ScoringReducer, Stage
+from tokenreduce import AttentionRows, ScoringReducer, Stage
 from tokenreduce.context import ReductionContext
 from tokenreduce.errors import InvalidInputError
 
@@ -13,7 +13,7 @@ def attention_scores(attention: torch.Tensor, tokens: torch.Tensor, name: str) -
     """``(B, N)`` mean over the query rows of ``context.attention (B, Q, N)``, checked against the tokens.
 
     Shared by the decoder-attention reducers (FastV, PyramidDrop). Attention is already
-    averaged over heads by the adapter; with ``attention_query = "last"`` there is one row.
+    averaged over heads by the adapter; with ``AttentionRows(query="last")`` there is one row.
     """
     b, n, _ = tokens.shape
     if attention.dim() != 3 or attention.shape[0] != b or attention.shape[2] != n or attention.shape[1] < 1:
@@ -33,7 +33,7 @@ class FastV(ScoringReducer):
 
     The attention row is not read from an eager attention map: the adapter recomputes
     it from layer ``K-1``'s queries and keys for the last row only
-    (``attention_query = "last"``, ``attention_layer = "previous"``), so the model keeps
+    (``requires = (AttentionRows("last", "previous"),)``), so the model keeps
     SDPA / FlashAttention. ``score`` is that row (the mean over rows if an adapter
     passes several).
 
@@ -46,9 +46,7 @@ class FastV(ScoringReducer):
 
     name = "fastv"
     stages = frozenset({Stage.LLM_LAYER})
-    required_context = frozenset({"attention"})
-    attention_query = "last"
-    attention_layer = "previous"
+    requires = (AttentionRows(query="last", layer="previous"),)
     graph_safe = True
     paper = (
         'Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024, arXiv:2403.06764 '

@@ -7,7 +7,7 @@ import math
 import torch
 from pydantic import Field
 
-from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
+from tokenreduce import FRAME_INDEX, FRAMES, Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.errors import InvalidInputError
 from tokenreduce.numerics import safe_scale, unscale
 from tokenreduce.sync import host_reads_free
@@ -149,8 +149,12 @@ class FastVID(Reducer):
     name = "fastvid"
     stages = frozenset({Stage.PROJECTOR, Stage.VISION_ENCODER})
     Params = FastVIDParams
-    required_context = frozenset({"frames", "frame_index"})
+    requires = (FRAMES, FRAME_INDEX)
     ratio_rounding = "floor"  # official: int(frame_token_len * retention_ratio)
+    # Frames laid out whole (the adapters' per-video rows: ``grid`` covers the N tokens) have
+    # host-known sizes and the call reads nothing back: replayed from a CUDA graph. Other layouts
+    # read the longest frame once; their capture fails and they run eagerly (tokenreduce.graphs).
+    graph_safe = True
     paper = (
         'Shen et al., "FastVID: Dynamic Density Pruning for Fast Video Large Language Models", NeurIPS 2025, '
         "arXiv:2503.11187 (github.com/LunarShen/FastVID)"

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
+from tokenreduce import FRAMES, AttentionRows, Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.context import ReductionContext
 from tokenreduce.errors import InvalidInputError
 from tokenreduce.numerics import safe_scale, unscale
+from tokenreduce.sync import host_reads_free
 
 from .fastv import attention_scores
 from .holitom_ops import (
@@ -151,7 +152,10 @@ class HoliTom(Reducer):
     name = "holitom"
     stages = frozenset({Stage.PROJECTOR, Stage.VISION_ENCODER})
     Params = HoliTomParams
-    required_context = frozenset({"frames"})
+    requires = (FRAMES,)
+    # Every size is host-known (frames, tokens per frame, uniform_count); the loops over frames
+    # in holitom_ops never read the device: replayed from a CUDA graph (tokenreduce.graphs).
+    graph_safe = True
     paper = (
         'Shao et al., "HoliTom: Holistic Token Merging for Fast Video Large Language Models", NeurIPS 2025, '
         "arXiv:2505.21334 (github.com/cokeshao/HoliTom)"
@@ -169,7 +173,7 @@ class HoliTom(Reducer):
             )
         n = n_all // t
         fi = context.frame_index
-        if fi is not None and fi.device.type == "cpu":  # checked where reading it costs no device sync
+        if fi is not None and host_reads_free(fi):  # checked where reading it costs no device sync
             expected = torch.arange(n_all).div(n, rounding_mode="floor").expand(b, n_all)
             if tuple(fi.shape) != (b, n_all) or bool(((fi.cpu() != expected) & valid.cpu()).any()):
                 raise InvalidInputError(
@@ -189,7 +193,7 @@ class HoliTom(Reducer):
                 f'holitom: context.extra["{ATTENTION_KEY}"] must be a (B, N)=({b}, {t * n}) tensor, got {got}'
             )
         att = given.to(x.device).float().view(b, t, n)
-        if att.device.type == "cpu" and not bool(torch.isfinite(att[valid]).all()):
+        if host_reads_free(att) and not bool(torch.isfinite(att[valid]).all()):
             raise InvalidInputError(f'holitom: context.extra["{ATTENTION_KEY}"] has non-finite values at valid tokens')
         return att
 
@@ -295,8 +299,8 @@ class HoliTomLLM(Reducer):
     x_m`` ends as ``h / 2^m + sum_j x_j / 2^(m - j + 1)``). The budget is the kept count: a
     ratio budget ``1 - r`` rounds half to even as the official ``round``.
 
-    Context (``llm_layer``): ``attention`` with ``attention_query = "last"`` and
-    ``attention_layer = "previous"`` (layer ``K-1``'s row, recomputed by the adapter from q/k,
+    Context (``llm_layer``): ``attention`` as ``AttentionRows(query="last",
+    layer="previous")`` (layer ``K-1``'s row, recomputed by the adapter from q/k,
     so the model keeps its fast attention kernel; the official code asks layer ``K-1`` for the
     eager attention map).
 
@@ -317,17 +321,16 @@ class HoliTomLLM(Reducer):
 
     name = "holitom-llm"
     stages = frozenset({Stage.LLM_LAYER})
-    required_context = frozenset({"attention"})
-    attention_query = "last"
-    attention_layer = "previous"
+    requires = (AttentionRows(query="last", layer="previous"),)
     ratio_rounding = "half_even"  # official: round(N * (1 - r))
+    graph_safe = True  # the selection and the halving merge are fixed-size: no host read
     paper = HoliTom.paper
 
     def reduce(self, tokens, counts, valid, context):  # noqa: D102 - documented on Reducer
         b, n, _ = tokens.shape
         dev = tokens.device
         scores = attention_scores(context.attention, tokens, self.name)
-        if scores.device.type == "cpu" and not bool(torch.isfinite(scores[valid]).all()):
+        if host_reads_free(scores) and not bool(torch.isfinite(scores[valid]).all()):
             raise InvalidInputError("holitom-llm: context.attention has non-finite values at valid image tokens")
         t = context.uniform_count if context.uniform_count is not None else int(counts.max())
         order, slots = ops.topk_per_row(scores, counts, valid, t)  # descending attention

@@ -59,26 +59,39 @@ def segment_starts(gain: torch.Tensor, max_window: int) -> torch.Tensor:
     gain[i-w+1, i])`` over window lengths ``2 <= w <= max_window``; on equal values the shorter
     window wins (the official loop replaces only on a strictly larger value; ``argmax`` returns
     the first maximum of the candidates in that order). Then the backtrack from the last frame.
-    Both loops run over the host-known frame count only, with no device read.
+    Both run a host-known number of steps (frames; log2 of them), with no device read.
     """
     b, t, _ = gain.shape
     dev = gain.device
+    w = min(t, max_window)
+    # starts[i, k] = i - k, the first frame of the window of length k + 1 ending at frame i
+    # (clamped where it would precede frame 0; those candidates are cut off below), and the
+    # gains of all those windows, gathered once instead of once a frame.
+    frame = torch.arange(t, device=dev)
+    starts = (frame.view(-1, 1) - frame[:w].view(1, -1)).clamp(min=0)  # (T, w)
+    window_gain = gain[:, starts, frame.view(-1, 1)]  # (B, T, w): gain[b, i - k, i]
     dp = gain.new_zeros(b, t + 1)  # dp[:, i + 1]: best total over frames 0..i; dp[:, 0] = 0
-    first = gain.new_zeros(b, t)  # first frame of the best last window ending at frame i
-    for i in range(t):  # host-known frame count (graph-capturable: no host read)
-        starts = torch.arange(i, i - min(i + 1, max_window), -1, device=dev)  # windows of length 1, 2, ...
-        cand = dp[:, starts] + gain[:, starts, i]
-        best = cand.argmax(dim=1, keepdim=True)
-        dp[:, i + 1] = cand.gather(1, best).squeeze(1)
-        first[:, i] = i - best.squeeze(1)
+    best = []
+    for i in range(t):  # host-known frame count (graph-capturable: no host read); four kernels a frame
+        n_w = min(i + 1, max_window)  # windows of length 1, 2, ..., n_w
+        # max over dim: the value and the first index of the maximum (the shortest window on ties).
+        value, pick = (dp[:, starts[i, :n_w]] + window_gain[:, i, :n_w]).max(dim=1)
+        dp[:, i + 1] = value
+        best.append(pick)
+    first = frame - torch.stack(best, dim=1)  # first frame of the best last window ending at frame i
+    # Backtrack from the last frame: the windows' first frames are those of the frames on the
+    # chain t-1 -> first[t-1] - 1 -> ... (frame -1, ending it, is the sink t). The chain's
+    # frames are found by pointer doubling (ceil(log2(T + 1)) rounds instead of T steps):
+    # after round r, ``on`` holds the chain's first 2^r frames and ``jump`` the 2^r-th successor.
+    jump = torch.cat([torch.where(first > 0, first - 1, t), torch.full((b, 1), t, device=dev)], dim=1)
+    on = torch.zeros(b, t + 1, dtype=torch.long, device=dev)
+    on[:, t - 1] = 1
+    for _ in range(t.bit_length()):  # 2^rounds >= T: the whole chain
+        on = on | torch.zeros_like(on).scatter_add_(1, jump, on).clamp(max=1)
+        jump = jump.gather(1, jump)
     is_start = torch.zeros(b, t + 1, dtype=torch.bool, device=dev)
-    cur = torch.full((b,), t - 1, dtype=torch.long, device=dev)
-    for _ in range(t):  # each step moves to the previous window: at most t windows
-        active = cur >= 0
-        s = first.gather(1, cur.clamp(min=0).unsqueeze(1)).squeeze(1)
-        is_start.scatter_(1, torch.where(active, s, t).unsqueeze(1), True)
-        cur = torch.where(active, s - 1, cur)
-    frame = torch.arange(t, device=dev).expand(b, t)
+    is_start.scatter_(1, torch.where(on[:, :t] > 0, first, t), True)
+    frame = frame.expand(b, t)
     return torch.where(is_start[:, :t], frame, 0).cummax(dim=1).values
 
 
@@ -135,7 +148,7 @@ def dpc_clusters(
     dev = x.device
     pair = member.unsqueeze(2) & member.unsqueeze(1)
     dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / d**0.5
-    inf = torch.tensor(float("inf"), device=dev)
+    inf = torch.full((), float("inf"), device=dev)  # made on the device: no host-to-device copy (graph-safe)
     nearest = torch.sort(torch.where(pair, dist, inf), dim=2).values
     first_k = torch.arange(length, device=dev).view(1, 1, -1) < neighbours.view(-1, 1, 1)
     # Members' rows hold their member distances first (the rest is inf), k <= members.

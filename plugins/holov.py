@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
+from tokenreduce import CLS_ATTENTION, Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.errors import InvalidInputError
 from tokenreduce.sync import host_reads_free
 
@@ -180,7 +180,7 @@ class HoloV(Reducer):
     name = "holov"
     stages = frozenset({Stage.PROJECTOR, Stage.VISION_ENCODER})
     Params = HoloVParams
-    required_context = frozenset({"cls_attention"})
+    requires = (CLS_ATTENTION,)
     # Only the official Qwen2.5-VL script takes a ratio: keep_num = int(N * prune_rate).
     ratio_rounding = "floor"
     graph_safe = True

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from tokenreduce import ContextByStage, Reducer, ReducerParams, Stage, make_reduction, ops
+from tokenreduce import AttentionRows, Reducer, ReducerParams, RequiresByStage, Stage, make_reduction, ops
 from tokenreduce.errors import InvalidInputError, MissingContextError
 from tokenreduce.numerics import safe_scale, unscale
 from tokenreduce.pipeline import Pipeline, Step
@@ -23,7 +23,7 @@ OFFICIAL_PRUNING_LAYERS = (2, 6, 10, 14)
 EXAMPLE_ENCODER_BUDGET = 432
 EXAMPLE_LLM_BUDGETS = (192, 128, 96, 64)
 
-_LLM_NEEDS = frozenset({"attention"})
+_LLM_NEEDS = (AttentionRows(query="text", layer="previous"),)
 
 
 class MustDropParams(ReducerParams):
@@ -61,8 +61,8 @@ class MustDrop(Reducer):
 
     ``llm_layer`` (dual-attention filtering): with ``A (Q, N)`` the head-averaged
     attention of the text tokens after the image to the image tokens (recomputed for
-    those rows from layer ``K-1``'s q/k: ``attention_query = "text"``, ``attention_layer
-    = "previous"``), the official filter keeps a token when its global attention
+    those rows from layer ``K-1``'s q/k: ``AttentionRows(query="text",
+    layer="previous")``), the official filter keeps a token when its global attention
     ``sum_q A[q, i]`` is at least ``global_thr`` times the image's total, or its
     individual attention ``max_q A[q, i]`` is at least ``individual_thr``. Here tokens
     are ranked by ``max(global share / global_thr, max_q A / individual_thr)`` and the
@@ -109,9 +109,7 @@ class MustDrop(Reducer):
     stages = frozenset({Stage.VISION_ENCODER, Stage.LLM_LAYER})
     Params = MustDropParams
     # The window merge needs nothing beyond the tokens; the decoder filter reads attention.
-    required_context = ContextByStage({Stage.LLM_LAYER: _LLM_NEEDS}, unset=Stage.VISION_ENCODER)  # type: ignore[assignment]
-    attention_query = "text"
-    attention_layer = "previous"
+    requires = RequiresByStage({Stage.LLM_LAYER: _LLM_NEEDS}, unset=Stage.VISION_ENCODER)
     # Without a mask the window plan comes from host-known sizes: no device read.
     graph_safe = True
     paper = (
@@ -148,7 +146,7 @@ class MustDrop(Reducer):
         # Rows of huge (or tiny) magnitude are scaled by a power of two: means and cosine
         # similarities are unchanged, and float32 sums cannot overflow.
         x, scale = safe_scale(tokens, valid)
-        owner, rep = window_merge(x, valid, plans, k)
+        owner, rep = window_merge(x, valid, plans, k, dense=context.uniform_count is not None)
 
         # Kept: the representatives of non-empty groups, in position order.
         t = max(t for _, t in rows)

@@ -35,7 +35,7 @@ def plan_rounds(n: int, t: int, h: int, w: int, k: int) -> list[tuple[int, int, 
 
 
 def window_merge(
-    tokens: torch.Tensor, valid: torch.Tensor, plans: list[list[tuple[int, int, int]]], k: int
+    tokens: torch.Tensor, valid: torch.Tensor, plans: list[list[tuple[int, int, int]]], k: int, *, dense: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group the valid tokens of each row by rounds of window merging.
 
@@ -44,6 +44,8 @@ def window_merge(
         valid: ``(B, N)``; a row's valid tokens, in order, fill its ``h x w`` grid.
         plans: per row, its :func:`plan_rounds` (host integers).
         k: window side.
+        dense: every token is valid (known on the host): round one's groups are then the
+            tokens themselves, whose means need no grouping pass.
 
     Returns:
         ``(owner (B, N), rep (B, G))``: each token's group (-1 for padding) and each group's
@@ -61,7 +63,7 @@ def window_merge(
         # Rows past their last round repeat its grid with nothing to remove.
         row = [p[i] if i < len(p) else (*p[-1][:2], 0) for p in plans]
         go_on = [i + 1 < len(p) for p in plans]
-        owner, rep = _round(x, owner, rep, row, go_on, k)
+        owner, rep = _round(x, owner, rep, row, go_on, k, identity=dense and i == 0)
     return owner, rep
 
 
@@ -73,8 +75,10 @@ def _per_row(values: list, device: torch.device) -> int | bool | torch.Tensor:
     return torch.tensor(values, device=device)[:, None]
 
 
-def _round(x, owner, rep, row, go_on, k):
-    """One round: merge ``row[b][2]`` tokens of each row on its ``row[b][:2]`` grid."""
+def _round(x, owner, rep, row, go_on, k, identity=False):
+    """One round: merge ``row[b][2]`` tokens of each row on its ``row[b][:2]`` grid.
+
+    ``identity``: every token is its own group (``owner`` is ``arange(N)``, ``G = N``)."""
     b, n, _ = x.shape
     dev = x.device
     h, w, take = (_per_row([r[i] for r in row], dev) for i in range(3))
@@ -86,8 +90,13 @@ def _round(x, owner, rep, row, go_on, k):
     kk = kh * kw
 
     # Group features: the mean of their members (a single token's own feature in round one).
-    sums, size = ops.merge_into(x, owner, g)
-    feats = sums / size.clamp(min=1).unsqueeze(-1)
+    if identity and g == n:
+        # The same values as the grouping pass gives (sums onto zeros: -0.0 becomes +0.0), without
+        # its (B, N, N) one-hot product on CUDA: the largest product of a call at B = 8.
+        feats, size = x + 0.0, torch.ones(b, g, device=dev)
+    else:
+        sums, size = ops.merge_into(x, owner, g)
+        feats = sums / size.clamp(min=1).unsqueeze(-1)
     cell = torch.arange(g, device=dev).expand(b, g)
     r_, c_ = cell // w, cell % w
     wid = (r_ // k) * ((w + k - 1) // k) + c_ // k

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tokenreduce import ScoringReducer, Stage
+from tokenreduce import AttentionRows, ScoringReducer, Stage
 from tokenreduce.context import ReductionContext
 from tokenreduce.pipeline import Pipeline, Step
 
@@ -45,8 +45,8 @@ class PDrop(ScoringReducer):
     at least one token, where the official code would keep none when ``N * ratio < 1``.
 
     The adapter recomputes
-    the one attention row per step from q/k (``attention_query = "last"``,
-    ``attention_layer = "current"``), so the model keeps SDPA / FlashAttention rather
+    the one attention row per step from q/k (``AttentionRows(query="last",
+    layer="current")``), so the model keeps SDPA / FlashAttention rather
     than the eager attention the official code switches to.
 
     Stages: ``llm_layer`` only.
@@ -58,9 +58,7 @@ class PDrop(ScoringReducer):
 
     name = "pdrop"
     stages = frozenset({Stage.LLM_LAYER})
-    required_context = frozenset({"attention"})
-    attention_query = "last"
-    attention_layer = "current"
+    requires = (AttentionRows(query="last", layer="current"),)
     ratio_rounding = "floor"  # official: int(N * ratio)
     graph_safe = True
     paper = (

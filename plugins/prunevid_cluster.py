@@ -87,22 +87,24 @@ def refine_segments(labels: torch.Tensor) -> torch.Tensor:
     has_right = first_kept < t
     right_label = labels.gather(1, first_kept.clamp(max=t - 1))
     right_len = torch.where(has_right, run_len.gather(1, first_kept.clamp(max=t - 1)), torch.zeros_like(run_len))
-    final = torch.empty_like(labels)
+    # Frames that open a relabelled run, all at once (the loop below only reads them).
+    starts = ~kept
+    starts[:, 1:] &= kept[:, :-1]
     prev_label = torch.full((b,), -1, dtype=torch.long, device=dev)
     prev_len = torch.zeros(b, dtype=torch.long, device=dev)
+    steps = []
+    # Made once: a Python scalar in where() becomes a device tensor (a fill kernel) per call.
+    zero, one = torch.zeros((), dtype=torch.long, device=dev), torch.ones((), dtype=torch.long, device=dev)
     # One step per frame (T is known on the host), every row at once, nothing read back:
-    # a relabelled run's choice depends on the runs relabelled before it.
+    # a relabelled run's choice depends on the runs relabelled before it. Nine kernels a
+    # step; the labels are stacked once at the end.
     for i in range(t):
-        starts = ~kept[:, i] if i == 0 else ~kept[:, i] & kept[:, i - 1]
-        chosen = torch.where(
-            right_len[:, i] > prev_len,
-            right_label[:, i],
-            torch.where(prev_len > 0, prev_label, torch.zeros_like(prev_label)),
-        )
-        label = torch.where(kept[:, i], labels[:, i], torch.where(starts, chosen, prev_label))
-        prev_len = torch.where(label == prev_label, prev_len + 1, torch.ones_like(prev_len))
+        chosen = torch.where(right_len[:, i] > prev_len, right_label[:, i], torch.where(prev_len > 0, prev_label, zero))
+        label = torch.where(kept[:, i], labels[:, i], torch.where(starts[:, i], chosen, prev_label))
+        prev_len = torch.where(label == prev_label, prev_len + 1, one)
         prev_label = label
-        final[:, i] = label
+        steps.append(label)
+    final = torch.stack(steps, dim=1)
     new = torch.zeros(b, t, dtype=torch.long, device=dev)
     new[:, 1:] = (final[:, 1:] != final[:, :-1]).long()
     return new.cumsum(dim=1)

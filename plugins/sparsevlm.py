@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
+from tokenreduce import TEXT, AttentionRows, Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.errors import ConfigError, InvalidInputError
 from tokenreduce.numerics import safe_scale, unscale
 from tokenreduce.pipeline import Pipeline, Step
@@ -201,9 +201,9 @@ class SparseVLM(Reducer):
     since v1.5 (March 2025, the ICML 2025 version) uses the fixed per-layer counts above,
     which this reproduces.
 
-    Context (``llm_layer``): ``attention`` with ``attention_query = "text"`` (every text
-    token after the image; ``text_mask`` marks real rows) and ``attention_layer =
-    "previous"``: the official step prunes layer K's *output* by layer K's attention,
+    Context (``llm_layer``): ``attention`` as ``AttentionRows(query="text", ...)`` (every
+    text token after the image; ``text_mask`` marks real rows) and ``layer="previous"``:
+    the official step prunes layer K's *output* by layer K's attention,
     which is the input of layer K+1 with the previous layer's attention. The adapter
     recomputes these rows from q/k only, so the model keeps SDPA / FlashAttention (the
     official code computes the full eager map). ``text_embeds``: the text tokens'
@@ -242,9 +242,7 @@ class SparseVLM(Reducer):
     name = "sparsevlm"
     stages = frozenset({Stage.LLM_LAYER})
     Params = SparseVLMParams
-    required_context = frozenset({"attention", "text_embeds"})
-    attention_query = "text"
-    attention_layer = "previous"
+    requires = (AttentionRows(query="text", layer="previous"), TEXT)
     graph_safe = True
     paper = (
         'Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference", '

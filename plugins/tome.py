@@ -59,6 +59,8 @@ class ToMe(Reducer):
             live, rounds = n, 0
             while min(live - t, live // 2) > 0:
                 r = min(live - t, live // 2)
+                # The state holds the live tokens only: each round's similarities, gathers and
+                # merges shrink with the live count instead of staying (B, N, D).
                 state, owner = _merge_round(*state, r, owner, live)
                 live, rounds = live - r, rounds + 1
         else:
@@ -100,24 +102,27 @@ def _merge_round(x, size, alive, rep, r, owner, live=None):
 
     ``x (B, N, D)`` float32 features, ``size``/``alive``/``rep (B, N)`` in the current
     order (live first); ``owner (B, N)`` maps input tokens to representatives. ``r`` is
-    ``(B,)``; or an int, with ``live`` the host-known live count, when every row has
-    ``live`` live tokens and merges ``r``: the new order is then known without a sort.
-    Returns the new state (same layout) and owner map.
+    ``(B,)``; or an int, with ``live`` the host-known live count, when the state holds
+    exactly ``live`` tokens, all live, in every row and each merges ``r``: the new order is
+    then known without a sort, and the new state holds exactly the ``live - r`` left.
+    Returns the new state (the same layout) and owner map.
     """
-    b, n, d = x.shape
+    b, _, d = x.shape
+    n = owner.shape[1]  # input tokens: rep holds their indices (the state may be cut to its live tokens)
     dev = x.device
     uniform = live is not None
     xa, xb = x[:, 0::2], x[:, 1::2]
     ok_a, ok_b = alive[:, 0::2], alive[:, 1::2]
     scores = ops.cosine_similarity(xa, xb)
-    scores = scores.masked_fill(~(ok_a.unsqueeze(2) & ok_b.unsqueeze(1)), float("-inf"))
+    if not uniform:  # (uniform: every token of the state is live, nothing to mask)
+        scores = scores.masked_fill(~(ok_a.unsqueeze(2) & ok_b.unsqueeze(1)), float("-inf"))
     node_max, node_idx = scores.max(dim=2)  # a row reaching here has n >= 2, so B is not empty
     # A tokens by decreasing best match; the first r[b] of each row are merged away.
     edge = torch.sort(node_max, dim=1, descending=True, stable=True).indices
     is_src = torch.arange(edge.shape[1], device=dev)[None] < (r if uniform else r[:, None])
     dst = node_idx.gather(1, edge)
     a_x = xa.gather(1, edge.unsqueeze(-1).expand(-1, -1, d))
-    a_size, a_rep, a_ok = size[:, 0::2].gather(1, edge), rep[:, 0::2].gather(1, edge), ok_a.gather(1, edge)
+    a_size, a_rep = size[:, 0::2].gather(1, edge), rep[:, 0::2].gather(1, edge)
 
     # Size-weighted average into the B tokens (merge_wavg: sum x * size, sum size, divide).
     sums, added = ops.merge_into(a_x, torch.where(is_src, dst, -1), xb.shape[1], a_size)
@@ -133,17 +138,17 @@ def _merge_round(x, size, alive, rep, r, owner, live=None):
     owner = remap.gather(1, owner)
 
     if uniform:
-        # The order the stable sort below gives, known on the host: the first la of A (by
-        # match) and lb of B (by position) are live; A's first r were merged away.
-        la, lb = (live + 1) // 2, live // 2
-
+        # The state holds exactly the ``live`` tokens, all live: the new one is the order the
+        # stable sort below gives, known on the host, cut to its live - r tokens: A but its
+        # first r (merged away), by match, then B in order.
         def order(a: torch.Tensor, bb: torch.Tensor) -> torch.Tensor:
-            return torch.cat([a[:, r:la], bb[:, :lb], a[:, :r], a[:, la:], bb[:, lb:]], dim=1)
+            return torch.cat([a[:, r:], bb], dim=1)
 
-        state = (order(a_x, new_xb), order(a_size, new_b_size), order(a_ok & ~is_src, ok_b), order(a_rep, rep[:, 1::2]))
+        state = (order(a_x, new_xb), order(a_size, new_b_size), alive[:, : live - r], order(a_rep, rep[:, 1::2]))
         return state, owner
 
     # New order as in the official code: [unmerged A by match, B in order]; live first.
+    a_ok = ok_a.gather(1, edge)
     x = torch.cat([a_x, new_xb], dim=1)
     size = torch.cat([a_size, new_b_size], dim=1)
     rep = torch.cat([a_rep, rep[:, 1::2]], dim=1)

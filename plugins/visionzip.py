@@ -7,7 +7,7 @@ import math
 import torch
 from pydantic import Field
 
-from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
+from tokenreduce import CLS_ATTENTION, KEYS, Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.errors import InvalidInputError
 from tokenreduce.numerics import safe_scale, unscale
 
@@ -75,7 +75,7 @@ class VisionZip(Reducer):
     name = "visionzip"
     stages = frozenset({Stage.VISION_ENCODER, Stage.PROJECTOR})
     Params = VisionZipParams
-    required_context = frozenset({"cls_attention", "keys"})
+    requires = (CLS_ATTENTION, KEYS)
     # Without a mask the dominant/contextual split is worked out on the host: no device read.
     graph_safe = True
     paper = (

@@ -7,7 +7,7 @@ import math
 import torch
 from pydantic import Field
 
-from tokenreduce import Reducer, ReducerParams, Stage, make_reduction, ops
+from tokenreduce import CLS_ATTENTION, Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.numerics import safe_scale
 
 from .cls_attn import cls_scores
@@ -95,7 +95,7 @@ class VisPruner(Reducer):
     name = "vispruner"
     stages = frozenset({Stage.VISION_ENCODER, Stage.PROJECTOR})
     Params = VisPrunerParams
-    required_context = frozenset({"cls_attention"})
+    requires = (CLS_ATTENTION,)
     # Without a mask the rounds are planned from host-known counts (_round_sizes): no device read.
     graph_safe = True
     paper = (
@@ -143,8 +143,9 @@ class VisPruner(Reducer):
             # long as it is (six kernels a round instead of forty).
             imp = math.floor(t * self.params.important_ratio)
             residual = order[:, imp:]
+            rows = torch.arange(b, device=dev).view(-1, 1, 1)  # made once, indexes every round
             for r in _round_sizes(n - imp, t - imp):
-                residual = _match_round_dense(sim, residual, r)
+                residual = _match_round_dense(sim, residual, r, rows)
             diverse = ops.keep_mask_from(residual, torch.ones_like(residual, dtype=torch.bool), n) if t > imp else None
         else:
             # Residual list: order[T_imp:], in the same (attention) order, -1 padded.
@@ -166,15 +167,16 @@ class VisPruner(Reducer):
         )
 
 
-def _match_round_dense(sim: torch.Tensor, residual: torch.Tensor, r: int) -> torch.Tensor:
+def _match_round_dense(sim: torch.Tensor, residual: torch.Tensor, r: int, rows: torch.Tensor) -> torch.Tensor:
     """:func:`_match_round` for rows whose lists are all real and equally long, removing ``r``.
 
     The same similarities, maxima and stable sort as the padded form (its padding only
     adds -inf entries that sort last), so the same list, without the padding arithmetic.
     """
     a, bb = residual[:, 0::2], residual[:, 1::2]  # a round runs with >= 2 entries: bb is not empty
-    s = torch.gather(sim, 1, a.unsqueeze(2).expand(-1, -1, sim.shape[2]))  # (B, Na, N)
-    s = torch.gather(s, 2, bb.unsqueeze(1).expand(-1, a.shape[1], -1)).amax(dim=2)  # best match of each a
+    # sim[b, a_i, b_j] in one indexing kernel, (B, Na, Nb), not a (B, Na, N) gather and then a second
+    # (``rows``: arange(B) as (B, 1, 1)).
+    s = sim[rows, a.unsqueeze(2), bb.unsqueeze(1)].amax(dim=2)  # best match of each a
     by_score = torch.sort(s, dim=1, descending=True, stable=True).indices
     return torch.cat([a.gather(1, by_score)[:, r:], bb], dim=1)
 

@@ -8,7 +8,17 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from tokenreduce import ContextByStage, Reducer, ReducerParams, Stage, make_reduction, merge_nearest, ops
+from tokenreduce import (
+    CLS_ATTENTION,
+    AttentionRows,
+    Reducer,
+    ReducerParams,
+    RequiresByStage,
+    Stage,
+    make_reduction,
+    merge_nearest,
+    ops,
+)
 from tokenreduce.context import ReductionContext
 from tokenreduce.errors import InvalidInputError, MissingContextError
 from tokenreduce.numerics import safe_scale, unscale
@@ -26,8 +36,8 @@ PUBLISHED_ENCODER_BUDGET = 96
 PUBLISHED_LLM_LAYER = 16
 PUBLISHED_LLM_BUDGET = 32
 
-_ENCODER_NEEDS = frozenset({"cls_attention"})
-_LLM_NEEDS = frozenset({"attention"})
+_ENCODER_NEEDS = (CLS_ATTENTION,)
+_LLM_NEEDS = (AttentionRows(query="last", layer="current"),)
 
 
 class VScanParams(ReducerParams):
@@ -126,7 +136,7 @@ class VScan(Reducer):
 
     **LLM side** (``llm_layer``, published: layer 16, keep 32): the image tokens are
     ranked by the attention the last instruction token pays them, computed with that
-    layer's own q/k (``attention_layer = "current"``, ``attention_query = "last"``,
+    layer's own q/k (``AttentionRows(query="last", layer="current")``,
     averaged over heads, recomputed for that row only, so the model keeps
     SDPA/FlashAttention); the top ``T`` are kept, the rest dropped (no merging), as
     PyramidDrop does.
@@ -179,12 +189,10 @@ class VScan(Reducer):
     name = "vscan"
     stages = frozenset({Stage.VISION_ENCODER, Stage.PROJECTOR, Stage.LLM_LAYER})
     Params = VScanParams
-    required_context = ContextByStage(  # type: ignore[assignment]
+    requires = RequiresByStage(
         {Stage.VISION_ENCODER: _ENCODER_NEEDS, Stage.PROJECTOR: _ENCODER_NEEDS, Stage.LLM_LAYER: _LLM_NEEDS},
         unset=Stage.PROJECTOR,
     )
-    attention_query = "last"
-    attention_layer = "current"
     ratio_rounding = "floor"  # official (Qwen2.5-VL code): int(ratio * N) at both stages
     # The local scan's encoder layer (official LLaVA code: attentions[5]): the LLaVA-family
     # adapters recompute its [CLS] row and pass it as context.extra["shallow_cls_attention"].

@@ -33,11 +33,11 @@ PAIRS = [
     for stage in sorted(REGISTRY[name].cls.stages, key=lambda s: list(Stage).index(s))
 ]
 VIDEO_FIELDS = {"frames", "frame_index"}
-#: The built-in image reducers of issue 19: each must stay graph-safe (the check itself is
+#: The built-in reducers of issue 19 (the video ones too): each must stay graph-safe (the check itself is
 #: the test below, over whatever the registry marks).
 BUILTINS = (
     "random pool apet apet-llava apet-qwen fastv pdrop cls_attn visionzip tome dart divprune sparsevlm "
-    "vispruner mustdrop cdpruner holov vscan"
+    "vispruner mustdrop cdpruner holov vscan holitom holitom-llm fastvid"
 ).split()
 
 

@@ -13,8 +13,10 @@ of the tokens and of every context tensor, and the settings that choose kernels 
 TF32, reduced-precision reductions, deterministic algorithms). Tensors are copied into the
 graph's static inputs before a replay (laid out as the caller's, so the kernels are those
 the eager call would run) and the outputs are cloned out of its buffers after it. Every
-context tensor is an input, read or not (a reducer may read a field it does not require,
-such as ``text_mask``): a large unused one costs a device copy per replay.
+context tensor is an input (a reducer may read a field it does not require, such as
+``text_mask``), but one the captured call provably never reads (no operator of the
+warm-up received it, and overwriting it changes no output bit: :func:`_unread_inputs`) is
+not copied before replays: a context carrying tensors a reducer ignores costs no copies.
 
 The eager call is used instead where a graph cannot be (not CUDA, inputs that need
 gradients, inside another capture, tokens above ``max_elements``, a context value that is
@@ -41,6 +43,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .reduction import Reduction
 
@@ -74,6 +78,9 @@ class _Entry:
     output: Reduction
     nbytes: int
     done: torch.cuda.Event  # recorded after the last clone-out; the next copy-in waits for it
+    # Indices of the inputs copied in before a replay: every input the captured call reads
+    # (all of them but context tensors it provably never reads: _unread_inputs).
+    copy: tuple[int, ...]
 
 
 def reduce_uniform(reducer: Reducer, tokens: torch.Tensor, t: int, context: ReductionContext) -> Reduction:
@@ -232,9 +239,9 @@ def _signature(
         return None
     fields: list[tuple[str, Any]] = []  # (name, ("tensor", slot) | ("value", v))
     extra: list[tuple[str, Any]] = []
-    for f in dataclasses.fields(context):
-        v = getattr(context, f.name)
-        if f.name == "extra":
+    for name in _field_names(type(context)):
+        v = getattr(context, name)
+        if name == "extra":
             for k in sorted(v, key=str):
                 ev = v[k]
                 if isinstance(ev, torch.Tensor):
@@ -248,9 +255,9 @@ def _signature(
             i = slot(v)
             if i is None:
                 return None
-            fields.append((f.name, ("tensor", i)))
+            fields.append((name, ("tensor", i)))
         else:
-            fields.append((f.name, ("value", v)))
+            fields.append((name, ("value", v)))
     layouts = [_layout(v) for v in tensors]
     key = (type(reducer), reducer.params, t, tuple(fields), tuple(extra), tuple(layouts), _settings())
     try:
@@ -266,6 +273,17 @@ def _signature(
     return key, tensors, rebuild
 
 
+def _field_names(cls: type) -> tuple[str, ...]:
+    # dataclasses.fields() builds a tuple on every call; the signature runs per reducer call.
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _layout(v: torch.Tensor) -> tuple:
     # The pointer's alignment (largest power of two dividing it, up to what the allocator
     # guarantees for a fresh tensor: 512 bytes on CUDA, 64 on CPU): kernels pick vector
@@ -277,6 +295,8 @@ def _layout(v: torch.Tensor) -> tuple:
 
 def _narrowed(v: torch.Tensor) -> torch.Tensor:
     """``v`` with every broadcast (stride 0) dimension cut to one entry: the elements it stores."""
+    if 0 not in v.stride():  # the common case, on every copy-in: nothing to cut
+        return v
     for dim, (size, stride) in enumerate(zip(v.shape, v.stride())):
         if stride == 0 and size > 1:
             v = v.narrow(dim, 0, 1)
@@ -288,6 +308,22 @@ def _copyable(v: torch.Tensor) -> bool:
     except along broadcast dimensions) and ``v`` is a plain strided tensor."""
     if v.layout is not torch.strided or v.is_nested or v.numel() == 0:
         return False
+    # A property of shape and strides alone, asked for every tensor of every call: remembered.
+    layout = (v.shape, v.stride())
+    ok = _COPYABLE.get(layout)
+    if ok is None:
+        ok = _overlap_free(v)
+        if len(_COPYABLE) >= _MAX_COPYABLE:
+            _COPYABLE.clear()
+        _COPYABLE[layout] = ok
+    return ok
+
+
+_COPYABLE: dict[tuple, bool] = {}
+_MAX_COPYABLE = 4096
+
+
+def _overlap_free(v: torch.Tensor) -> bool:
     dims = sorted((st, size) for size, st in zip(_narrowed(v).shape, _narrowed(v).stride()) if size > 1)
     extent = 1
     for st, size in dims:
@@ -321,7 +357,7 @@ def _capture(run: Callable[..., Reduction], tensors: list[torch.Tensor]) -> _Ent
     if side is None:
         side = _capture_streams[dev] = torch.cuda.Stream(device=dev)
     side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), _Reads() as reads:
         run(*static)  # warm-up outside capture: library handles, workspaces, allocator pools
     before = torch.cuda.memory_reserved(dev)
     graph = torch.cuda.CUDAGraph()
@@ -338,11 +374,80 @@ def _capture(run: Callable[..., Reduction], tensors: list[torch.Tensor]) -> _Ent
                 pass
             raise
         graph.capture_end()
+        # The graph's private pool: segments reserved during the capture (intermediates and outputs).
+        pool = max(0, torch.cuda.memory_reserved(dev) - before)
+        unread = _unread_inputs(graph, static, out, reads.storages)
     torch.cuda.current_stream(dev).wait_stream(side)
-    # The graph's private pool: segments reserved during the capture (intermediates and outputs).
-    pool = max(0, torch.cuda.memory_reserved(dev) - before)
     inputs = sum(s.untyped_storage().nbytes() for s in static)
-    return _Entry(graph, static, out, pool + inputs, torch.cuda.Event())
+    copy = tuple(i for i in range(len(static)) if i not in unread)
+    return _Entry(graph, static, out, pool + inputs, torch.cuda.Event(), copy)
+
+
+class _Reads(TorchDispatchMode):
+    """Records the storage of every tensor an operator receives (the warm-up's reads)."""
+
+    def __enter__(self) -> _Reads:
+        self.storages: set[int] = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        for v in tree_leaves((args, kwargs)):
+            if isinstance(v, torch.Tensor):
+                try:
+                    self.storages.add(v.untyped_storage().data_ptr())
+                except (RuntimeError, NotImplementedError):  # a tensor without storage (none here)
+                    pass
+        return func(*args, **(kwargs or {}))
+
+
+def _unread_inputs(
+    graph: torch.cuda.CUDAGraph, static: list[torch.Tensor], out: Reduction, storages: set[int]
+) -> frozenset[int]:
+    """Context inputs the captured call never reads: no copy-in before their replays.
+
+    A context may carry tensors a reducer ignores (the benchmark's full context, an adapter
+    preparing several steps' needs), each a device copy per replay. Candidates: float and
+    bool inputs (not the tokens) that no operator of the warm-up received. A kernel launched
+    outside PyTorch's operators (Triton, an extension) could read one unseen, so the
+    candidates are proven unread: the graph is replayed, then replayed again with them
+    overwritten (NaN, bools flipped), and must give the same bits; else every input is copied.
+    Integer inputs are always copied (an overwritten index could fault such a kernel)."""
+    unread = [
+        i
+        for i, s in enumerate(static)
+        if i > 0
+        and (s.dtype.is_floating_point or s.dtype == torch.bool)
+        and s.untyped_storage().data_ptr() not in storages
+    ]
+    if not unread:
+        return frozenset()
+    graph.replay()
+    before = _clone(out)
+    for i in unread:
+        stored = _narrowed(static[i])
+        if stored.dtype == torch.bool:
+            stored.logical_not_()
+        else:
+            stored.fill_(float("nan"))
+    graph.replay()
+    return frozenset(unread) if _same(out, before) else frozenset()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Bitwise equality of two results (``NaN`` equal to ``NaN`` at the same place)."""
+    if isinstance(a, torch.Tensor):
+        if not isinstance(b, torch.Tensor) or a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if a.dtype.is_floating_point or a.dtype.is_complex:
+            return bool(((a == b) | (a.isnan() & b.isnan())).all())
+        return torch.equal(a, b)
+    if isinstance(a, Reduction):
+        return all(_same(getattr(a, name), getattr(b, name)) for name in _field_names(Reduction))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _replay(entry: _Entry, tensors: list[torch.Tensor]) -> Reduction:
@@ -350,8 +455,8 @@ def _replay(entry: _Entry, tensors: list[torch.Tensor]) -> Reduction:
     # The buffers were made under inference mode; updating them needs it too.
     with torch.inference_mode():
         stream.wait_event(entry.done)  # an earlier caller's clone-out, perhaps on another stream
-        for s, v in zip(entry.inputs, tensors):
-            _copy_in(s, v)
+        for i in entry.copy:
+            _copy_in(entry.inputs[i], tensors[i])
         entry.graph.replay()
     # Outputs live in the graph's buffers, which the next replay overwrites: clone them, as
     # ordinary tensors outside inference mode, as the eager call's would be.
@@ -364,7 +469,7 @@ def _clone(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, Reduction):
-        return Reduction(**{f.name: _clone(getattr(value, f.name)) for f in dataclasses.fields(value)})
+        return Reduction(**{name: _clone(getattr(value, name)) for name in _field_names(Reduction)})
     if isinstance(value, dict):
         return {k: _clone(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

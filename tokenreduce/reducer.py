@@ -24,6 +24,7 @@ from .errors import InvalidInputError, MissingContextError, StageError
 from .numerics import safe_scale, unscale
 from .params import ReducerParams, build_params
 from .reduction import Reduction
+from .requirements import Requirement, RequiresByStage, declare
 from .stages import ALL_STAGES, Stage
 from .sync import host_reads_free
 from .validation import check_mask, check_tokens
@@ -53,7 +54,9 @@ def observe(callback: Observer) -> Iterator[None]:
 
 
 class ContextByStage:
-    """A ``required_context`` that depends on the stage a reducer instance runs at.
+    """A ``required_context`` that depends on the stage a reducer instance runs at (the older
+    form of :class:`~tokenreduce.requirements.RequiresByStage`, which built-ins use; kept for
+    third-party reducers, whose ``requires`` is read from it).
 
     For methods whose rule differs by stage (an encoder-side scan and a decoder-layer
     filter in one class): the class itself (docs, CLI, schema) reports every stage's
@@ -79,7 +82,13 @@ class Reducer(abc.ABC):
     * ``name``: the registry name (lower case, ``[a-z0-9_-]``).
     * ``stages``: the :class:`Stage` s it supports.
     * ``Params``: a :class:`ReducerParams` subclass (validated, documented fields).
-    * ``required_context``: names of :class:`ReductionContext` fields it needs.
+    * ``requires``: the context it needs, as :mod:`~tokenreduce.requirements` objects
+      (``(CLS_ATTENTION, KEYS)``, ``(AttentionRows("text", "previous"),)``), or a
+      :class:`~tokenreduce.requirements.RequiresByStage`; an instance may set its own in
+      ``__init__`` when its parameters decide. ``required_context`` (the field names) and
+      ``attention_query`` / ``attention_layer`` (what an ``llm_layer`` step reads) are read
+      from it; a class may still set those instead (the older form), and ``requires`` is
+      then read from them.
     * ``paper``: the citation shown by ``tokenreduce list`` and the docs.
     * ``graph_safe`` (optional): ``True`` when :meth:`reduce` never reads a device value on
       the host given ``context.uniform_count`` (no mask, one count for all rows): such calls
@@ -95,15 +104,14 @@ class Reducer(abc.ABC):
     name: ClassVar[str] = ""
     stages: ClassVar[frozenset[Stage]] = ALL_STAGES
     Params: ClassVar[type[ReducerParams]] = ReducerParams
-    required_context: ClassVar[frozenset[str]] = frozenset()
+    requires: ClassVar[tuple[Requirement, ...] | RequiresByStage] = ()
+    # Views of ``requires`` (installed by requirements.declare): the field names, and at an
+    # llm_layer step which query rows ("last" | "text") and whose q/k ("previous" = layer
+    # K-1 | "current" = layer K) the adapter recomputes attention rows and keys from.
+    required_context: ClassVar[frozenset[str]]
+    attention_query: ClassVar[str]
+    attention_layer: ClassVar[str]
     paper: ClassVar[str] = ""
-    # For reducers that require ``attention`` at the llm_layer stage: which query rows
-    # the adapter recomputes ("last" = the last token of the sequence; "text" = every
-    # text token after the image), and from which decoder layer's q/k ("previous" =
-    # layer K-1, as FastV reads layer K-1's attention map; "current" = layer K's own
-    # input). The adapter recomputes only these rows, so the model keeps fast attention.
-    attention_query: ClassVar[str] = "last"
-    attention_layer: ClassVar[str] = "previous"
     # How a ratio budget r becomes a count out of n tokens (tokenreduce.budget.RATIO_ROUNDINGS):
     # "half_up" by default; a method whose official code rounds otherwise declares its rule
     # here, so ratio budgets keep the official counts.
@@ -113,6 +121,10 @@ class Reducer(abc.ABC):
     # cannot run decode-time steps refuse them at patch time.
     acts_at: ClassVar[str] = "prefill"
     graph_safe: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declare(cls)  # requires <-> required_context / attention_query / attention_layer
 
     def __init__(self, budget: Budget | None = None, *, stage: Stage | str | None = None, **params: Any):
         self.budget = None if budget is None else check_budget(budget)
@@ -175,10 +187,12 @@ class Reducer(abc.ABC):
             budget: overrides the budget given at construction.
             mask: optional ``(B, N)`` validity mask; invalid (padded) tokens are never
                 kept nor merged into others.
-            context: extra inputs listed in ``required_context``.
+            context: extra inputs listed in ``requires`` (``required_context``).
         """
         tokens = check_tokens(tokens)
-        valid = check_mask(mask, tokens)
+        # Without a mask every token is valid: the all-true mask is made only where it is read
+        # (the identity, observers), not on the common path (a device allocation and fill less).
+        valid = None if mask is None else check_mask(mask, tokens)
         budget = self.budget if budget is None else check_budget(budget)
         if budget is None:
             raise InvalidInputError(f"reducer {self.name!r} has no budget: pass budget= to the constructor or the call")
@@ -208,6 +222,7 @@ class Reducer(abc.ABC):
             b, n, _ = tokens.shape
             t = resolve_budget(budget, n, rounding=self.ratio_rounding)
             if t == n:
+                valid = check_mask(None, tokens)
                 out = identity_reduction(tokens, valid, n)
             else:
                 context.uniform_count = t
@@ -220,6 +235,8 @@ class Reducer(abc.ABC):
                 out = identity_reduction(tokens, valid)
             else:
                 out = self.reduce(tokens, counts, valid, context)
+        if _observers and valid is None:
+            valid = check_mask(None, tokens)
         for callback in _observers:
             callback(self, tokens, valid, context, out)
         return out
@@ -241,6 +258,9 @@ class Reducer(abc.ABC):
         ``counts (B,)`` int64 with ``1 <= counts[b] <= valid[b].sum()`` (or 0 for an
         all-padding row), at least one row actually reduced, and the required context present.
         """
+
+
+declare(Reducer)
 
 
 def make_reduction(
