@@ -10,7 +10,7 @@
   ``<!-- tokenreduce:example NAME -->``, ``<!-- tokenreduce:reducers -->`` (the table of
   all reducers), ``<!-- tokenreduce:config-fields -->`` (the YAML format's fields),
   ``<!-- tokenreduce:all-params -->`` (every reducer's table), ``<!-- tokenreduce:adapters -->``
-  (the registered model adapters), ``<!-- tokenreduce:benchmarks -->``.
+  (the registered model adapters), ``<!-- tokenreduce:families -->`` (their data rows), ``<!-- tokenreduce:benchmarks -->``.
 * ``tokenreduce.schema.json`` (the JSON schema of the YAML format) is written into the site.
 * The benchmark tables are read from ``benchmarks/results/*.json`` (plots ``*.png``/``*.svg``
   beside them are copied); without results the page says how to make them.
@@ -138,10 +138,11 @@ def facts(name: str) -> str:
     stages = ", ".join(f"`{s}`" for s in _stages(cls))
     lines = [f"*{cls.summary()}*", ""]
     rows = [("Paper", cls.paper or "(none given)"), ("Stages", stages)]
-    if cls.required_context:
-        rows.append(("Needs context", ", ".join(f"`{c}`" for c in sorted(cls.required_context))))
-    if "llm_layer" in _stages(cls) and cls.required_context & {"attention", "keys", "text_keys"}:
-        rows.append(("Attention rows (llm_layer)", f"query `{cls.attention_query}`, layer `{cls.attention_layer}`"))
+    from tokenreduce.requirements import describe_requires
+
+    needs = describe_requires(cls)
+    if needs:
+        rows.append(("Needs context", "; ".join(needs)))
     rows.append(("Class", f"`{cls.__module__}.{cls.__qualname__}`"))
     rows.append(("Use", f'`tokenreduce.create("{name}", budget=64)` or `reducer: {name}` in YAML'))
     lines += [f"**{k}:** {v}  " for k, v in rows]
@@ -194,6 +195,32 @@ def adapters_table() -> str:
         out.append(
             f"| `{name}` | {models} | `{e.cls.default_positions}` | `{e.cls.__module__}.{e.cls.__qualname__}` | {e.source} {e.version} |"
         )
+    return "\n".join(out) + "\n"
+
+
+def families_table() -> str:
+    """The data row (``family``) of every registered adapter that has one: a family as data."""
+    from dataclasses import fields
+
+    from tokenreduce import get_registry
+
+    rows = [(name, e.cls.family) for name, e in sorted(get_registry().adapters.items()) if hasattr(e.cls, "family")]
+    if not rows:
+        return "No registered adapter describes its family as a data row in this build.\n"
+    names = [f.name for f in fields(rows[0][1]) if f.name not in ("name", "model_classes")]
+    out = ["| Adapter | " + " | ".join(f"`{n}`" for n in names) + " |", "| --- |" + " --- |" * len(names)]
+    for name, fam in rows:
+        cells = []
+        for n in names:
+            v = getattr(fam, n)
+            if n == "placeholders":
+                v = ", ".join(f"{m}: `{attr}`" for m, attr in v)
+            elif isinstance(v, tuple):
+                v = ", ".join(f"`{x}`" for x in v)
+            else:
+                v = "–" if v is None else f"`{v}`"
+            cells.append(v)
+        out.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -510,6 +537,8 @@ def fill_markers(markdown: str, page_name: str | None = None, *, page_dir: str =
             return all_params(rel("reducers"))
         if kind == "adapters":
             return adapters_table()
+        if kind == "families":
+            return families_table()
         if kind == "config-fields":
             return config_fields()
         if kind == "benchmarks":

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenreduce.adapter import StageRecord
 from tokenreduce.budget import resolve_budget
-from tokenreduce.context import ReductionContext
 from tokenreduce.pipeline import Step
 from tokenreduce.stages import Stage
 
 from .llava_base import Encoded, LlavaFamilyAdapter
-from .units import ENCODER_STAGES, slice_info
+from .units import ContextSource, Units
 from .vision import SHALLOW_CLS_KEY
 
 Pack = Callable[[list[torch.Tensor], torch.Tensor | None], list[torch.Tensor]]
@@ -84,55 +84,6 @@ def base_grid(n: int) -> tuple[int, int] | None:
     return (side, side) if side * side == n else None
 
 
-def reduce_parts(
-    adapter: LlavaFamilyAdapter,
-    step: Step,
-    tokens: torch.Tensor,
-    current: torch.Tensor,
-    layout: ImageLayout,
-    context: dict,
-) -> tuple[torch.Tensor, torch.Tensor, dict, float]:
-    """Reduce one image's current tokens ``(n, D)`` (at content indices ``current``) part by part.
-
-    ``context`` tensors are aligned with the current tokens. Returns the kept features
-    ``(T, D)``, their positions among the current tokens ``(T,)`` (ascending), per-part
-    info and seconds.
-    """
-    is_base = current < layout.n_base
-    n_base, n_crop = int(is_base.sum()), int((~is_base).sum())
-    total = resolve_budget(step.reducer.budget, n_base + n_crop, rounding=step.reducer.ratio_rounding)
-    if total >= n_base + n_crop:
-        return tokens, torch.arange(current.numel(), device=current.device), {"identity": True}, 0.0
-    budgets = split_budget(total, n_base, n_crop)
-    feats, idx, info, seconds = [], [], {}, 0.0
-    for part, sel, budget in (("base", is_base, budgets[0]), ("crops", ~is_base, budgets[1])):
-        if budget == 0 or not bool(sel.any()):
-            continue
-        rows = sel.nonzero()[:, 0]
-        full = layout.n_base if part == "base" else layout.n_content - layout.n_base
-        grid = None
-        if rows.numel() == full:  # an intact part is a real grid
-            grid = base_grid(full) if part == "base" else layout.crop_grid
-        ctx = ReductionContext(
-            stage=step.stage,
-            grid=grid,
-            text_embeds=context.get("text_embeds"),
-            text_mask=context.get("text_mask"),
-            cls_token=context.get("cls_token"),
-            cls_attention=None if context.get("cls_attention") is None else context["cls_attention"][rows][None],
-            keys=None if context.get("keys") is None else context["keys"][rows][None],
-            extra={} if context.get(SHALLOW_CLS_KEY) is None else {SHALLOW_CLS_KEY: context[SHALLOW_CLS_KEY][rows][None]},
-        )
-        red, dt = adapter.run_step(step, tokens[rows][None], None, ctx, budget)
-        seconds += dt
-        count = int(red.counts[0])
-        feats.append(red.tokens[0, :count])
-        idx.append(rows[red.indices[0, :count]])
-        info[part] = slice_info(red.info, 0, 1)
-    # Base tokens precede crop tokens, so the concatenation stays ascending.
-    return torch.cat(feats), torch.cat(idx), info, seconds
-
-
 def assemble(layout: ImageLayout, feats: torch.Tensor, kept: torch.Tensor, newline_embed: torch.Tensor):
     """Kept content features + the newlines of the rows that keep a token, in stock order.
 
@@ -169,55 +120,70 @@ def encode_anyres_images(
     """Reduce anyres images given the tower's selected features ``(P, N, D_v)`` of all their crops.
 
     ``pack(list of (P_i, N, D) per image, newline or None) -> list of (N_i, D)`` is the
-    model's own ``pack_image_features`` with the image sizes bound.
+    model's own ``pack_image_features`` with the image sizes bound. The engine's units are
+    the images' parts (base, crop grid); each step's budget is split per image (:func:`split_budget`).
     """
-    inner = adapter.inner
     dev = selected.device
-    per_crop = selected.shape[1]
-    lay = layouts(pack, num_patches, per_crop, dev)
+    lay = layouts(pack, num_patches, selected.shape[1], dev)
     text, text_mask = adapter.text_context(modality, [layout.newline.numel() for layout in lay])
-    projected = inner.multi_modal_projector(selected)  # the stock arrangement: bit-identical to the model
-    content_p = pack(list(torch.split(projected, num_patches)), None)
-    step_v, step_p = (adapter.step(st) for st in ENCODER_STAGES)
-    content_v = pack(list(torch.split(selected, num_patches)), None) if step_v is not None else None
-    packed_ctx: dict[str, list] = {}
-    if vctx is not None:
-        for key, att in (("cls_attention", vctx.cls_attention), (SHALLOW_CLS_KEY, vctx.shallow_cls_attention)):
+    # The stock arrangement: projected, then packed (bit-identical to the model), content only.
+    content_p = torch.cat(pack(list(torch.split(adapter.projector(selected), num_patches)), None))
+    parts = [(i, n, grid) for i, layout in enumerate(lay) for n, grid in (
+        (layout.n_base, base_grid(layout.n_base) if layout.crop_grid is not None else base_grid(layout.n_content)),
+        (layout.n_content - layout.n_base, layout.crop_grid)) if n > 0]
+    item = torch.tensor([i for i, _, _ in parts], device=dev)
+    units = Units([n for _, n, _ in parts], [g for _, _, g in parts], item, item, budgets=[None] * len(parts))
+    source = ContextSource(per_item={"text_embeds": text, "text_mask": text_mask} if text is not None else {})
+    if vctx is not None:  # per content token, in packed order (base, then crops), like the features
+        for key, att in (("cls_attention", vctx.cls_attention), (f"extra.{SHALLOW_CLS_KEY}", vctx.shallow_cls_attention)):
             if att is not None:
-                packed_ctx[key] = [a[:, 0] for a in pack(list(torch.split(att.unsqueeze(-1), num_patches)), None)]
-        packed_ctx["keys"] = pack(list(torch.split(vctx.keys, num_patches)), None)
-        if vctx.cls_token is not None:
-            starts = torch.tensor([0] + num_patches[:-1], device=dev).cumsum(0)
-            packed_ctx["cls_token"] = vctx.cls_token[starts]  # the base crop's CLS
-    newline = inner.image_newline
-    records = {st: ([], [], [], [], 0.0) for st in ENCODER_STAGES}
+                source.per_token[key] = torch.cat(pack(list(torch.split(att.unsqueeze(-1), num_patches)), None))[:, 0]
+        source.per_token["keys"] = torch.cat(pack(list(torch.split(vctx.keys, num_patches)), None))
+        if vctx.cls_token is not None:  # the base crop's CLS
+            source.per_item["cls_token"] = vctx.cls_token[torch.tensor([0] + num_patches[:-1], device=dev).cumsum(0)]
+
+    of_image = [[u for u, (i, _, _) in enumerate(parts) if i == k] for k in range(len(lay))]  # its parts' units
+    start = torch.tensor([0] + [layout.n_content for layout in lay], device=dev).cumsum(0)[:-1]
+
+    def plan(step: Step, units: Units) -> Units:
+        """Each image's budget over its content, split between its parts (each keeps all: no reduction)."""
+        budgets: list = [None] * units.count
+        for own in of_image:
+            lens = [units.lens[u] for u in own]
+            total = resolve_budget(step.reducer.budget, sum(lens), rounding=step.reducer.ratio_rounding)
+            split = lens if total >= sum(lens) else split_budget(total, lens[0], lens[1] if len(lens) > 1 else 0)
+            for u, b in zip(own, split):
+                budgets[u] = b
+        return Units(units.lens, units.grids, units.item, units.row, units.frames, budgets)
+
+    def per_image(units: Units, original: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's kept tokens as indices into its content, in output order."""
+        local = original - start[units.item.repeat_interleave(units.lengths(dev))]
+        return list(torch.split(local, [sum(units.lens[u] for u in own) for own in of_image]))
+
+    def recorder(step: Step, res, original: torch.Tensor) -> None:
+        """One entry per image (its parts together; info per part, or identity)."""
+        info = [{"identity": True} if all(res.info[u].get("identity") for u in own)
+                else {name: res.info[u] for name, u in zip(("base", "crops"), own)} for own in of_image]
+        before = [sum(res.lens_in[u] for u in own) for own in of_image]
+        indices = per_image(res.units, original)
+        after = [len(x) for x in indices]
+        adapter.records.append(StageRecord(step.stage, step.reducer.name, None, before, after, indices, info, res.seconds))
+
+    vision = None
+    if adapter.step(Stage.VISION_ENCODER) is not None:
+        vision = torch.cat(pack(list(torch.split(selected, num_patches)), None))
+
+    def project(x: torch.Tensor, _units: Units, reduced: bool) -> torch.Tensor:
+        return adapter.projector(x) if reduced else content_p
+
+    feats, units, kept = adapter.reduce_units(vision if vision is not None else content_p, units, source, project,
+                                              plan=plan, recorder=recorder)
+    if kept is None:
+        kept = torch.arange(content_p.shape[0], device=dev)
     keeps, pooler = [], []
-    for i, layout in enumerate(lay):  # per image: each has its own layout and budget split
-        ctx = {k: v[i] for k, v in packed_ctx.items()}
-        if text is not None:
-            ctx["text_embeds"], ctx["text_mask"] = text[i : i + 1], text_mask[i : i + 1]
-        feats, current = content_p[i], torch.arange(layout.n_content, device=dev)
-        for stage, step in zip(ENCODER_STAGES, (step_v, step_p)):
-            if step is None:
-                continue
-            src = content_v[i] if stage is Stage.VISION_ENCODER else feats
-            red_feats, pos, info, seconds = reduce_parts(adapter, step, src, current, layout, ctx)
-            if stage is Stage.PROJECTOR:
-                feats = red_feats
-            elif not info.get("identity"):  # otherwise keep the stock projected features
-                feats = inner.multi_modal_projector(red_feats)
-            before, after, indices, infos, secs = records[stage]
-            before.append(current.numel())
-            current = current[pos]
-            after.append(current.numel())
-            indices.append(current)
-            infos.append(info)
-            records[stage] = (before, after, indices, infos, secs + seconds)
-            ctx = {k: (v[pos] if k in ("cls_attention", SHALLOW_CLS_KEY, "keys") else v) for k, v in ctx.items()}
-        out, keep = assemble(layout, feats, current, newline)
+    for layout, idx, f in zip(lay, per_image(units, kept), torch.split(feats, [sum(units.lens[u] for u in own) for own in of_image])):
+        out, keep = assemble(layout, f, idx, adapter.inner.image_newline)
         pooler.append(out)
         keeps.append(keep)
-    for stage, step in zip(ENCODER_STAGES, (step_v, step_p)):
-        if step is not None:
-            adapter.add_record(step, *records[stage])
     return Encoded(keep=keeps, pooler=pooler)

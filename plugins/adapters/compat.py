@@ -25,6 +25,8 @@ from packaging.version import Version
 
 from tokenreduce.errors import ConfigError
 
+from .patches import Patches
+
 #: The oldest and the newest transformers releases the test suite runs against (in CI).
 TESTED_RELEASES = ("5.17.0", "5.24.0")
 #: The window those ends span: every release from the oldest to the newest tested minor.
@@ -164,20 +166,14 @@ def serving_features(inner: torch.nn.Module, outputs: dict[str, Any]) -> Iterato
     called with its pixel inputs as usual and gets the already reduced features from its
     own feature getter. The instance attributes are removed (or restored) on exit.
     """
-    saved: list[tuple[str, Any]] = []
-    missing = object()
+    patches = Patches()
     try:
         for modality, value in outputs.items():
             name = f"get_{modality}_features"
-            saved.append((name, inner.__dict__.get(name, missing)))
-            setattr(inner, name, _serve(getattr(inner, name), value))
+            patches.set(inner, name, _serve(getattr(inner, name), value))
         yield
     finally:
-        for name, old in reversed(saved):
-            if old is missing:
-                inner.__dict__.pop(name, None)
-            else:
-                inner.__dict__[name] = old
+        patches.restore()
 
 
 def _serve(original: Callable[..., Any], value: Any) -> Callable[..., Any]:

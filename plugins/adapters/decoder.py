@@ -88,11 +88,11 @@ from torch import nn
 from tokenreduce.adapter import StageRecord
 from tokenreduce.errors import ConfigError, InvalidInputError
 from tokenreduce.ops import gather_rows
-from tokenreduce.pipeline import Step
+from tokenreduce.pipeline import Step, check_decoder_step, reads_decoder_qk
 from tokenreduce.stages import Stage
 
 from . import compat
-from .decoder_attention import attention_rows, layer_keys
+from .decoder_attention import attention_rows, layer_keys, reads
 from .decoder_context import StepSite, step_context, step_record
 from .decoder_kv import DecodePruning, acts_at_decode
 from .decoder_start import start_forward
@@ -125,7 +125,7 @@ def find_text_decoder(model: nn.Module) -> nn.Module:
 
 def _needs_attention(step: Step) -> bool:
     """Whether the step reads a layer's q/k (attention rows or keys)."""
-    return bool({"attention", "keys", "text_keys"} & set(step.reducer.required_context))
+    return reads_decoder_qk(step.reducer)
 
 
 class DecoderReduction:
@@ -166,7 +166,7 @@ class DecoderReduction:
         self.validate()
         self._step_at = {s.layer: j for j, s in enumerate(self.steps)}
         self._step_layers = [s.layer for s in self.steps]
-        self._capture = {s.layer - 1 for s in self.steps if _needs_attention(s) and s.reducer.attention_layer == "previous"}
+        self._capture = {s.layer - 1 for s in self.steps if _needs_attention(s) and reads(s)[1] == "previous"}
         self._first = min(self._step_layers + list(self._capture)) if self.steps else 0
 
     # -- setup ---------------------------------------------------------------------------
@@ -184,16 +184,8 @@ class DecoderReduction:
             raise ConfigError(f"positions='compact' at llm_layer needs {type(self.decoder).__name__}.rotary_emb; use positions='original'")
 
     def _validate_attention_step(self, step: Step) -> None:
-        r = step.reducer
-        if r.attention_query not in ("last", "text"):
-            raise ConfigError(f"reducer {r.name!r}: attention_query={r.attention_query!r}; allowed: 'last', 'text'")
-        if r.attention_layer not in ("previous", "current"):
-            raise ConfigError(f"reducer {r.name!r}: attention_layer={r.attention_layer!r}; allowed: 'previous', 'current'")
-        if r.attention_layer == "previous" and step.layer == 0:
-            raise ConfigError(
-                f"reducer {r.name!r} reads the attention of the previous layer, so its layer must be >= 1, got layer=0"
-            )
-        layer = self.layers[step.layer - 1 if r.attention_layer == "previous" else step.layer]
+        check_decoder_step(step.reducer, step.layer)  # the typed requirement's values, as every step's
+        layer = self.layers[step.layer - 1 if reads(step)[1] == "previous" else step.layer]
         attn = getattr(layer, "self_attn", None)
         if attn is None or not hasattr(layer, "input_layernorm") or not hasattr(attn, "q_proj"):
             raise ConfigError(f"cannot recompute attention rows for {type(layer).__name__} (needs input_layernorm, self_attn.q_proj/k_proj)")

@@ -14,9 +14,17 @@ import torch
 from torch import nn
 
 from tokenreduce.ops import gather_rows
+from tokenreduce.pipeline import Step
+from tokenreduce.requirements import decoder_reads
 
 __all__ = ["attention_rows", "layer_keys"]
 
+
+
+def reads(step: Step) -> tuple[str, str]:
+    """``(query rows, whose q/k)`` an ``llm_layer`` step reads: its reducer's typed requirements
+    (:class:`~tokenreduce.requirements.AttentionRows`), e.g. ``("last", "previous")`` for FastV."""
+    return decoder_reads(step.reducer.requires)
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)

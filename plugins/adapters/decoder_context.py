@@ -18,7 +18,7 @@ from tokenreduce.ops import gather_rows
 from tokenreduce.pipeline import Step
 from tokenreduce.stages import Stage
 
-from .decoder_attention import attention_rows, layer_keys
+from .decoder_attention import attention_rows, layer_keys, reads
 from .decoder_state import Reduced, Reducing, ids_gather
 from .units import slice_info
 
@@ -111,7 +111,7 @@ def _attention(site: StepSite, text_pos: torch.Tensor, img_pos: torch.Tensor, im
     """``(B, Q, N)`` the head-averaged attention the query rows pay to the image tokens."""
     seq, fwd = site.phase.seq, site.phase.fwd
     b, q, _ = site.hidden.shape
-    if site.step.reducer.attention_query == "last":
+    if reads(site.step)[0] == "last":
         pos = torch.arange(q, device=site.hidden.device).expand(b, q)
         qidx = torch.where(seq.valid, pos, torch.full_like(pos, -1)).max(dim=1, keepdim=True).values
     else:
@@ -133,7 +133,7 @@ def _attention(site: StepSite, text_pos: torch.Tensor, img_pos: torch.Tensor, im
 def _source(site: StepSite):
     """Layer whose q/k the step reads (``attention_layer``), its input, rotary tables and cached length."""
     phase = site.phase
-    if site.step.reducer.attention_layer == "previous":
+    if reads(site.step)[1] == "previous":
         li = site.layer_idx - 1
         h, cos_sin, past = phase.fwd.captured[li]
         return li, h, cos_sin, past

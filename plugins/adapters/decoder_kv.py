@@ -61,7 +61,7 @@ from tokenreduce.pipeline import Step
 from tokenreduce.stages import Stage
 
 from . import compat
-from .decoder_attention import attention_rows
+from .decoder_attention import attention_rows, reads
 
 __all__ = ["DecodePruning", "acts_at_decode"]
 
@@ -142,10 +142,10 @@ class DecodePruning:
                 f"decode-time step {r.name!r}: layer={k} is out of range; it reads layer K-1's attention, so "
                 f"K must be in 1..{n - 1} for this decoder"
             )
-        if r.attention_query != "last" or r.attention_layer != "previous":
+        if reads(self.step) != ("last", "previous"):
             raise ConfigError(
-                f"decode-time step {r.name!r} needs attention_query='last' and attention_layer='previous' "
-                f"(the new token's row in layer K-1), got {r.attention_query!r} / {r.attention_layer!r}"
+                f"decode-time step {r.name!r} needs AttentionRows(query='last', layer='previous') "
+                f"(the new token's row in layer K-1), got {reads(self.step)}"
             )
         prev = self.layers[k - 1]
         if not hasattr(prev, "input_layernorm") or not hasattr(getattr(prev, "self_attn", None), "q_proj"):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
 
+from .engine import Family
 from .llava_base import Encoded, LlavaFamilyAdapter
 from .units import Units, keep_mask
 from .vision import VisionContext, vision_context
@@ -31,12 +30,7 @@ class Gemma3Adapter(LlavaFamilyAdapter):
     model's only for a query that is itself an image token (a prompt ending in an image).
     """
 
-    name = "gemma3"
-    model_classes = ("Gemma3ForConditionalGeneration",)
-    modalities: ClassVar[dict[str, str]] = {"image": "image_token_id"}
-    pixel_args: ClassVar[tuple[str, ...]] = ("pixel_values",)
-    _hook = None  # the pre-hook on the inner model while patched with llm_layer steps
-
+    family = Family("gemma3", ("Gemma3ForConditionalGeneration",))
     def llm_grid(self) -> tuple[int, int]:
         side = self.inner.multi_modal_projector.tokens_per_side
         return side, side
@@ -46,13 +40,7 @@ class Gemma3Adapter(LlavaFamilyAdapter):
     def attach(self) -> None:
         super().attach()
         if self.decoder is not None:
-            self._hook = self.inner.register_forward_pre_hook(self._decoder_inputs, with_kwargs=True)
-
-    def detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        super().detach()
+            self.patches.hook(self.inner.register_forward_pre_hook(self._decoder_inputs, with_kwargs=True))
 
     def _decoder_inputs(self, module, args, kwargs) -> None:
         # Imported here, not at registration (see LlavaNextAdapter.num_patches).

@@ -8,7 +8,9 @@ import torch
 
 from tokenreduce.errors import ConfigError, InvalidInputError
 
-from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter
+from .engine import Family
+from .llava_base import Encoded, LlavaFamilyAdapter
+from .units import ENCODER_STAGES
 from .units import Units, keep_mask
 from .vision import VisionContext, selected_layer, shallow_cls_layer
 
@@ -35,11 +37,7 @@ class InternVLAdapter(LlavaFamilyAdapter):
     four keys concatenated. ``cls_token``: the last tile's [CLS] (the thumbnail, or the only tile).
     """
 
-    name = "internvl"
-    model_classes = ("InternVLForConditionalGeneration",)
-
-    def encoder_context_fields(self) -> set[str]:
-        return super().encoder_context_fields() | {"cls_token", "cls_attention"}  # InternViT has a [CLS]
+    family = Family("internvl", ("InternVLForConditionalGeneration",), cls=True)
 
     def validate(self) -> None:
         if self.pipeline.video_budget == "per_video":

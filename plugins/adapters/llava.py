@@ -6,7 +6,9 @@ import torch
 
 from tokenreduce.errors import InvalidInputError
 
-from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter
+from .engine import Family
+from .llava_base import Encoded, LlavaFamilyAdapter
+from .units import ENCODER_STAGES
 from .units import Units, keep_mask
 from .vision import vision_context
 
@@ -29,9 +31,7 @@ class LlavaAdapter(LlavaFamilyAdapter):
     instruction's embeddings.
     """
 
-    name = "llava"
-    fast_prefill = True
-    model_classes = ("LlavaForConditionalGeneration",)
+    family = Family("llava", ("LlavaForConditionalGeneration",), fast_prefill=True)
 
     def patch_grid(self) -> tuple[int, int]:
         vc = self.model.config.vision_config

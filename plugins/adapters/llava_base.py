@@ -24,37 +24,26 @@ How a pipeline runs on a stock model, without touching its modeling code:
 
 from __future__ import annotations
 
-import functools
-import inspect
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from tokenreduce.adapter import Adapter, StageRecord
-from tokenreduce.context import ReductionContext
-from tokenreduce.errors import InvalidInputError, MissingContextError
+from tokenreduce.adapter import StageRecord
+from tokenreduce.errors import InvalidInputError
 from tokenreduce.pipeline import Step
-from tokenreduce.reduction import Reduction
 from tokenreduce.stages import Stage
 
 from . import compat
-from .decoder import DecoderReduction, find_text_decoder
+from .decoder import find_text_decoder
+from .engine import FamilyAdapter, bind, wrapper
 from .fast_prefill import FastPrefill, fast_generate, refusal
 from .graphed_tower import GraphedTower
-from .sequence import (
-    apply_plan,
-    item_rows,
-    placeholder_keep,
-    removed_before,
-    shrink_plan,
-    text_after_last,
-)
-from .units import ENCODER_STAGES, ContextSource, Units, call_reducer, encoder_steps, record
-from .vision import VisionContext, has_cls
+from .sequence import Shrink, item_rows, placeholder_keep, removed_before, text_after_last
+from .units import ContextSource
+from .vision import VisionContext
 
 _MEDIA_ARGS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "batch_num_images")
 
@@ -73,119 +62,40 @@ class Encoded:
     pooler: Any
 
 
-def _wrapper(impl, original):
-    """A plain function calling ``impl`` that looks like ``original`` (name, doc, signature)."""
-
-    def call(*args, **kwargs):
-        return impl(*args, **kwargs)
-
-    return functools.update_wrapper(call, original)
-
-
-def bind(fn, args: tuple, kwargs: dict) -> dict:
-    """All arguments of a call to ``fn`` by name (``**kwargs`` flattened)."""
-    sig = inspect.signature(fn)
-    bound = sig.bind_partial(*args, **kwargs)
-    out = dict(bound.arguments)
-    for name, p in sig.parameters.items():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            out.update(out.pop(name, {}))
-    return out
-
-
-class LlavaFamilyAdapter(Adapter):
-    """Base of the LLaVA adapters; subclasses implement :meth:`encode`."""
-
-    default_positions = "compact"
-    # modality -> name of the config attribute holding its placeholder token id
-    modalities: ClassVar[dict[str, str]] = {"image": "image_token_id"}
-    pixel_args: ClassVar[tuple[str, ...]] = ("pixel_values",)
-    # Whether the stock forward is "embed the ids, scatter the features into their
-    # placeholders, run the text decoder" and nothing else, so the fast path may replay that.
-    fast_prefill: ClassVar[bool] = False
+class LlavaFamilyAdapter(FamilyAdapter):
+    """Base of the LLaVA-style adapters (the ``generate()``-first path, see the module docs);
+    subclasses give a :class:`~.engine.Family` row and implement :meth:`encode`."""
 
     def __init__(self, model: torch.nn.Module, pipeline):
         super().__init__(model, pipeline)
-        self.decoder: DecoderReduction | None = None
         # After an encoder-side reduction: per modality, per item, the (N_i,) bool mask of
         # its stock placeholder tokens that were kept (for plots and debugging).
         self.last_keep: dict[str, list[torch.Tensor]] = {}
         self._kw: dict | None = None
-        self._saved: dict[str, Any] = {}
         self._serving = False  # inside a generate() whose getters serve reduced features
         self.fast: FastPrefill | None = None  # the fast path's captured prefills (pipeline.fast)
         self.last_features: dict[int, torch.Tensor] = {}  # per placeholder id: the last reduction's features
-        self._cur_step: dict[Stage, Step | None] = {st: (self.steps(st) or [None])[0] for st in ENCODER_STAGES}
-
-    # -- description ---------------------------------------------------------------------
-
-    @property
-    def inner(self) -> torch.nn.Module:
-        """The ``Llava*Model`` inside the ``...ForConditionalGeneration``."""
-        return self.model.model
-
-    def token_id(self, modality: str) -> int:
-        return int(getattr(self.model.config, self.modalities[modality]))
-
-    def encoder_context_fields(self) -> set[str]:
-        fields = {"keys", "text_embeds", "text_mask", "grid"}
-        if has_cls(self.inner.vision_tower):
-            fields |= {"cls_token", "cls_attention"}
-        return fields
-
-    def llm_context_fields(self) -> set[str]:
-        return {"attention", "keys", "text_keys", "text_embeds", "text_mask", "positions", "grid"}
-
-    def step(self, stage: Stage) -> Step | None:
-        return self._cur_step[stage]
-
-    def needs(self, *fields: str) -> bool:
-        """Whether an encoder-side step needs any of these context fields."""
-        return any(
-            s is not None and set(fields) & set(s.reducer.required_context) for s in self._cur_step.values()
-        )
 
     # -- patching ------------------------------------------------------------------------
 
-    def validate(self) -> None:
-        compat.check_supported()
-        for step in self.pipeline:
-            avail = self.llm_context_fields() if step.stage is Stage.LLM_LAYER else self.encoder_context_fields()
-            missing = sorted(set(step.reducer.required_context) - avail)
-            if missing:
-                raise MissingContextError(
-                    f"reducer {step.reducer.name!r} at stage {step.stage.value} needs context {', '.join(missing)}, "
-                    f"which the {self.name} adapter cannot provide for {type(self.model).__name__} "
-                    f"(available there: {', '.join(sorted(avail))})"
-                    + ("; only whole videos have frames: a video model with the pipeline's video_budget: per_video"
-                       if {"frames", "frame_index"} & set(missing) and "video" in self.modalities else "")
-                )
-        llm = self.steps(Stage.LLM_LAYER)
-        if llm:  # builds (and so validates) the decoder machinery now, not mid-forward
-            self.decoder = DecoderReduction(
-                find_text_decoder(self.model), llm, positions=self.positions, on_record=self.records.append
-            )
-
     def attach(self) -> None:
-        d = self.model.__dict__
-        self._saved = {k: d[k] for k in ("forward", "generate") if k in d}
         self._orig_forward = self.model.forward
         self._orig_generate = self.model.generate
-        self.model.forward = _wrapper(self._forward, self._orig_forward)
-        self.model.generate = _wrapper(self._generate, self._orig_generate)
+        self.patches.set(self.model, "forward", wrapper(self._forward, self._orig_forward))
+        self.patches.set(self.model, "generate", wrapper(self._generate, self._orig_generate))
         if self.decoder is not None:
             self.decoder.attach()
         if self.pipeline.fast:
             why = self._fast_refusal()
             if why is None:
                 self.fast = FastPrefill.for_model(self.model, find_text_decoder(self.model))
-                self._graphed_tower = GraphedTower(self.inner.vision_tower, self.fast.tower_graphs)
+                self._graphed_tower = GraphedTower(self.tower, self.fast.tower_graphs)
             else:
                 warnings.warn(f"tokenreduce fast path: {type(self.model).__name__} runs eagerly: {why}", stacklevel=4)
 
     def _fast_refusal(self) -> str | None:
         """Why this pipeline on this model cannot take the fast prefill (``None``: it can)."""
-        if not self.fast_prefill:
+        if not self.family.fast_prefill:
             return f"the {self.name} adapter has no fast prefill yet"
         if self.steps(Stage.LLM_LAYER):
             return "llm_layer steps are not captured yet (the layers before and after K)"
@@ -197,11 +107,7 @@ class LlavaFamilyAdapter(Adapter):
         return None
 
     def detach(self) -> None:
-        d = self.model.__dict__
-        for k in ("forward", "generate"):
-            d.pop(k, None)
-            if k in self._saved:
-                d[k] = self._saved[k]
+        self.patches.restore()
         if self.decoder is not None:
             self.decoder.detach()
         if self.fast is not None:
@@ -216,14 +122,14 @@ class LlavaFamilyAdapter(Adapter):
     # -- wrappers ------------------------------------------------------------------------
 
     def _has_pixels(self, kw: dict) -> bool:
-        return any(kw.get(k) is not None for k in self.pixel_args)
+        return any(kw.get(k) is not None for k in self.family.pixel_args)
 
     def _encoder_side(self, kw: dict) -> bool:
         return (
             self._has_pixels(kw)
             and not self._serving
             and kw.get("mm_encoder_outputs") is None
-            and any(s is not None for s in self._cur_step.values())
+            and any(s is not None for s in self._step.values())
         )
 
     def _forward(self, *args, **kwargs):
@@ -241,15 +147,8 @@ class LlavaFamilyAdapter(Adapter):
         labels = kw.pop("labels", None)
         with compat.serving_features(self.inner, served):
             out = self._orig_forward(**kw)
-        if labels is not None:
-            # Logits cover the reduced sequence: score them against the labels of the kept positions.
-            kept = self.decoder.last_kept
-            if kept is not None:
-                labels = torch.gather(labels.to(kept.device), 1, kept.clamp(min=0)).masked_fill(kept < 0, -100)
-            out.loss = self.model.loss_function(
-                logits=out.logits, labels=labels, vocab_size=self.model.config.get_text_config().vocab_size
-            )
-        return out
+        # Logits cover the reduced sequence: score them against the labels of the kept positions.
+        return out if labels is None else self.loss_after_layers(out, labels)
 
     def _generate(self, *args, **kwargs):
         kw = bind(self._orig_generate, args, kwargs)
@@ -282,19 +181,14 @@ class LlavaFamilyAdapter(Adapter):
 
     def _media_mask(self, kw: dict) -> torch.Tensor | None:
         ids = kw.get("input_ids")
+        if ids is not None:
+            return self.media_mask(ids)
         embeds = kw.get("inputs_embeds")
-        mask = None
-        for modality in self.modalities:
-            tid = self.token_id(modality)
-            if ids is not None:
-                m = ids == tid
-            elif embeds is not None:
-                ref = self.model.get_input_embeddings()(torch.tensor(tid, device=embeds.device))
-                m = (embeds == ref).all(dim=-1)
-            else:
-                return None
-            mask = m if mask is None else mask | m
-        return mask
+        if embeds is None:
+            return None
+        # Placeholders by their embedding: rows equal to a placeholder token's.
+        ref = self.model.get_input_embeddings()(torch.tensor([self.token_id(m) for m in self.modalities], device=embeds.device))
+        return (embeds.unsqueeze(-2) == ref).all(dim=-1).any(dim=-1)
 
     def llm_grid(self) -> tuple[int, int] | None:
         """Patch grid of one unreduced image in the LLM sequence, when it is a plain grid."""
@@ -327,27 +221,25 @@ class LlavaFamilyAdapter(Adapter):
             keep &= placeholder_keep(ids, self.token_id(modality), enc.keep, modality)
         am = kw.get("attention_mask")
         # Old padding goes too: the shortened rows are padded afresh to the longest one.
-        src, slot = shrink_plan(keep if am is None else keep & am.bool(), am)
+        right = am is not None and not bool(am[:, -1].bool().all())
+        shrink = Shrink.from_keep(keep if am is None else keep & am.bool(), right=right)
         new = dict(kw)
-        pad_id = self.model.config.get_text_config().pad_token_id
-        new["input_ids"] = apply_plan(ids, src, slot, 0 if pad_id is None else pad_id)
-        full_mask = am if am is not None else torch.ones_like(ids)
-        new_mask = apply_plan(full_mask, src, slot, 0)
-        if am is not None or not bool(slot.all()) or self.positions == "original":
-            new["attention_mask"] = new_mask
+        new["input_ids"] = shrink.take(ids, self.pad_id())
+        if am is not None or shrink.padded or self.positions == "original":
+            new["attention_mask"] = shrink.take(am if am is not None else torch.ones_like(ids), 0)
         if kw.get("labels") is not None:
-            new["labels"] = apply_plan(kw["labels"], src, slot, -100)
+            new["labels"] = shrink.take(kw["labels"], -100)
         for name in ("token_type_ids", "mm_token_type_ids"):
             if kw.get(name) is not None:  # may be shorter than the ids (the stock model accepts it): padded
                 types = torch.nn.functional.pad(kw[name], (0, ids.shape[1] - kw[name].shape[-1]))
-                new[name] = apply_plan(types, src, slot, 0)
+                new[name] = shrink.take(types, 0)
         pos = kw.get("position_ids")
         if self.positions == "original":
             if pos is None:
                 pos = self._stock_positions(ids, am, kw, for_generate)
-            new["position_ids"] = apply_plan(pos, src, slot, 0)
+            new["position_ids"] = shrink.take(pos, 0)
         elif pos is not None:
-            new["position_ids"] = apply_plan(pos - removed_before(keep), src, slot, 0)
+            new["position_ids"] = shrink.take(pos - removed_before(keep), 0)
         self._kw = None
         if compat.takes_encoder_outputs(self._orig_forward):
             for name in _MEDIA_ARGS:
@@ -394,26 +286,6 @@ class LlavaFamilyAdapter(Adapter):
         text, mask = text_after_last(ids, embeds, media, valid)
         rows = item_rows(ids, self.token_id(modality), lengths)
         return text[rows], mask[rows]
-
-    def run_step(self, step: Step, tokens: torch.Tensor, valid: torch.Tensor | None, context: ReductionContext,
-                 budget=None) -> tuple[Reduction, float]:
-        """Call a step's reducer, timed (the engine's reducer call; a hook for tests and subclasses)."""
-        return call_reducer(step, tokens, valid, context, budget)
-
-    def reduce_units(
-        self,
-        tokens: torch.Tensor,
-        units: Units,
-        source: ContextSource,
-        project: Callable[[torch.Tensor, Units, bool], torch.Tensor],
-    ) -> tuple[torch.Tensor, Units, torch.Tensor | None]:
-        """The encoder-side steps on the units of ``tokens (S, D_v)``, recorded (see :func:`.units.encoder_steps`).
-
-        Returns the kept, projected features (unit after unit), their units and the original
-        flat index of each (``None``: nothing was removed, the features are the stock ones).
-        """
-        recorder = record(self.records, units.offsets(tokens.device))
-        return encoder_steps(self._cur_step, self.run_step, tokens, units, project, source, recorder)
 
     @staticmethod
     def unit_context(vctx: VisionContext | None, text: torch.Tensor | None, text_mask: torch.Tensor | None) -> ContextSource:

@@ -8,7 +8,9 @@ from tokenreduce.errors import InvalidInputError
 
 from .anyres import encode_anyres_images
 from .llava import select_features
-from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter
+from .engine import Family
+from .llava_base import Encoded, LlavaFamilyAdapter
+from .units import ENCODER_STAGES
 from .vision import vision_context
 
 
@@ -24,9 +26,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
     CLS attention and key within its own crop (recomputed from the selected layer), the grid.
     """
 
-    name = "llava_next"
-    fast_prefill = True
-    model_classes = ("LlavaNextForConditionalGeneration",)
+    family = Family("llava_next", ("LlavaNextForConditionalGeneration",), fast_prefill=True)
 
     def num_patches(self, image_sizes) -> list[int]:
         # Imported here: the model's module is loaded whenever a model exists, and importing

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
-
 import torch
 
 from tokenreduce.errors import InvalidInputError
@@ -13,7 +11,9 @@ from tokenreduce.stages import Stage
 from . import compat
 from .anyres import encode_anyres_images
 from .llava import select_features
-from .llava_base import ENCODER_STAGES, Encoded, LlavaFamilyAdapter
+from .engine import Family
+from .llava_base import Encoded, LlavaFamilyAdapter
+from .units import ENCODER_STAGES
 from .units import ContextSource, Units, keep_mask
 from .vision import SHALLOW_CLS_KEY, vision_context
 
@@ -37,16 +37,13 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
     SigLIP has no [CLS] token: ``cls_token``/``cls_attention`` are not available.
     """
 
-    name = "llava_onevision"
-    fast_prefill = True
-    model_classes = ("LlavaOnevisionForConditionalGeneration",)
-    modalities: ClassVar[dict[str, str]] = {"image": "image_token_id", "video": "video_token_id"}
-    pixel_args: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
-
-    def encoder_context_fields(self) -> set[str]:
-        fields = super().encoder_context_fields()
-        # A whole video per row (per_video) has frames; images and single frames have none.
-        return fields | {"frames", "frame_index"} if self.pipeline.video_budget == "per_video" else fields
+    family = Family(
+        "llava_onevision",
+        ("LlavaOnevisionForConditionalGeneration",),
+        placeholders=(("image", "image_token_id"), ("video", "video_token_id")),
+        pixel_args=("pixel_values", "pixel_values_videos"),
+        fast_prefill=True,
+    )
 
     def encode(self, kw: dict) -> dict[str, Encoded]:
         layer, strategy, start = self.feature_selection(kw)
@@ -108,11 +105,9 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
         per_frame, dev = pooled_p.shape[1], pooled_p.device
         whole = self.pipeline.video_budget == "per_video"
         text, text_mask = self.text_context("video", [per_frame * f + 1] * b)
-        item = torch.arange(b, device=dev)
-        if whole:  # one unit per video: its frames stacked, frame after frame
-            units = Units([f * per_frame] * b, [(side * f, side)] * b, item, item, [(f, per_frame)] * b)
-        else:  # one unit per frame
-            units = Units([per_frame] * (b * f), [(side, side)] * (b * f), item.repeat_interleave(f), item.repeat_interleave(f))
+        # A unit per frame, or per video (its frames stacked); the "row" of a token is its video.
+        video_of_token = torch.arange(b, device=dev).repeat_interleave(f * per_frame)
+        units = Units.from_grids([(f * per_frame, (f, side, side))] * b, whole, True, video_of_token)
         source = ContextSource(per_item={"text_embeds": text, "text_mask": text_mask} if text is not None else {})
         if vctx is not None:  # the tower's context, pooled like the features (the model pools after the projector)
             def pool(x: torch.Tensor) -> torch.Tensor:

@@ -13,17 +13,18 @@ beforehand (transformers 5.x pre-encodes images into ``mm_encoder_outputs``, dro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from tokenreduce.errors import ConfigError
+
+from .patches import patched
 from .units import Units
 
 META = "_tokenreduce_meta"
-_MISSING = object()
 
 
 @dataclass
@@ -46,88 +47,45 @@ class QwenVision:
         self.visual = inner.visual
         self.merge_size = int(self.visual.spatial_merge_size)
 
-    @contextmanager
-    def merger_bypassed(self) -> Iterator[None]:
+    def merger_bypassed(self) -> Any:
         """Make the tower return the merger's input, grouped ``(groups, 4 * D_v)``."""
-        merger = self.visual.merger
-        width = merger.hidden_size
-        saved = merger.__dict__.get("forward", _MISSING)
-        merger.forward = lambda x: x.reshape(-1, width)
-        try:
-            yield
-        finally:
-            if saved is _MISSING:
-                merger.__dict__.pop("forward", None)
-            else:
-                merger.forward = saved
+        width = self.visual.merger.hidden_size
+        return patched(self.visual.merger, "forward", lambda x: x.reshape(-1, width))
 
     def merge(self, groups: torch.Tensor) -> torch.Tensor:
         """The stock merger applied to ``(G, 4 * D_v)`` groups: ``(G, D)``."""
         merger = self.visual.merger
         return merger(groups.reshape(-1, merger.hidden_size // self.merge_size**2))
 
+    def groups(self, items: list[torch.Tensor], modality: str) -> torch.Tensor:
+        """``(G, 4 * D_v)`` the merge groups of every item (what ``vision_encoder`` steps reduce)."""
+        metas = [meta_of(t) for t in items]
+        if any(m is None or m.groups is None for m in metas):
+            raise ConfigError(
+                f"the vision_encoder stage needs the merger's input, but the {modality} features were "
+                "encoded outside the patched model (precomputed mm_encoder_outputs); pass pixel values "
+                "or reduce at the projector stage only"
+            )
+        return torch.cat([m.groups for m in metas], dim=0)  # type: ignore[union-attr]
+
     def features(self, getter: Any, pixels: torch.Tensor, grid_thw: torch.Tensor, groups: bool, **kwargs: Any) -> Any:
-        """Run the stock feature getter; tag each per-image tensor with its grid (and merge groups)."""
-        if not groups:
+        """Run the stock feature getter; tag each per-image tensor with its grid (and, with ``groups``,
+        its merge groups: the tower then runs with the merger bypassed, which is applied here)."""
+        with self.merger_bypassed() if groups else contextlib.nullcontext():
             out = getter(pixels, grid_thw, **kwargs)
-            pooled = list(out.pooler_output)
-            thw = grid_thw.tolist()
-            for tensor, g in zip(pooled, thw):
-                setattr(tensor, META, FeatureMeta(tuple(int(v) for v in g)))
-            return out
-        with self.merger_bypassed():
-            out = getter(pixels, grid_thw, **kwargs)
-        grouped = list(out.pooler_output)
-        merged = torch.split(self.merge(torch.cat(grouped)), [len(g) for g in grouped])
-        for tensor, group, g in zip(merged, grouped, grid_thw.tolist()):
-            setattr(tensor, META, FeatureMeta(tuple(int(v) for v in g), group))
-        out.pooler_output = merged
+        items = list(out.pooler_output)
+        if groups:
+            out.pooler_output = torch.split(self.merge(torch.cat(items)), [len(g) for g in items])
+        for tensor, item, g in zip(out.pooler_output, items, grid_thw.tolist()):
+            setattr(tensor, META, FeatureMeta(tuple(int(v) for v in g), item if groups else None))
         return out
 
-    def units(
-        self,
-        items: list[torch.Tensor],
-        grid_thw: torch.Tensor | None,
-        token_mask: torch.Tensor,
-        per_video: bool,
-        video: bool = False,
-    ) -> Units:
-        """The reduction units of one modality's per-item features.
-
-        An item with a known ``(t, h, w)`` grid (from its metadata or ``grid_thw``) gives
-        ``t`` frame units of ``(h/2, w/2)`` tokens, or one ``(t*h/2, w/2)`` unit when
-        ``per_video``; an item of unknown grid is one unit without a grid. ``video``: the
-        items are videos (a ``per_video`` unit then carries its frame layout).
-        """
-        m = self.merge_size
+    def units(self, items: list[torch.Tensor], grid_thw: torch.Tensor | None, token_mask: torch.Tensor,
+              per_video: bool, video: bool = False) -> Units:
+        """The reduction units of one modality's per-item features (see :meth:`.Units.from_grids`):
+        each item's merged-token grid from its metadata, else from ``grid_thw``."""
         known = grid_thw.tolist() if grid_thw is not None and len(grid_thw) == len(items) else None
-        lens: list[int] = []
-        grids: list[tuple[int, int] | None] = []
-        item_of: list[int] = []
-        frames: list[tuple[int, int] | None] = []
-        for i, tensor in enumerate(items):  # grid metadata: a few ints per image
-            meta = meta_of(tensor)
-            thw = meta.thw if meta is not None else (tuple(int(v) for v in known[i]) if known else None)
-            n = tensor.shape[0]
-            if thw is None or thw[0] * (thw[1] // m) * (thw[2] // m) != n:
-                lens.append(n)
-                grids.append(None)
-                item_of.append(i)
-                frames.append(None)
-                continue
-            t, h, w = thw[0], thw[1] // m, thw[2] // m
-            if per_video or t == 1:
-                lens.append(n)
-                grids.append((t * h, w))
-                item_of.append(i)
-                frames.append((t, h * w) if per_video and video else None)
-            else:
-                lens += [h * w] * t
-                grids += [(h, w)] * t
-                item_of += [i] * t
-                frames += [None] * t
-        device = token_mask.device
-        lengths = torch.tensor(lens, dtype=torch.long, device=device)
-        rows_of_tokens = token_mask.nonzero()[:, 0]
-        rows = rows_of_tokens[torch.cumsum(lengths, 0) - lengths]
-        return Units(lens, grids, torch.tensor(item_of, dtype=torch.long, device=device), rows, frames)
+        m = self.merge_size
+        thws = [meta.thw if (meta := meta_of(x)) is not None else (tuple(known[i]) if known else None) for i, x in enumerate(items)]
+        grids = [None if g is None else (int(g[0]), int(g[1]) // m, int(g[2]) // m) for g in thws]
+        return Units.from_grids([(x.shape[0], g) for x, g in zip(items, grids)], per_video, video, token_mask.nonzero()[:, 0])

@@ -1,12 +1,19 @@
-"""Shrinking token sequences consistently after encoder-side reduction.
+"""Shrinking token sequences consistently after encoder-side reduction, and decoding afterwards.
 
 When an image keeps ``T`` of its ``N`` features, its run of ``N`` placeholder tokens must
 become ``T`` placeholders, and every per-token tensor (input ids, attention mask, labels,
-position ids, token type ids) must lose the same positions, so that transformers' own
-placeholder-count checks pass and the text around the image is untouched.
+position ids, token type ids) must lose the same positions (:class:`Shrink`), so that
+transformers' own placeholder-count checks pass and the text around the image is untouched.
+
+The KV cache then holds the shortened sequence while a caller that continues it keeps book
+on the full one: its attention mask and position ids grow from the *unreduced* prompt
+length. :class:`DecodeState` translates those inputs of later forward calls.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,38 +53,125 @@ def item_rows(input_ids: torch.Tensor, token_id: int, lengths: list[int]) -> tor
     return where[starts] // input_ids.shape[1]
 
 
-def shrink_plan(keep: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each token of the shortened rows comes from.
+def sequence_positions(mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """``(B, L)`` 1-D positions ``0, 1, ...`` over the real tokens of each row (0 at padding)."""
+    if mask is None:
+        return torch.arange(length, device=device).expand(batch, length)
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 0)
+
+
+@dataclass
+class Shrink:
+    """Where each slot of the shortened, left-padded sequence comes from.
 
     Rows that keep fewer tokens than the longest one are padded on the side the batch is
-    already padded on (left unless the last column holds padding).
+    already padded on: left (the last prompt token of every row stays in the last column,
+    which is what ``generate()`` reads) unless the caller padded on the right.
 
-    Returns:
-        ``(src (B, L'), slot (B, L'))``: source position of each new slot (``-1`` = pad)
-        and whether it is real.
+    Attributes:
+        index: ``(B, L_red)`` column in the original sequence, ``-1`` at new padding.
+        slot: ``(B, L_red)`` bool, real slots.
+        padded: whether any row needed new padding.
     """
-    b, n = keep.shape
-    counts = keep.sum(dim=1)
-    length = int(counts.max()) if b else 0
-    pos = torch.arange(n, device=keep.device).expand(b, n)
-    right = attention_mask is not None and not bool(attention_mask[:, -1].bool().all())
-    if right:
-        src = torch.sort(torch.where(keep, pos, torch.full_like(pos, n)), dim=1).values[:, :length]
-        src = src.masked_fill(src == n, -1)
-    else:
-        src = torch.sort(torch.where(keep, pos, torch.full_like(pos, -1)), dim=1).values[:, n - length :]
-    return src, src >= 0
+
+    index: torch.Tensor
+    slot: torch.Tensor
+    padded: bool
+
+    @classmethod
+    def from_keep(cls, keep: torch.Tensor, right: bool = False) -> Shrink:
+        """Gather index of the ``True`` columns of ``keep (B, L)``, shorter rows padded on the left
+        (or on the right when ``right``: for batches the caller padded on the right)."""
+        b, n = keep.shape
+        counts = keep.sum(dim=1)
+        length = int(counts.max()) if b else 0
+        pad = length - counts
+        slot_of = (0 if right else pad.unsqueeze(1)) + keep.long().cumsum(1) - 1
+        # Dropped columns write to a spare slot ``length`` that is cut off.
+        target = torch.where(keep, slot_of, torch.full_like(slot_of, length))
+        index = torch.full((b, length + 1), -1, dtype=torch.long, device=keep.device)
+        index.scatter_(1, target, torch.arange(n, device=keep.device).expand(b, n))
+        index = index[:, :length]
+        return cls(index=index, slot=index >= 0, padded=bool((pad > 0).any()))
+
+    def take(self, x: torch.Tensor, fill: Any = 0) -> torch.Tensor:
+        """``x[..., b, index[b]]`` along the last dim (batch on dim -2), ``fill`` at new padding."""
+        idx = self.index.clamp(min=0)
+        idx = idx.expand(x.shape[:-2] + idx.shape)
+        out = torch.gather(x, -1, idx)
+        return out.masked_fill(~self.slot.expand(out.shape), fill)
+
+    def mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The shortened 2-D attention mask (``None`` stays ``None`` when no padding was added)."""
+        if attention_mask is None:
+            return self.slot.long() if self.padded else None
+        return self.take(attention_mask, 0)
 
 
-def apply_plan(x: torch.Tensor, src: torch.Tensor, slot: torch.Tensor, pad) -> torch.Tensor:
-    """Gather ``x`` (sequence in the last dim, batch in the one before) by ``src``; pad slots get ``pad``."""
-    lead = x.shape[:-2]
-    b = src.shape[0]
-    flat = x.expand(*lead, b, x.shape[-1]).reshape(-1, b, x.shape[-1])
-    idx = src.clamp(min=0).unsqueeze(0).expand(flat.shape[0], -1, -1)
-    out = torch.gather(flat, 2, idx)
-    out = out.masked_fill(~slot.unsqueeze(0), pad)
-    return out.reshape(*lead, b, src.shape[1])
+@dataclass
+class DecodeState:
+    """How to translate the inputs of forward calls that continue a reduced prefill's cache.
+
+    Attributes:
+        full_len: the unreduced prompt length the caller keeps book on.
+        red_len: the shortened prompt length (what the cache holds after prefill).
+        mask_prefix: ``(B, red_len)`` shortened prompt mask, or ``None`` when the prompt had no mask
+            and needed no new padding.
+        next_pos: ``(B, 1)`` rotary position of the first token after the prompt.
+        text_shift: ``(B, 1)`` added to the 1-D sequence row of ``(1 + A)``-row position ids.
+        rope_shift: ``(A, B, 1)`` added to caller-given ``(A, B, q)`` position ids (``A`` axes:
+            3 with M-RoPE).
+    """
+
+    full_len: int
+    red_len: int
+    mask_prefix: torch.Tensor | None
+    next_pos: torch.Tensor
+    text_shift: torch.Tensor
+    rope_shift: torch.Tensor
+
+    def translate(self, kw: dict[str, Any]) -> dict[str, Any]:
+        """Map the caller's full-length mask / positions of a continuation call to the shortened cache."""
+        cache = kw["cache"]
+        past = int(cache.get_seq_length())
+        extra = past - self.red_len  # tokens appended since the prefill
+        ids = kw.get("input_ids")
+        emb = kw.get("inputs_embeds")
+        ref = ids if ids is not None else emb
+        batch, q = ref.shape[0], ref.shape[1]
+        if batch != self.next_pos.shape[0]:
+            raise InvalidInputError(
+                f"a forward continuing a reduced prompt has batch size {batch}, but the prompt had "
+                f"{self.next_pos.shape[0]} rows; continue with the same batch"
+            )
+        device = ref.device
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            expected = self.full_len + extra + q
+            if mask.shape[1] != expected:
+                raise InvalidInputError(
+                    f"attention_mask has {mask.shape[1]} columns; continuing a reduced prompt of {self.full_len} "
+                    f"tokens with {extra} cached and {q} new tokens it must have {expected}"
+                )
+            prefix = self.mask_prefix if self.mask_prefix is not None else mask.new_ones(batch, self.red_len)
+            kw["attention_mask"] = torch.cat([prefix.to(mask.dtype), mask[:, self.full_len :]], dim=1)
+        elif mask is None and self.mask_prefix is not None:
+            tail = self.mask_prefix.new_ones(batch, extra + q)
+            kw["attention_mask"] = torch.cat([self.mask_prefix, tail], dim=1)
+
+        pos = kw.get("position_ids")
+        if pos is None:
+            step = torch.arange(q, device=device) + extra
+            axes = self.rope_shift.shape[0]
+            kw["position_ids"] = (self.next_pos.to(device) + step).unsqueeze(0).expand(axes, batch, q)
+        elif pos.dim() == 3 and pos.shape[0] == self.rope_shift.shape[0] + 1:
+            kw["position_ids"] = torch.cat([pos[:1] + self.text_shift, pos[1:] + self.rope_shift], dim=0)
+        elif pos.dim() == 3:
+            kw["position_ids"] = pos + self.rope_shift
+        else:  # (B, q) text positions: the model expands them to the three axes
+            kw["position_ids"] = pos.unsqueeze(0) + self.rope_shift
+        return kw
 
 
 def removed_before(keep: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,33 @@ class Units:
         item = torch.arange(n, device=device)
         return cls([length] * n, [grid] * n, item, item if row is None else row)
 
+    @classmethod
+    def from_grids(cls, items: list[tuple[int, tuple[int, int, int] | None]], per_video: bool, video: bool,
+                   row_of_token: torch.Tensor) -> Units:
+        """The units of items given as ``(tokens, (t, h, w) token grid or None)``.
+
+        An item with a grid gives ``t`` frame units of ``(h, w)``, or one ``(t * h, w)`` unit
+        when ``per_video`` (the frames stacked; carrying its frame layout when ``video``); an
+        item without one (or whose grid does not match its tokens) is one unit without a grid.
+        ``row_of_token``: ``(S,)`` the batch row of each flat token (from the placeholder mask).
+        """
+        lens: list[int] = []
+        grids: list[Grid] = []
+        item_of: list[int] = []
+        frames: list[tuple[int, int] | None] = []
+        for i, (n, thw) in enumerate(items):
+            t, h, w = thw if thw is not None and thw[0] * thw[1] * thw[2] == n else (1, 0, 0)
+            whole = per_video or t == 1 or h == 0
+            count = 1 if whole else t
+            lens += [n] if whole else [h * w] * t
+            grids += [None if not h else (t * h, w) if whole else (h, w)] * count
+            item_of += [i] * count
+            frames += [((t, h * w) if per_video and video and h else None)] * count
+        device = row_of_token.device
+        lengths = torch.tensor(lens, dtype=torch.long, device=device)
+        rows = row_of_token[torch.cumsum(lengths, 0) - lengths]
+        return cls(lens, grids, torch.tensor(item_of, dtype=torch.long, device=device), rows, frames)
+
     def frame_count(self, u: int) -> int | None:
         """Frames of unit ``u`` when it is a whole video, else ``None``."""
         return self.frames[u][0] if self.frames and self.frames[u] else None
@@ -181,13 +208,16 @@ def run_step(step: Step, call: Call, flat: torch.Tensor, units: Units, source: C
     lengths = units.lengths(device)
     offsets = units.offsets(device)
     groups: dict[tuple, list[int]] = {}
+    identity = True
     for u, grid in enumerate(units.grids):  # host values a reducer may read: one call per distinct set
         budget = units.budgets[u] if units.budgets else None
+        if units.lens[u] == 0 or budget == 0:  # nothing to reduce, or a unit that keeps nothing
+            identity = identity and units.lens[u] == 0
+            continue
         groups.setdefault((grid, units.frame_count(u), budget), []).append(u)
 
-    tokens_out, source_out, unit_out = [], [], []
+    tokens_out, source_out, unit_out = [flat[:0]], [offsets[:0]], [offsets[:0]]
     info: list[dict[str, Any]] = [{} for _ in range(units.count)]
-    identity = True
     for (grid, frames, budget), ids in groups.items():
         ids_t = torch.tensor(ids, dtype=torch.long, device=device)
         n_max = max(units.lens[u] for u in ids)
@@ -195,7 +225,7 @@ def run_step(step: Step, call: Call, flat: torch.Tensor, units: Units, source: C
         arange = torch.arange(n_max, device=device)
         valid = arange < lengths[ids_t].unsqueeze(1)
         index = (offsets[ids_t].unsqueeze(1) + arange).masked_fill(~valid, 0)
-        if equal and len(groups) == 1:
+        if equal and len(ids) == units.count:
             batch = flat.reshape(len(ids), n_max, -1)  # all units, in order: no gather
         else:
             batch = flat[index].masked_fill(~valid.unsqueeze(-1), 0)
@@ -244,13 +274,15 @@ def encoder_steps(
     project: Callable[[torch.Tensor, Units, bool], torch.Tensor],
     source: ContextSource,
     recorder: Recorder,
+    plan: Callable[[Step, Units], Units] | None = None,
 ) -> tuple[torch.Tensor, Units, torch.Tensor | None]:
     """The encoder-side steps over all units: the ``vision_encoder`` step, the projector, the ``projector`` step.
 
     ``tokens (S, D_v)``: the features ``vision_encoder`` steps see (unit after unit);
     ``project(tokens, units, reduced)``: the family's projector on the current tokens
     (``reduced``: a step removed some, so the stock output cannot be reused). ``recorder``
-    gets every step's result and the original flat index of each kept token.
+    gets every step's result and the original flat index of each kept token; ``plan(step,
+    units)``, when given, returns the units with per-unit budgets for that step.
     Returns the projected, reduced tokens, their units and their original flat indices
     (``None``: nothing was removed).
     """
@@ -262,7 +294,7 @@ def encoder_steps(
         step = steps.get(stage)  # a pipeline has at most one step per encoder-side stage
         if step is None:
             continue
-        res = run_step(step, call, tokens, units, source, original, offsets0)
+        res = run_step(step, call, tokens, plan(step, units) if plan is not None else units, source, original, offsets0)
         if not res.identity:
             original = res.source if original is None else original[res.source]
             tokens, units = res.tokens, res.units

@@ -20,6 +20,7 @@ masked batch, so results agree to rounding, not bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,3 +82,20 @@ def register() -> str:
 
     AttentionInterface.register(NAME, packed_sdpa)
     return NAME
+
+
+def install(config: Any) -> Callable[[], None] | None:
+    """Route a packed-sequence tower (its ``config``) to :func:`packed_sdpa`; returns the undo, or None.
+
+    Under flash-attention the tower already makes one varlen call per layer and is kept.
+    ``_attn_implementation`` is a config property: it is restored by assignment.
+    """
+    current = config._attn_implementation
+    if current is not None and "flash" in current:
+        return None
+    config._attn_implementation = register()
+
+    def undo() -> None:
+        config._attn_implementation = current
+
+    return undo
