@@ -89,6 +89,45 @@ def test_qwen_fast_tower_keeps_indices_and_greedy_tokens(family, monkeypatch):
     assert model.model.visual.config._attn_implementation == "sdpa"  # restored
 
 
+QWEN_CASES = {
+    "apet-qwen": Step("projector", create("apet-qwen", budget=0.5, basis_tokens=2)),
+    "random@vision_encoder": Step("vision_encoder", create("random", budget=0.4, seed=3)),
+    "pool": Step("projector", create("pool", budget=0.5)),
+    "identity": None,
+}
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("case", sorted(QWEN_CASES))
+def test_qwen_fast_prefill_and_decoding_keep_indices_and_greedy_tokens(case, positions):
+    """Qwen2.5-VL's decoder on the fast path: the reduced prompt's M-RoPE ids in the replayed
+    prefill, each decoding step's ids after it, as the default path numbers them."""
+    model = tiny_qwen2_5_vl(0)
+    kw = qwen_vl_inputs([[(16, 16), (8, 12)], [(12, 8)]], [[], [(2, 8, 8)]])  # rows of different lengths
+    steps = [] if QWEN_CASES[case] is None else [QWEN_CASES[case]]
+    runs = {}
+    for fast in (False, True):
+        with torch.no_grad(), tokenreduce.apply(model, Pipeline(steps, positions=positions, fast=fast)) as handle:
+            tokens = model.generate(**kw, max_new_tokens=6, do_sample=False)
+            runs[fast] = (tokens, [i for r in handle.records for i in r.indices])
+            if fast:
+                (entry,) = handle.adapter.fast.entries.values()  # the fast prefill ran (eagerly, on CPU)
+                assert entry.step is not None  # and so did the decoding steps
+    assert torch.equal(runs[False][0], runs[True][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[False][1], runs[True][1]))
+
+
+def test_qwen_fast_path_refusals_run_eagerly_with_a_warning():
+    model = tiny_qwen2_5_vl(0)
+    kw = qwen_vl_inputs([[(8, 8)]])
+    with torch.no_grad(), tokenreduce.apply(model, Pipeline([Step("projector", create("random", budget=0.5))], fast=True)):
+        with pytest.warns(UserWarning, match="stopping_criteria"):
+            model.generate(**kw, max_new_tokens=2, do_sample=False, stopping_criteria=[])
+    with pytest.warns(UserWarning, match="llm_layer steps are not captured"):
+        with tokenreduce.apply(model, Pipeline([Step("llm_layer", create("fastv", budget=0.5), layer=1)], fast=True)):
+            pass
+
+
 def test_a_flash_tower_is_left_as_it_is():
     model = tiny_qwen2_5_vl(0)
     config = model.model.visual.config

@@ -78,9 +78,17 @@ def test_llava_fast_path_captures_replays_and_releases(llava_model):
             llava_model.generate(**kw, max_new_tokens=3, do_sample=False)
         (entry,) = adapter.fast.entries.values()  # one shape: captured once, replayed after
         assert entry.graph is not None and not adapter.fast.failed
+        assert entry.step is not None and entry.step.graph is not None  # the decoding step too
         assert adapter._graphed_tower.graphs and not adapter._graphed_tower.failed
         assert adapter.graph_bytes() > 0
     assert adapter.fast is None and "forward" not in llava_model.model.vision_tower.__dict__
+
+
+def test_llava_captured_decoding_equals_stock_decoding_over_many_steps(llava_model):
+    """32 new tokens: every captured step (one slot more each) as the stock loop decodes them."""
+    kw = on_cuda(llava.inputs([0, 1]))
+    runs = both_paths(llava_model, kw, Step("projector", create("random", budget=0.5)), new=32)
+    assert torch.equal(runs[False][0], runs[True][0])
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +100,15 @@ def qwen_model():
 def test_qwen_fast_equals_eager_for_every_reducer(qwen_model, name):
     kw = qwen_vl_inputs([[(8, 12)], [(8, 8)]])
     assert_fast_equals_eager(qwen_model, kw, name, "Qwen's tower lacks ([CLS] attention, or video frames)")
+
+
+def test_qwen_fast_path_captures_the_prefill_and_the_decoding_steps(qwen_model):
+    kw = on_cuda(qwen_vl_inputs([[(8, 12)], [(8, 8)]]))
+    pipe = Pipeline([Step("projector", create("random", budget=0.5))], fast=True)
+    with torch.no_grad(), tokenreduce.apply(qwen_model, pipe) as handle:
+        for _ in range(3):
+            qwen_model.generate(**kw, max_new_tokens=4, do_sample=False)
+        (entry,) = handle.adapter.fast.entries.values()
+        assert entry.graph is not None and entry.step is not None and entry.step.graph is not None
+        assert not handle.adapter.fast.failed and handle.adapter.graph_bytes() > 0
+    assert handle.adapter.fast is None

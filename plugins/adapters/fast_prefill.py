@@ -15,10 +15,14 @@ decoding:
 * that call is captured once per (batch, bucket, cache length, dtype) and replayed; a
   bounded LRU keeps the graphs, their cache and static buffers; :meth:`FastPrefill.held_bytes`
   reports the memory they hold and :meth:`FastPrefill.release` frees it;
-* decoding continues in the stock ``generate()`` on the filled static cache, eagerly:
-  transformers' automatic compilation of decoding steps is turned off there (its CUDA-graph
-  trees, alternating with the graphs captured here, crashed on an H200); captured decoding
-  steps are not built yet.
+* decoding continues greedily on the filled static cache, one token per step, each step
+  replayed from a CUDA graph captured once per prefill shape (:meth:`FastPrefill.decode`:
+  the new token's embedding, the decoder on one slot more, the LM head); end tokens and
+  ``min_new_tokens`` as ``generate()`` applies them. A call asking for an option only the
+  stock loop has (``stop_strings``, ``max_time``, sampling, beams, anything unknown) runs
+  eagerly, with a one-line warning naming it (:func:`refusal`). (Transformers' own
+  compiled decoding is not used: its CUDA-graph trees, alternating with the graphs captured
+  here, crashed on an H200.)
 
 On CPU (no graphs) the same calls run eagerly, so the CPU tests cover everything but the
 capture. A capture that fails is remembered and that shape runs eagerly.
@@ -83,6 +87,19 @@ class _Entry:
     logits: torch.Tensor | None = None
     graph: Any = None
     nbytes: int = 0
+    step: _Step | None = None  # the captured decoding step on this entry's cache
+
+
+@dataclass
+class _Step:
+    """One decoding step on an entry's static cache: static inputs, logits, graph (``None``: eager)."""
+
+    ids: torch.Tensor  # (B, 1) the token to feed
+    positions: torch.Tensor  # (B, 1) its position id
+    mask: torch.Tensor  # (B, 1, 1, cache_len): the cache slots it attends to
+    logits: torch.Tensor | None = None
+    graph: Any = None
+    nbytes: int = 0
 
 
 class FastPrefill:
@@ -95,6 +112,7 @@ class FastPrefill:
         self.failed: set[tuple] = set()
         self.tower_graphs: OrderedDict = OrderedDict()  # the GraphedTower's, kept with these
         self.cache_kw = compat.cache_name(decoder.forward)  # "cache" or "past_key_values", by release
+        self.last_key: tuple | None = None  # the entry the last run() filled (decode() continues it)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, decoder: torch.nn.Module) -> FastPrefill:
@@ -125,16 +143,20 @@ class FastPrefill:
 
     # -- running -------------------------------------------------------------------------
 
-    def run(self, embeds: torch.Tensor, valid: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, Any, int]:
+    def run(self, embeds: torch.Tensor, valid: torch.Tensor, new_tokens: int,
+            positions: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, int]:
         """Prefill ``embeds (B, L, D)`` (left-padded, ``valid (B, L)``) for ``new_tokens`` more tokens.
 
-        Returns the last position's logits ``(B, V)`` (a static buffer: read it before the
-        next call), the filled static cache (slots ``0 .. bucket-1``) and the bucket length.
+        ``positions``: the prompt's position ids, ``(B, L)`` or ``(A, B, L)`` (M-RoPE's axes);
+        default: as ``generate()`` numbers a left-padded prompt. Returns the last position's
+        logits ``(B, V)`` (a static buffer: read it before the next call), the filled static
+        cache (slots ``0 .. bucket-1``) and the bucket length.
         """
         b, length, _ = embeds.shape
         padded = bucket(length)
         cache_len = padded + 64 * math.ceil(max(new_tokens, 1) / 64)
-        key = (b, padded, cache_len, embeds.dtype, embeds.device)
+        axes = () if positions is None or positions.dim() == 2 else tuple(positions.shape[:-2])
+        key = (b, padded, cache_len, embeds.dtype, embeds.device, axes)
         entry = self.entries.get(key)
         if entry is None:
             entry = self._new_entry(key, embeds)
@@ -144,25 +166,125 @@ class FastPrefill:
         entry.embeds[:, extra:].copy_(embeds)
         full_valid = torch.nn.functional.pad(valid.bool(), (extra, 0), value=False)
         entry.mask.copy_(prefill_mask(full_valid, cache_len, entry.mask.dtype, entry.mask.dtype != torch.bool))
-        entry.positions.copy_(generation_positions(full_valid))
+        if positions is None:
+            entry.positions.copy_(generation_positions(full_valid))
+        else:  # padding slots get 1, as generate() gives them
+            entry.positions.fill_(1)
+            entry.positions[..., extra:].copy_(positions)
         if entry.graph is None and key not in self.failed and embeds.is_cuda:
             self._capture(key, entry)
         if entry.graph is not None:
             entry.graph.replay()
         else:
             self._prefill(entry)
+        self.last_key = key
         return entry.logits, entry.cache, padded
+
+    def decode(self, entry_key: tuple, first: torch.Tensor, valid: torch.Tensor, new: int, eos: list[int], pad: int,
+               at_least: int = 0, position: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding after :meth:`run`: ``new - 1`` tokens after ``first (B, 1)``, each step replayed.
+
+        ``valid (B, bucket)``: the prompt's real slots (left-padded to the bucket); ``position``:
+        ``(B, 1)`` or ``(A, B, 1)`` the position id of the first decoded token's input (default:
+        after the prompt's real tokens, as ``generate()`` numbers them). As
+        ``generate()``: a row that emitted an end token gets ``pad`` afterwards, decoding
+        stops once every row has ended (the one host read per step, as ``generate()`` has),
+        and no end token is picked before ``at_least`` new tokens.
+        """
+        entry = self.entries[entry_key]
+        b, padded = valid.shape
+        cache_len = entry.mask.shape[-1]
+        step = entry.step if entry.step is not None else self._new_step(entry)
+        slots = torch.nn.functional.pad(valid.bool(), (0, cache_len - padded), value=False)
+        if position is None:  # as generate() numbers a left-padded prompt
+            position = valid.long().sum(dim=1, keepdim=True)
+        ends = torch.tensor(eos, dtype=first.dtype, device=first.device)
+        done = torch.isin(first, ends).squeeze(1) if eos else torch.zeros(b, dtype=torch.bool, device=first.device)
+        token, out = first, []
+        for t in range(new - 1):
+            slots[:, padded + t] = True
+            additive = step.mask.dtype != torch.bool
+            step.mask.copy_(slots[:, None, None, :] if not additive else
+                            torch.zeros_like(step.mask).masked_fill(~slots[:, None, None, :], torch.finfo(step.mask.dtype).min))
+            step.ids.copy_(token)
+            step.positions.copy_(position)
+            if step.graph is None and (entry_key, "step") not in self.failed and first.is_cuda:
+                self._capture_step(entry_key, entry, step)
+            if step.graph is not None:
+                step.graph.replay()
+            else:
+                self._step(entry, step)
+            logits = step.logits
+            if eos and t + 2 <= at_least:  # t + 2 tokens so far, counting this one: no end yet
+                logits = logits.clone()
+                logits[:, eos] = float("-inf")
+            token = logits.argmax(-1, keepdim=True).to(first.dtype)
+            token = token.masked_fill(done.unsqueeze(1), pad)
+            out.append(token)
+            position = position + 1
+            if eos:
+                done = done | torch.isin(token, ends).squeeze(1)
+                if bool(done.all()):
+                    break
+        return torch.cat(out, dim=1) if out else first[:, :0]
+
+    def _new_step(self, entry: _Entry) -> _Step:
+        b = entry.embeds.shape[0]
+        device = entry.embeds.device
+        entry.step = _Step(
+            ids=torch.zeros(b, 1, dtype=torch.long, device=device),
+            positions=torch.zeros(*entry.positions.shape[:-1], 1, dtype=torch.long, device=device),
+            mask=torch.zeros(b, 1, 1, entry.mask.shape[-1], dtype=entry.mask.dtype, device=device),
+        )
+        return entry.step
+
+    def _step(self, entry: _Entry, step: _Step) -> None:
+        """One decoding step on the static buffers (the call that is captured): the cache advances by one slot."""
+        embeds = self.model.get_input_embeddings()(step.ids)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=step.mask, position_ids=step.positions,
+                           use_cache=True, **{self.cache_kw: entry.cache})
+        logits = self.model.lm_head(out.last_hidden_state[:, -1])
+        if step.logits is None:
+            step.logits = logits
+        else:
+            step.logits.copy_(logits)
+
+    def _capture_step(self, key: tuple, entry: _Entry, step: _Step) -> None:
+        """Capture the step; warming it up writes one cache slot, so the slot counters are put back."""
+        lengths = [layer.cumulative_length.clone() for layer in entry.cache.layers]
+        before = torch.cuda.memory_allocated(step.ids.device)
+        try:
+            stream = torch.cuda.Stream(step.ids.device)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._step(entry, step)
+            torch.cuda.current_stream().wait_stream(stream)
+            for layer, n in zip(entry.cache.layers, lengths):
+                layer.cumulative_length.copy_(n)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(entry, step)
+            for layer, n in zip(entry.cache.layers, lengths):  # the capture does not run the step
+                layer.cumulative_length.copy_(n)
+            step.graph = graph
+        except Exception:  # noqa: BLE001 - a step that cannot be captured runs eagerly from now on
+            self.failed.add((key, "step"))
+            step.graph = None
+            for layer, n in zip(entry.cache.layers, lengths):
+                layer.cumulative_length.copy_(n)
+        step.nbytes = max(torch.cuda.memory_allocated(step.ids.device) - before, 0)
+        entry.nbytes += step.nbytes
 
     def _new_entry(self, key: tuple, embeds: torch.Tensor) -> _Entry:
         from transformers import StaticCache
 
-        b, padded, cache_len, dtype, device = key
+        b, padded, cache_len, dtype, device, axes = key
         additive = self.decoder.config._attn_implementation != "sdpa"
         mask_dtype = dtype if additive else torch.bool
         entry = _Entry(
             embeds=torch.zeros(b, padded, embeds.shape[-1], dtype=dtype, device=device),
             mask=torch.zeros(b, 1, padded, cache_len, dtype=mask_dtype, device=device),
-            positions=torch.zeros(b, padded, dtype=torch.long, device=device),
+            positions=torch.zeros(*axes, b, padded, dtype=torch.long, device=device),
             cache=StaticCache(config=self.model.config, max_cache_len=cache_len),
         )
         self.entries[key] = entry
@@ -239,8 +361,8 @@ def scatter_features(embeds: torch.Tensor, ids: torch.Tensor, features: dict[int
     return embeds
 
 
-# Generation options the fast path hands to the stock ``generate()`` unchanged; anything
-# else decides the path (see :func:`refusal`) or was consumed by the reduction.
+# Call arguments the reduction consumed (or the fast path sizes itself from); any other option
+# must be one the captured decoding honours (_DECODE_OPTIONS, checked by refusal()).
 _CONSUMED = frozenset(
     {
         "input_ids", "inputs", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids", "labels",
@@ -251,9 +373,16 @@ _CONSUMED = frozenset(
 )
 
 
-def refusal(model: torch.nn.Module, kw: dict[str, Any]) -> str | None:
-    """Why this ``generate()`` call cannot take the fast prefill (``None``: it can)."""
+def refusal(model: torch.nn.Module, kw: dict[str, Any], media: tuple[str, ...] = ()) -> str | None:
+    """Why this ``generate()`` call cannot take the fast prefill (``None``: it can); ``media``: the
+    family's own media arguments (consumed by the reduction, like the pixels)."""
     config = kw.get("generation_config") or model.generation_config
+    unknown = sorted(k for k, v in kw.items() if k not in _CONSUMED | _DECODE_OPTIONS | set(media) and v is not None)
+    if unknown:
+        return f"{unknown[0]} is not supported by the fast path's greedy decoding"
+    for name in ("stop_strings", "max_time"):  # stopping rules only the stock loop applies
+        if getattr(config, name, None):
+            return f"generation_config.{name} is not supported by the fast path's greedy decoding"
     sampled = kw.get("do_sample", config.do_sample)
     beams = kw.get("num_beams", config.num_beams) or 1
     if sampled or beams > 1:
@@ -289,12 +418,25 @@ _FIRST_TOKEN_RULES = (
     ("encoder_repetition_penalty", 1.0),
 )
 
+# Options the captured decoding honours (greedy, end tokens, padding) or that cannot change it:
+# sampling knobs that greedy decoding ignores (as generate() does) and the rules refusal() checks neutral.
+_DECODE_OPTIONS = frozenset(
+    {"do_sample", "num_beams", "eos_token_id", "pad_token_id", "generation_config", "use_cache", "max_length",
+     "temperature", "top_k", "top_p", "min_p", "typical_p", "return_dict_in_generate", "output_scores",
+     "output_logits", "output_attentions", "output_hidden_states", "streamer", "assistant_model",
+     "prefix_allowed_tokens_fn", "logits_processor", "cache", "past_key_values"}
+    | {name for name, _ in _FIRST_TOKEN_RULES}
+)
 
-def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, features: dict[int, torch.Tensor]) -> torch.Tensor:
-    """``generate()`` on a reduced prompt: graph-replayed prefill, first token greedy, stock decoding after.
 
-    ``kw``: the shortened call (reduced ids and mask); ``features``: per placeholder id, its
-    kept features in order; ``prompt``: the caller's ids, put back in front of the answer.
+def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, features: dict[int, torch.Tensor],
+                  positions: torch.Tensor | None = None, next_position: torch.Tensor | None = None) -> torch.Tensor:
+    """``generate()`` on a reduced prompt: graph-replayed prefill and greedy decoding steps.
+
+    ``kw``: the shortened call (reduced ids and mask, options :func:`refusal` accepted);
+    ``features``: per placeholder id, its kept features in order; ``prompt``: the caller's ids,
+    put back in front of the answer; ``positions`` / ``next_position``: the reduced prompt's
+    position ids and the first new token's, where the family numbers them itself (M-RoPE).
     """
     model = adapter.model
     ids = kw["input_ids"]
@@ -303,7 +445,7 @@ def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, featur
     config = kw.get("generation_config") or model.generation_config
     new = int(kw.get("max_new_tokens", config.max_new_tokens))
     embeds = scatter_features(model.get_input_embeddings()(ids), ids, features)
-    logits, cache, padded = adapter.fast.run(embeds, valid, new)
+    logits, _, padded = adapter.fast.run(embeds, valid, new, positions)
     eos = kw.get("eos_token_id", config.eos_token_id)
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     at_least = kw.get("min_new_tokens", config.min_new_tokens) or 0
@@ -313,42 +455,8 @@ def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, featur
     first = logits.argmax(-1, keepdim=True).to(ids.dtype)
     if new == 1 or (eos and bool(torch.isin(first, torch.tensor(eos, device=first.device)).all())):
         return torch.cat([prompt.to(first.device), first], dim=1)
-    extra = padded - ids.shape[1]
-    pad = model.config.get_text_config().pad_token_id
-    ids_p = torch.nn.functional.pad(ids, (extra, 0), value=0 if pad is None else pad)
-    mask_p = torch.nn.functional.pad(valid.long(), (extra, 0), value=0)
-    rest = {k: v for k, v in kw.items() if k not in _CONSUMED}
-    if at_least:
-        rest["min_new_tokens"] = at_least - 1
-    # Decoding runs on the static cache without transformers' automatic compilation: its
-    # CUDA-graph trees and the graphs captured here, used in turn, gave "unspecified launch
-    # failure" on an H200 (torch 2.11); with compilation off the same runs were clean.
-    rest["disable_compile"] = True
-    saved = model.__dict__.pop("forward", None)  # decoding needs no reduction: the stock forward (compilable)
-    try:
-        out = adapter._orig_generate(
-            input_ids=torch.cat([ids_p, first], dim=1),
-            attention_mask=torch.cat([mask_p, torch.ones_like(first)], dim=1),
-            max_new_tokens=new - 1,
-            **{compat.cache_name(adapter._orig_forward): cache},
-            **rest,
-        )
-    finally:
-        if saved is not None:
-            model.__dict__["forward"] = saved
-    answer = out[:, padded:]
-    if eos:  # a row that ended at the first token: as stock generate() pads it and stops
-        answer = _finish_like_stock(answer, eos, config.pad_token_id if config.pad_token_id is not None else eos[0])
-    return torch.cat([prompt.to(out.device), answer], dim=1)
-
-
-def _finish_like_stock(tokens: torch.Tensor, eos: list[int], pad: int) -> torch.Tensor:
-    """Pad each row after its first end token and stop once every row has ended, as ``generate()`` does."""
-    ended = torch.isin(tokens, torch.tensor(eos, device=tokens.device))
-    after = (ended.long().cumsum(1) - ended.long()) > 0  # strictly after the first end token
-    tokens = tokens.masked_fill(after, pad)
-    done = ended.any(1)
-    if bool(done.all()):
-        last = int(ended.long().argmax(1).max())
-        tokens = tokens[:, : last + 1]
-    return tokens
+    pad = kw.get("pad_token_id", config.pad_token_id)
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    full_valid = torch.nn.functional.pad(valid, (padded - ids.shape[1], 0), value=False)
+    answer = adapter.fast.decode(adapter.fast.last_key, first, full_valid, new, eos, pad, at_least, next_position)
+    return torch.cat([prompt.to(first.device), first, answer], dim=1)
