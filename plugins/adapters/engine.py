@@ -72,6 +72,15 @@ class Family:
     early_layers: tuple[str, str] | None = None
     fast_prefill: bool = False
 
+    def __post_init__(self) -> None:
+        if not self.name or not self.model_classes:
+            raise ConfigError(f"Family row {self.name!r}: name and model_classes must be non-empty")
+        if self.positions not in ("compact", "original"):
+            raise ConfigError(f"Family row {self.name!r}: positions={self.positions!r}; allowed: 'compact', 'original'")
+        if not self.placeholders or any(len(p) != 2 for p in self.placeholders):
+            raise ConfigError(f"Family row {self.name!r}: placeholders must be (modality, config attribute) pairs, "
+                              f"got {self.placeholders!r}")
+
 
 # What an llm_layer step gets: the decoder's hidden states, recomputed attention rows and keys.
 LLM_FIELDS = frozenset({"attention", "keys", "text_keys", "text_embeds", "text_mask", "positions", "grid"})
@@ -139,6 +148,13 @@ class FamilyAdapter(Adapter):
     def language_model(self) -> torch.nn.Module:
         return path(self.inner, self.family.language_model)
 
+    def early_layers(self) -> int:
+        """How many decoder layers receive vision features after the prompt's (the row's ``early_layers``)."""
+        if self.family.early_layers is None:
+            return 0
+        owner, attr = self.family.early_layers[0].rsplit(".", 1)
+        return len(getattr(path(self.inner.config, owner), attr, None) or ())
+
     def token_id(self, modality: str) -> int:
         return int(getattr(self.inner.config, self.modalities[modality]))
 
@@ -188,10 +204,9 @@ class FamilyAdapter(Adapter):
         compat.check_supported()
         if self.positions not in ("original", "compact"):
             raise ConfigError(f"positions={self.positions!r} is not supported; use 'original' or 'compact'")
-        if self.family.early_layers is not None:
-            where, what = self.family.early_layers
-            owner, attr = where.rsplit(".", 1)
-            early = len(getattr(path(self.inner.config, owner), attr, None) or ())
+        early = self.early_layers()
+        if early:
+            what = self.family.early_layers[1]
             for step in self.steps(Stage.LLM_LAYER):
                 if step.layer is not None and step.layer < early:
                     raise ConfigError(

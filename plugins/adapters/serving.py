@@ -41,7 +41,7 @@ from tokenreduce.errors import InvalidInputError
 from tokenreduce.stages import Stage
 
 from . import compat
-from .engine import FamilyAdapter, bind, path, wrapper
+from .engine import FamilyAdapter, bind, wrapper
 from .fast_prefill import FastPrefill, fast_generate, refusal
 from .sequence import DecodeState, Shrink, sequence_positions
 from .units import ContextSource, Units, keep_mask
@@ -170,9 +170,8 @@ class ForwardServing(FamilyAdapter):
             return f"{type(self.model).__name__} has no LM head to replay (use the *ForConditionalGeneration model)"
         if self.steps(Stage.LLM_LAYER):
             return "llm_layer steps are not captured yet (the layers before and after K)"
-        early = self.family.early_layers
-        if early is not None and len(getattr(path(self.inner.config, early[0].rsplit(".", 1)[0]), early[0].rsplit(".", 1)[1], None) or ()):
-            return f"its {early[1]} features enter decoder layers, which the fast prefill does not replay yet"
+        if self.early_layers():
+            return f"its {self.family.early_layers[1]} features enter decoder layers, which the fast prefill does not replay yet"
         implementation = self.language_model.config._attn_implementation
         if implementation not in ("sdpa", "eager"):
             return f"attn_implementation={implementation!r}: the fast prefill passes a 4-D mask (sdpa or eager)"
