@@ -153,6 +153,7 @@ def test_yaml_switch_is_strict():
 
 # -- LLaVA family: the graph-replayed prefill (its CPU part: static cache, mask, bucket, handover) --------
 
+import test_adapter_internvl as internvl  # noqa: E402
 import test_adapter_llava as llava  # noqa: E402
 import test_adapter_llava_next as llava_next  # noqa: E402
 import test_adapter_onevision as onevision  # noqa: E402
@@ -161,6 +162,7 @@ from models import tiny_llava, tiny_llava_next, tiny_onevision  # noqa: E402
 from tokenreduce_plugins.adapters import fast_prefill  # noqa: E402
 
 LLAVA_FAMILY = {
+    "internvl": (lambda: internvl.model(), internvl.inputs),
     "llava-1.5": (lambda: tiny_llava(0), llava.inputs),
     "llava-next": (lambda: tiny_llava_next(0), llava_next.inputs),
     "llava-onevision": (lambda: tiny_onevision(0), onevision.CASE.inputs),

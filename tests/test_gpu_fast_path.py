@@ -112,3 +112,12 @@ def test_qwen_fast_path_captures_the_prefill_and_the_decoding_steps(qwen_model):
         assert entry.graph is not None and entry.step is not None and entry.step.graph is not None
         assert not handle.adapter.fast.failed and handle.adapter.graph_bytes() > 0
     assert handle.adapter.fast is None
+
+
+@pytest.mark.parametrize("name", ["random", "apet-llava", "cls_attn", "visionzip"])
+def test_internvl_fast_equals_eager(name):
+    """InternVL's fast prefill; reducers reading [CLS] rows run its tower (their hooks must fire), others replay it."""
+    import test_adapter_internvl as internvl
+
+    model = internvl.model().cuda()
+    assert_fast_equals_eager(model, internvl.inputs([0, 1]), name, "InternVL lacks")

@@ -37,7 +37,7 @@ class InternVLAdapter(LlavaFamilyAdapter):
     four keys concatenated. ``cls_token``: the last tile's [CLS] (the thumbnail, or the only tile).
     """
 
-    family = Family("internvl", ("InternVLForConditionalGeneration",), cls=True)
+    family = Family("internvl", ("InternVLForConditionalGeneration",), cls=True, fast_prefill=True)
 
     def validate(self) -> None:
         if self.pipeline.video_budget == "per_video":
@@ -55,7 +55,7 @@ class InternVLAdapter(LlavaFamilyAdapter):
         y = self.inner.pixel_shuffle(x.reshape(x.shape[0], side, side, -1), scale_factor=self.model.config.downsample_ratio)
         return y.reshape(x.shape[0], -1, y.shape[-1])
 
-    def tower(self, pixels: torch.Tensor, layer: int, start: int) -> tuple[torch.Tensor, VisionContext | None]:
+    def run_tower(self, pixels: torch.Tensor, layer: int, start: int) -> tuple[torch.Tensor, VisionContext | None]:
         """The selected features (as the stock getter selects them) and, if a step needs it, their context.
         Hidden states only where the stock getter asks for them (transformers then installs capture hooks
         for good); the blocks whose [CLS] rows are recomputed give their inputs to pre-hooks removed at once."""
@@ -64,8 +64,11 @@ class InternVLAdapter(LlavaFamilyAdapter):
         li = selected_layer(layer, len(blocks)) if self.needs("cls_token", "cls_attention", "keys") else None
         seen: dict[int, torch.Tensor] = {}
         hooks = [blocks[i].register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0])) for i in {li, si} - {None}]
+        # With those hooks the tower must run, not be replayed (a replay runs no hook): the fast path's
+        # graphed tower keeps the stock forward as ``stock``.
+        tower = getattr(self.tower.forward, "stock", self.tower) if hooks else self.tower
         try:
-            out = self.inner.vision_tower(pixel_values=pixels.to(self.inner.dtype), output_hidden_states=layer != -1, return_dict=True)
+            out = tower(pixel_values=pixels.to(self.inner.dtype), output_hidden_states=layer != -1, return_dict=True)
         finally:
             for h in hooks:
                 h.remove()
@@ -98,7 +101,7 @@ class InternVLAdapter(LlavaFamilyAdapter):
         layer, _, start = self.feature_selection(kw)
         if not isinstance(layer, int):
             raise InvalidInputError(f"vision_feature_layer={layer!r}: InternVL selects a single layer (an int)")
-        feats, vctx = self.tower(kw["pixel_values"], layer, start)
+        feats, vctx = self.run_tower(kw["pixel_values"], layer, start)
         shuffled = self.shuffle(feats[:, start:])
         projected = inner.multi_modal_projector(shuffled)  # the stock arrangement: bit-identical to the model
         per_tile, side = shuffled.shape[1], math.isqrt(shuffled.shape[1])
