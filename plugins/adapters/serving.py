@@ -127,8 +127,9 @@ class ForwardServing(FamilyAdapter):
         )
 
         def projected(x: torch.Tensor, _units: Units, reduced: bool) -> torch.Tensor:
-            # The stock features while nothing was removed.
-            return project(x) if reduced and project is not None else x if reduced else flat
+            if not reduced:
+                return flat  # the stock features while nothing was removed
+            return x if project is None else project(x)
 
         out, units, kept = self.reduce_units(first if first is not None else flat, units, source, projected,
                                              lambda item: {"modality": modality, "item": item})
@@ -188,7 +189,9 @@ class ForwardServing(FamilyAdapter):
             kw["input_ids"] = kw.pop("inputs")
         if not self._has_vision(kw):
             return self._orig_generate(**kw)
-        why = refusal(self.model, kw, self.family.pixel_args + self.family.media_args) or ("caller-given position_ids" if kw.get("position_ids") is not None else None)
+        why = refusal(self.model, kw, self.family.pixel_args + self.family.media_args)
+        if why is None and kw.get("position_ids") is not None:  # the family numbers the reduced prompt itself
+            why = "caller-given position_ids are not supported by the fast prefill"
         if why is not None:
             warnings.warn(f"tokenreduce fast path: this generate() runs eagerly: {why}", stacklevel=3)
             return self._orig_generate(**kw)
