@@ -252,6 +252,23 @@ class FamilyAdapter(Adapter):
         recorder = recorder or record(self.records, units.offsets(tokens.device), info)
         return encoder_steps(self._step, self.run_step, tokens, units, project, source, recorder, plan)
 
+    # -- the fast path --------------------------------------------------------------------------
+
+    def fast_refusal(self) -> str | None:
+        """Why this pipeline on this model cannot take the fast prefill (``None``: it can)."""
+        if not self.family.fast_prefill:
+            return f"the {self.name} adapter has no fast prefill yet"
+        if not hasattr(self.model, "lm_head"):
+            return f"{type(self.model).__name__} has no LM head to replay (use the *ForConditionalGeneration model)"
+        if self.steps(Stage.LLM_LAYER):
+            return "llm_layer steps are not captured yet (the layers before and after K)"
+        if self.early_layers():
+            return f"its {self.family.early_layers[1]} features enter decoder layers, which the fast prefill does not replay yet"
+        implementation = self.language_model.config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            return f"attn_implementation={implementation!r}: the fast prefill passes a 4-D mask (sdpa or eager)"
+        return None
+
     # -- the decoder stage -------------------------------------------------------------------
 
     def build_decoder(self) -> None:

@@ -34,10 +34,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokenreduce.adapter import StageRecord
 from tokenreduce.errors import InvalidInputError
 from tokenreduce.pipeline import Step
-from tokenreduce.stages import Stage
 
 from . import compat
-from .decoder import find_text_decoder
 from .engine import FamilyAdapter, bind, wrapper
 from .fast_prefill import FastPrefill, fast_generate, refusal
 from .graphed_tower import GraphedTower
@@ -86,25 +84,17 @@ class LlavaFamilyAdapter(FamilyAdapter):
         if self.decoder is not None:
             self.decoder.attach()
         if self.pipeline.fast:
-            why = self._fast_refusal()
+            why = self.fast_refusal()
             if why is None:
-                self.fast = FastPrefill.for_model(self.model, find_text_decoder(self.model))
+                self.fast = FastPrefill.for_model(self.model, self.language_model)
                 self._graphed_tower = GraphedTower(self.tower, self.fast.tower_graphs)
             else:
                 warnings.warn(f"tokenreduce fast path: {type(self.model).__name__} runs eagerly: {why}", stacklevel=4)
 
-    def _fast_refusal(self) -> str | None:
-        """Why this pipeline on this model cannot take the fast prefill (``None``: it can)."""
-        if not self.family.fast_prefill:
-            return f"the {self.name} adapter has no fast prefill yet"
-        if self.steps(Stage.LLM_LAYER):
-            return "llm_layer steps are not captured yet (the layers before and after K)"
+    def fast_refusal(self) -> str | None:
         if self.positions != "compact":
             return f"positions={self.positions!r}: the fast prefill numbers the reduced prompt compactly"
-        implementation = find_text_decoder(self.model).config._attn_implementation
-        if implementation not in ("sdpa", "eager"):
-            return f"attn_implementation={implementation!r}: the fast prefill passes a 4-D mask (sdpa or eager)"
-        return None
+        return super().fast_refusal()
 
     def detach(self) -> None:
         self.patches.restore()

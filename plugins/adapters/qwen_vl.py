@@ -50,6 +50,7 @@ class QwenVLAdapter(ForwardServing):
         vision_keys=False,
         token_positions=True,
         early_layers=("vision_config.deepstack_visual_indexes", "DeepStack"),
+        fast_prefill=True,
     )
 
     def __init__(self, model: torch.nn.Module, pipeline: Any):

@@ -38,7 +38,6 @@ import torch
 from transformers.cache_utils import Cache
 
 from tokenreduce.errors import InvalidInputError
-from tokenreduce.stages import Stage
 
 from . import compat
 from .engine import FamilyAdapter, bind, wrapper
@@ -164,19 +163,6 @@ class ForwardServing(FamilyAdapter):
             self.fast = None
 
     # -- the fast path ---------------------------------------------------------------------------
-
-    def fast_refusal(self) -> str | None:
-        """Why this pipeline on this model cannot take the fast prefill (``None``: it can)."""
-        if not hasattr(self.model, "lm_head"):
-            return f"{type(self.model).__name__} has no LM head to replay (use the *ForConditionalGeneration model)"
-        if self.steps(Stage.LLM_LAYER):
-            return "llm_layer steps are not captured yet (the layers before and after K)"
-        if self.early_layers():
-            return f"its {self.family.early_layers[1]} features enter decoder layers, which the fast prefill does not replay yet"
-        implementation = self.language_model.config._attn_implementation
-        if implementation not in ("sdpa", "eager"):
-            return f"attn_implementation={implementation!r}: the fast prefill passes a 4-D mask (sdpa or eager)"
-        return None
 
     def graph_bytes(self) -> int:
         """GPU memory held by the fast path's captured graphs (0 without it); freed on removal."""
