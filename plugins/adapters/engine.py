@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,6 +29,7 @@ from tokenreduce.stages import Stage
 
 from . import compat
 from .decoder import DecoderReduction
+from .fast_prefill import FastPrefill
 from .patches import Patches
 from .units import ENCODER_STAGES, ContextSource, Recorder, Units, call_reducer, encoder_steps, record
 from .vision import has_cls
@@ -128,6 +130,7 @@ class FamilyAdapter(Adapter):
         self.inner = model.model if hasattr(model, "lm_head") else model
         self.patches = Patches()
         self.decoder: DecoderReduction | None = None
+        self.fast: FastPrefill | None = None  # the fast path's captured prefills and decoding steps
         self._step: dict[Stage, Step | None] = {st: next(iter(self.steps(st)), None) for st in ENCODER_STAGES}
 
     # -- the family's parts ------------------------------------------------------------
@@ -253,6 +256,18 @@ class FamilyAdapter(Adapter):
         return encoder_steps(self._step, self.run_step, tokens, units, project, source, recorder, plan)
 
     # -- the fast path --------------------------------------------------------------------------
+
+    def start_fast(self, what: str) -> bool:
+        """The fast prefill, where the pipeline asks for it and :meth:`fast_refusal` has no reason
+        against it (then ``self.fast`` holds it); otherwise a one-line warning that ``what`` runs eagerly."""
+        if not self.pipeline.fast:
+            return False
+        why = self.fast_refusal()
+        if why is not None:
+            warnings.warn(f"tokenreduce fast path: {what} runs eagerly: {why}", stacklevel=5)
+            return False
+        self.fast = FastPrefill.for_model(self.model, self.language_model)
+        return True
 
     def fast_refusal(self) -> str | None:
         """Why this pipeline on this model cannot take the fast prefill (``None``: it can)."""

@@ -37,7 +37,7 @@ from tokenreduce.pipeline import Step
 
 from . import compat
 from .engine import FamilyAdapter, bind, wrapper
-from .fast_prefill import FastPrefill, fast_generate, refusal
+from .fast_prefill import fast_generate, refusal
 from .graphed_tower import GraphedTower
 from .sequence import Shrink, item_rows, placeholder_keep, removed_before, text_after_last
 from .units import ContextSource
@@ -71,7 +71,6 @@ class LlavaFamilyAdapter(FamilyAdapter):
         self.last_keep: dict[str, list[torch.Tensor]] = {}
         self._kw: dict | None = None
         self._serving = False  # inside a generate() whose getters serve reduced features
-        self.fast: FastPrefill | None = None  # the fast path's captured prefills (pipeline.fast)
         self.last_features: dict[int, torch.Tensor] = {}  # per placeholder id: the last reduction's features
 
     # -- patching ------------------------------------------------------------------------
@@ -83,13 +82,8 @@ class LlavaFamilyAdapter(FamilyAdapter):
         self.patches.set(self.model, "generate", wrapper(self._generate, self._orig_generate))
         if self.decoder is not None:
             self.decoder.attach()
-        if self.pipeline.fast:
-            why = self.fast_refusal()
-            if why is None:
-                self.fast = FastPrefill.for_model(self.model, self.language_model)
-                self._graphed_tower = GraphedTower(self.tower, self.fast.tower_graphs)
-            else:
-                warnings.warn(f"tokenreduce fast path: {type(self.model).__name__} runs eagerly: {why}", stacklevel=4)
+        if self.start_fast(type(self.model).__name__):
+            self._graphed_tower = GraphedTower(self.tower, self.fast.tower_graphs)
 
     def fast_refusal(self) -> str | None:
         if self.positions != "compact":

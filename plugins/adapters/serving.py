@@ -41,7 +41,7 @@ from tokenreduce.errors import InvalidInputError
 
 from . import compat
 from .engine import FamilyAdapter, bind, wrapper
-from .fast_prefill import FastPrefill, fast_generate, refusal
+from .fast_prefill import fast_generate, refusal
 from .sequence import DecodeState, Shrink, sequence_positions
 from .units import ContextSource, Units, keep_mask
 
@@ -77,7 +77,6 @@ class ForwardServing(FamilyAdapter):
 
     def __init__(self, model: torch.nn.Module, pipeline: Any):
         super().__init__(model, pipeline)
-        self.fast: FastPrefill | None = None  # the fast path's captured prefills and steps (pipeline.fast)
         self._busy = False
         # Per cache object filled by a reduced prefill: how to continue it (several may be alive).
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -143,15 +142,9 @@ class ForwardServing(FamilyAdapter):
             self.patches.set(module, "forward", self._wrap_forward(module.forward))
         if self.decoder is not None:
             self.decoder.attach()
-        if self.pipeline.fast:
-            why = self.fast_refusal()
-            if why is None:
-                self.fast = FastPrefill.for_model(self.model, self.language_model)
-                self._orig_generate = self.model.generate
-                self.patches.set(self.model, "generate", wrapper(self._generate, self._orig_generate))
-            else:
-                warnings.warn(f"tokenreduce fast path: {type(self.model).__name__}'s decoder runs eagerly: {why}",
-                              stacklevel=4)
+        if self.start_fast(f"{type(self.model).__name__}'s decoder"):
+            self._orig_generate = self.model.generate
+            self.patches.set(self.model, "generate", wrapper(self._generate, self._orig_generate))
 
     def detach(self) -> None:
         if self.decoder is not None:
