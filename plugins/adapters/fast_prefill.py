@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -64,10 +64,42 @@ def prefill_mask(valid: torch.Tensor, cache_len: int, dtype: torch.dtype, additi
     keys = torch.nn.functional.pad(valid, (0, cache_len - length), value=False)
     allowed = (k <= q).unsqueeze(0) & keys.unsqueeze(1)
     allowed = allowed | (k == q).unsqueeze(0)
-    allowed = allowed.unsqueeze(1)
-    if not additive:
+    return as_mask(allowed.unsqueeze(1), dtype if additive else torch.bool)
+
+
+def as_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool ``allowed`` mask as the attention takes it: bool (SDPA) or additive in ``dtype``."""
+    if dtype == torch.bool:
         return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def capture(run: Callable[[], Any], device: torch.device, restore: Callable[[], None] = lambda: None) -> tuple[Any, Any, int]:
+    """Warm ``run`` up on a side stream (allocations, kernel choice), then capture it in a CUDA graph.
+
+    ``restore`` puts back what the warm-up changed (it runs after the warm-up and after the
+    capture, which records without running). Returns the graph (``None`` when the capture
+    failed: the caller runs eagerly from then on), what ``run`` returned while captured (its
+    static outputs) and the GPU memory the capture took.
+    """
+    before = torch.cuda.memory_allocated(device)
+    graph = out = None
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        restore()
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            out = run()
+        graph = captured
+    except Exception:  # noqa: BLE001 - what cannot be captured runs eagerly
+        graph = None
+    finally:
+        restore()
+    return graph, out, max(torch.cuda.memory_allocated(device) - before, 0)
 
 
 def generation_positions(valid: torch.Tensor) -> torch.Tensor:
@@ -203,9 +235,7 @@ class FastPrefill:
         token, out = first, []
         for t in range(new - 1):
             slots[:, padded + t] = True
-            additive = step.mask.dtype != torch.bool
-            step.mask.copy_(slots[:, None, None, :] if not additive else
-                            torch.zeros_like(step.mask).masked_fill(~slots[:, None, None, :], torch.finfo(step.mask.dtype).min))
+            step.mask.copy_(as_mask(slots[:, None, None, :], step.mask.dtype))
             step.ids.copy_(token)
             step.positions.copy_(position)
             if step.graph is None and (entry_key, "step") not in self.failed and first.is_cuda:
@@ -252,27 +282,14 @@ class FastPrefill:
     def _capture_step(self, key: tuple, entry: _Entry, step: _Step) -> None:
         """Capture the step; warming it up writes one cache slot, so the slot counters are put back."""
         lengths = [layer.cumulative_length.clone() for layer in entry.cache.layers]
-        before = torch.cuda.memory_allocated(step.ids.device)
-        try:
-            stream = torch.cuda.Stream(step.ids.device)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._step(entry, step)
-            torch.cuda.current_stream().wait_stream(stream)
+
+        def restore() -> None:
             for layer, n in zip(entry.cache.layers, lengths):
                 layer.cumulative_length.copy_(n)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(entry, step)
-            for layer, n in zip(entry.cache.layers, lengths):  # the capture does not run the step
-                layer.cumulative_length.copy_(n)
-            step.graph = graph
-        except Exception:  # noqa: BLE001 - a step that cannot be captured runs eagerly from now on
+
+        step.graph, _, step.nbytes = capture(lambda: self._step(entry, step), step.ids.device, restore)
+        if step.graph is None:
             self.failed.add((key, "step"))
-            step.graph = None
-            for layer, n in zip(entry.cache.layers, lengths):
-                layer.cumulative_length.copy_(n)
-        step.nbytes = max(torch.cuda.memory_allocated(step.ids.device) - before, 0)
         entry.nbytes += step.nbytes
 
     def _new_entry(self, key: tuple, embeds: torch.Tensor) -> _Entry:
@@ -311,21 +328,9 @@ class FastPrefill:
             entry.logits.copy_(logits)
 
     def _capture(self, key: tuple, entry: _Entry) -> None:
-        before = torch.cuda.memory_allocated(entry.embeds.device)
-        try:
-            stream = torch.cuda.Stream(entry.embeds.device)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: allocates the cache, picks the kernels
-                self._prefill(entry)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._prefill(entry)
-            entry.graph = graph
-        except Exception:  # noqa: BLE001 - a shape that cannot be captured runs eagerly from now on
+        entry.graph, _, entry.nbytes = capture(lambda: self._prefill(entry), entry.embeds.device)
+        if entry.graph is None:
             self.failed.add(key)
-            entry.graph = None
-        entry.nbytes = max(torch.cuda.memory_allocated(entry.embeds.device) - before, 0)
 
 
 # Models whose graphs outlive a pipeline's removal (inside keep_graphs): model -> FastPrefill or None.

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .fast_prefill import capture
+
 MAX_GRAPHS = 8
 
 
@@ -67,22 +69,12 @@ class GraphedTower:
         return out
 
     def _capture(self, key: tuple, pixel_values: torch.Tensor, kwargs: dict[str, Any]):
-        device = pixel_values.device
-        before = torch.cuda.memory_allocated(device)
         static_in = pixel_values.clone()
-        try:
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.stock(static_in, **kwargs)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.stock(static_in, **kwargs)
-        except Exception:  # noqa: BLE001 - a shape that cannot be captured runs the stock forward from now on
+        graph, out, nbytes = capture(lambda: self.stock(static_in, **kwargs), pixel_values.device)
+        if graph is None:  # a shape that cannot be captured runs the stock forward from now on
             self.failed.add(key)
             return None
-        entry = (graph, static_in, out, max(torch.cuda.memory_allocated(device) - before, 0))
+        entry = (graph, static_in, out, nbytes + static_in.numel() * static_in.element_size())
         self.graphs[key] = entry
         while len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
