@@ -176,15 +176,12 @@ class ForwardServing(FamilyAdapter):
             return self._orig_generate(**kw)
         self.records.clear()
         prompt = kw["input_ids"]
-        short, state, _ = self._prefill(compat.canonical_kwargs(dict(kw)), takes_outputs=True)
-        positions, next_position = short.get("position_ids"), None if state is None else state.next_pos
-        if positions is None:  # nothing removed: the stock ids of the whole prompt
-            positions = self.full_positions(short)[0]
-            valid = short.get("attention_mask")
-            valid = torch.ones_like(prompt, dtype=torch.bool) if valid is None else valid.bool()
-            next_position = positions.masked_fill(~valid, 0).amax(dim=(0, 2)).unsqueeze(1) + 1
-        if positions.dim() == 3 and next_position is not None:
-            next_position = next_position.unsqueeze(0).expand(positions.shape[0], -1, -1)
+        short, state, _, full = self._prefill(compat.canonical_kwargs(dict(kw)), takes_outputs=True)
+        if state is None:  # nothing removed: the stock ids of the whole prompt
+            positions, next_position = full, after_prompt(full, short.get("attention_mask"))
+        else:
+            positions, next_position = short["position_ids"], state.next_pos
+        next_position = next_position.unsqueeze(0).expand(positions.shape[0], -1, -1)
         features = {self.token_id(m): torch.cat(list(out.pooler_output))
                     for m, out in (short.get("mm_encoder_outputs") or {}).items() if out is not None}
         return fast_generate(self, short, prompt, features, positions, next_position)
@@ -228,7 +225,7 @@ class ForwardServing(FamilyAdapter):
         encoder_side = any(s is not None for s in self._step.values())
         if not (has_vision and (encoder_side or self._renumbers())):
             return self._forward(orig, kw)
-        kw, pending, served = self._prefill(kw, compat.takes_encoder_outputs(orig))
+        kw, pending, served, _ = self._prefill(kw, compat.takes_encoder_outputs(orig))
         with compat.serving_features(self.inner, served):
             out = self._forward(orig, kw)
         if pending is not None:
@@ -276,8 +273,9 @@ class ForwardServing(FamilyAdapter):
 
     def _prefill(
         self, kw: dict[str, Any], takes_outputs: bool
-    ) -> tuple[dict[str, Any], DecodeState | None, dict[str, Any]]:
-        """The shortened call, how to continue its cache, and what the feature getters must serve.
+    ) -> tuple[dict[str, Any], DecodeState | None, dict[str, Any], torch.Tensor]:
+        """The shortened call, how to continue its cache, what the feature getters must serve,
+        and the unreduced prompt's position ids ``(A, B, L)``.
 
         ``takes_outputs``: the stock forward accepts the reduced features as
         ``mm_encoder_outputs``; otherwise the pixel inputs stay and the model's own feature
@@ -306,17 +304,14 @@ class ForwardServing(FamilyAdapter):
         else:
             served = outputs
         if not dropped and not self._renumbers():  # nothing removed: the stock forward does the rest
-            return kw, None, served
+            return kw, None, served, pos_full
 
         shrink = Shrink.from_keep(keep)
         batch, red_len = shrink.index.shape
         axes = pos_full.shape[0]
         mask_red = shrink.mask(mask)
-        kw["input_ids"] = shrink.take(ids, self.pad_id())
+        kw.update(shrink.tokens(kw, self.pad_id()))
         kw["attention_mask"] = mask_red
-        for key, fill in (("mm_token_type_ids", 0), ("labels", -100)):
-            if kw.get(key) is not None:
-                kw[key] = shrink.take(kw[key], fill)
         seq_red = sequence_positions(mask_red, batch, red_len, ids.device)
         pos_red = shrink.take(pos_full, 0) if self.positions == "original" else seq_red.expand(axes, batch, red_len)
         kw["position_ids"] = pos_red if text_row is None else torch.cat([seq_red.unsqueeze(0), pos_red], dim=0)
@@ -324,12 +319,17 @@ class ForwardServing(FamilyAdapter):
         # Where decoding continues, and how to shift caller-given ids of later steps.
         seq_full = text_row if text_row is not None else sequence_positions(mask, batch, ids.shape[1], ids.device)
         if self.positions == "original":
-            valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            next_pos = pos_full.masked_fill(~valid, 0).amax(dim=(0, 2)).unsqueeze(1) + 1
+            next_pos = after_prompt(pos_full, mask)
             shift = torch.zeros(axes, batch, 1, dtype=pos_full.dtype, device=pos_full.device)
         else:
             next_pos = seq_red[:, -1:] + 1
             shift = pos_red[..., -1:] - pos_full[..., -1:]
         state = DecodeState(ids.shape[1], red_len, mask_red, next_pos, seq_red[:, -1:] - seq_full[:, -1:], shift)
-        return kw, state, served
+        return kw, state, served, pos_full
 
+
+def after_prompt(positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``(B, 1)``: the position id after a prompt's largest (``positions (A, B, L)``, padding
+    excluded), where the stock ``rope_deltas`` rule continues decoding."""
+    valid = torch.ones(positions.shape[1:], dtype=torch.bool, device=positions.device) if mask is None else mask.bool()
+    return positions.masked_fill(~valid, 0).amax(dim=(0, 2)).unsqueeze(1) + 1
