@@ -98,7 +98,7 @@ from .decoder_kv import DecodePruning, acts_at_decode
 from .decoder_start import start_forward
 from .decoder_state import CacheState, NotStarted, Passthrough, Reduced, Reducing
 
-__all__ = ["DecoderReduction", "attention_rows", "decoder_layers", "find_text_decoder", "layer_keys"]
+__all__ = ["DecoderReduction", "attention_rows", "decoder_layers", "layer_keys"]
 
 #: The state of the forward in progress: None outside a decoder forward.
 Phase = NotStarted | Passthrough | Reducing | Reduced
@@ -112,15 +112,6 @@ def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         raise ConfigError(f"{type(decoder).__name__} has no `layers` ModuleList; llm_layer steps cannot be applied")
     return layers
-
-
-def find_text_decoder(model: nn.Module) -> nn.Module:
-    """The text decoder of a (multimodal) causal LM: ``model.model.language_model`` or ``model.model``."""
-    inner = getattr(model, "model", model)
-    for cand in (getattr(inner, "language_model", None), inner, model):
-        if cand is not None and isinstance(getattr(cand, "layers", None), nn.ModuleList):
-            return cand
-    raise ConfigError(f"cannot find the text decoder (a module with `layers`) in {type(model).__name__}")
 
 
 def _needs_attention(step: Step) -> bool:

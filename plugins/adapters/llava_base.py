@@ -31,9 +31,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from tokenreduce.adapter import StageRecord
 from tokenreduce.errors import InvalidInputError
-from tokenreduce.pipeline import Step
 
 from . import compat
 from .engine import FamilyAdapter, bind, wrapper
@@ -207,16 +205,9 @@ class LlavaFamilyAdapter(FamilyAdapter):
         # Old padding goes too: the shortened rows are padded afresh to the longest one.
         right = am is not None and not bool(am[:, -1].bool().all())
         shrink = Shrink.from_keep(keep if am is None else keep & am.bool(), right=right)
-        new = dict(kw)
-        new["input_ids"] = shrink.take(ids, self.pad_id())
+        new = {**kw, **shrink.tokens(kw, self.pad_id())}
         if am is not None or shrink.padded or self.positions == "original":
             new["attention_mask"] = shrink.take(am if am is not None else torch.ones_like(ids), 0)
-        if kw.get("labels") is not None:
-            new["labels"] = shrink.take(kw["labels"], -100)
-        for name in ("token_type_ids", "mm_token_type_ids"):
-            if kw.get(name) is not None:  # may be shorter than the ids (the stock model accepts it): padded
-                types = torch.nn.functional.pad(kw[name], (0, ids.shape[1] - kw[name].shape[-1]))
-                new[name] = shrink.take(types, 0)
         pos = kw.get("position_ids")
         if self.positions == "original":
             if pos is None:
@@ -276,10 +267,6 @@ class LlavaFamilyAdapter(FamilyAdapter):
         """The context source of one unit per image: the vision context's rows and each image's instruction."""
         return (vctx or VisionContext(None, None, None)).source({"text_embeds": text, "text_mask": text_mask})
 
-    def add_record(self, step: Step, before: list[int], after: list[int], indices: list[torch.Tensor],
-                   info: list[dict], seconds: float) -> None:
-        """Append the record of one encoder-side step (one entry per unit: image, frame or video)."""
-        self.records.append(StageRecord(step.stage, step.reducer.name, None, before, after, indices, info, seconds))
 
 
 def _flat(pooler: Any) -> torch.Tensor:

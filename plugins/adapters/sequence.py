@@ -102,6 +102,17 @@ class Shrink:
         out = torch.gather(x, -1, idx)
         return out.masked_fill(~self.slot.expand(out.shape), fill)
 
+    def tokens(self, kw: dict[str, Any], pad_id: int) -> dict[str, Any]:
+        """The shortened per-token inputs of a call that are not positions or masks: ``input_ids``
+        (``pad_id`` at new padding), ``labels`` (-100) and token types (0; a type row shorter than
+        the ids, which the stock models accept, is padded first)."""
+        ids = kw["input_ids"]
+        out = {"input_ids": self.take(ids, pad_id)}
+        for name, fill in (("labels", -100), ("token_type_ids", 0), ("mm_token_type_ids", 0)):
+            if kw.get(name) is not None:
+                out[name] = self.take(torch.nn.functional.pad(kw[name], (0, ids.shape[1] - kw[name].shape[-1])), fill)
+        return out
+
     def mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The shortened 2-D attention mask (``None`` stays ``None`` when no padding was added)."""
         if attention_mask is None:
