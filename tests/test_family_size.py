@@ -50,6 +50,7 @@ SHARED = {
     "decoder_start": "every family: llm_layer steps",
     "decoder_state": "every family: llm_layer steps",
     "fast_prefill": "the fast path",
+    "fast_layers": "the fast path (llm_layer steps inside its captured prefill)",
     "graphed_tower": "the fast path",
     "varlen_attention": "the fast path: packed-window towers",
 }

@@ -123,8 +123,8 @@ def test_qwen_fast_path_refusals_run_eagerly_with_a_warning():
     with torch.no_grad(), tokenreduce.apply(model, Pipeline([Step("projector", create("random", budget=0.5))], fast=True)):
         with pytest.warns(UserWarning, match="stopping_criteria"):
             model.generate(**kw, max_new_tokens=2, do_sample=False, stopping_criteria=[])
-    with pytest.warns(UserWarning, match="llm_layer steps are not captured"):
-        with tokenreduce.apply(model, Pipeline([Step("llm_layer", create("fastv", budget=0.5), layer=1)], fast=True)):
+    with pytest.warns(UserWarning, match="dycoke-kv prunes the cache while decoding"):
+        with tokenreduce.apply(model, Pipeline([Step("llm_layer", create("dycoke-kv", budget=0.5), layer=1)], fast=True)):
             pass
 
 
@@ -216,8 +216,8 @@ def test_llava_fast_prefill_ends_rows_like_stock_generate():
 def test_what_the_fast_prefill_cannot_take_runs_eagerly_with_a_warning():
     model = tiny_llava(0)
     kw = llava.inputs([0, 1])
-    with pytest.warns(UserWarning, match="llm_layer steps are not captured"):
-        with tokenreduce.apply(model, Pipeline([Step("llm_layer", create("fastv", budget=0.5), layer=1)], fast=True)):
+    with pytest.warns(UserWarning, match="dycoke-kv prunes the cache while decoding"):
+        with tokenreduce.apply(model, Pipeline([Step("llm_layer", create("dycoke-kv", budget=0.5), layer=1)], fast=True)):
             pass
     with pytest.warns(UserWarning, match="positions='original'"):
         with tokenreduce.apply(model, Pipeline([Step("projector", create("random", budget=0.5))], positions="original", fast=True)):

@@ -121,3 +121,40 @@ def test_internvl_fast_equals_eager(name):
 
     model = internvl.model().cuda()
     assert_fast_equals_eager(model, internvl.inputs([0, 1]), name, "InternVL lacks")
+
+
+# -- llm_layer steps: the decoder split at the step's layer, captured with the prefill ----------------
+
+import test_fast_layers as layers  # noqa: E402
+
+
+def split_runs(model, kw, step, new=6):
+    """Both paths on rows with equal image counts; the fast one must have captured the split prefill and steps."""
+    out = {}
+    for fast in (False, True):
+        with torch.no_grad(), tokenreduce.apply(model, Pipeline([step], fast=fast)) as handle:
+            for _ in range(2):  # capture, then replay
+                tokens = model.generate(**kw, max_new_tokens=new, do_sample=False)
+            out[fast] = (tokens, [i for r in handle.records for i in r.indices])
+            if fast:
+                (entry,) = handle.adapter.fast.entries.values()
+                assert entry.plan is not None and entry.graph is not None and entry.step.graph is not None
+                assert not handle.adapter.fast.failed
+    return out
+
+
+@pytest.mark.parametrize("name", layers.LLM_REDUCERS)
+def test_llava_llm_layer_steps_captured_equal_eager(llava_model, name):
+    step = Step("llm_layer", create(name, budget=0.5, **layers.params(name)), layer=1)
+    runs = split_runs(llava_model, on_cuda(layers.llava_inputs()), step)
+    assert torch.equal(runs[False][0], runs[True][0])
+    assert len(runs[True][1]) == len(runs[False][1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(runs[False][1], runs[True][1]))
+
+
+@pytest.mark.parametrize("name", ["fastv", "dart", "sparsevlm", "pdrop", "random"])
+def test_qwen_llm_layer_steps_captured_equal_eager(qwen_model, name):
+    kw = on_cuda(qwen_vl_inputs([[(8, 8)], [(8, 8)]]))
+    runs = split_runs(qwen_model, kw, Step("llm_layer", create(name, budget=0.5), layer=1))
+    assert torch.equal(runs[False][0], runs[True][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[False][1], runs[True][1]))

@@ -10,7 +10,7 @@ Quick use::
 
 from __future__ import annotations
 
-from . import graphs, ops, sync
+from . import graphs, ops, precision, sync
 from .adapter import Adapter, Handle, StageRecord, apply, live_handle, patch
 from .budget import Budget, resolve_budget
 from .config import json_schema, load_config, loads_config

@@ -34,6 +34,7 @@ and ``max_bytes`` bytes, least recently used out first; :func:`clear` releases t
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -212,6 +213,7 @@ def _settings() -> tuple:
         m.allow_fp16_reduced_precision_reduction,
         m.allow_bf16_reduced_precision_reduction,
         torch.are_deterministic_algorithms_enabled(),
+        os.environ.get("TOKENREDUCE_NO_TRITON", ""),  # plugins choose fused Triton kernels by it
     )
 
 

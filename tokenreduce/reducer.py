@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import graphs, ops
+from . import graphs, ops, precision
 from .budget import Budget, RatioRounding, check_budget, resolve_budget, resolve_budgets
 from .context import ReductionContext
 from .errors import InvalidInputError, MissingContextError, StageError
@@ -217,29 +217,47 @@ class Reducer(abc.ABC):
                 f"got {type(getattr(context, wrong[0])).__name__}"
             )
         if mask is None:
-            # Every row holds all N tokens, so every row keeps the same count, worked out on
-            # the host: no device read here, and reducers may skip theirs (uniform_count).
-            b, n, _ = tokens.shape
-            t = resolve_budget(budget, n, rounding=self.ratio_rounding)
-            if t == n:
-                valid = check_mask(None, tokens)
-                out = identity_reduction(tokens, valid, n)
-            else:
-                context.uniform_count = t
-                # Eager, or replayed from a CUDA graph for graph_safe reducers on CUDA.
-                out = graphs.reduce_uniform(self, tokens, t, context)
+            out = self._uniform(tokens, budget, context)
         else:
             valid_counts = valid.sum(dim=1)
             counts = resolve_budgets(budget, valid_counts, rounding=self.ratio_rounding)
             if bool((counts == valid_counts).all()):
                 out = identity_reduction(tokens, valid)
             else:
-                out = self.reduce(tokens, counts, valid, context)
+                # Float32 products on CUDA in TF32 unless configured otherwise (tokenreduce.precision).
+                with precision.reducer_matmul(tokens.device):
+                    out = self.reduce(tokens, counts, valid, context)
         if _observers and valid is None:
             valid = check_mask(None, tokens)
         for callback in _observers:
             callback(self, tokens, valid, context, out)
         return out
+
+    def call_unchecked(self, tokens: torch.Tensor, context: ReductionContext) -> Reduction:
+        """What ``self(tokens, context=context)`` returns, without its input checks and observers.
+
+        For callers that cannot read device values, the capture of a CUDA graph that holds this
+        call (the fast path's split prefill), and that made the same call checked before (its
+        warm-up): the finiteness of ``tokens`` and the context's presence are not checked here.
+        Every row keeps the count the budget gives ``N`` (no mask).
+        """
+        if self.budget is None:
+            raise InvalidInputError(f"reducer {self.name!r} has no budget: pass budget= to the constructor")
+        context = replace(context, stage=context.stage or self.stage or self._default_stage(), uniform_count=None)
+        return self._uniform(tokens, self.budget, context)
+
+    def _uniform(self, tokens: torch.Tensor, budget: Budget, context: ReductionContext) -> Reduction:
+        """Every row holds all N tokens, so every row keeps the same count, worked out on the host: no
+        device read here, and reducers may skip theirs (``uniform_count``)."""
+        b, n, _ = tokens.shape
+        t = resolve_budget(budget, n, rounding=self.ratio_rounding)
+        if t == n:
+            return identity_reduction(tokens, check_mask(None, tokens), n)
+        context.uniform_count = t
+        # Float32 products on CUDA in TF32 unless configured otherwise (tokenreduce.precision);
+        # eager, or replayed from a CUDA graph for graph_safe reducers on CUDA.
+        with precision.reducer_matmul(tokens.device):
+            return graphs.reduce_uniform(self, tokens, t, context)
 
     def _default_stage(self) -> Stage:
         # The encoder-side default is the common case for direct tensor calls.

@@ -153,6 +153,7 @@ class DecoderReduction:
         self._handles: list[Any] = []
         self._phase: Phase | None = None
         self._pending: tuple = (None, None, _UNSET, None)
+        self.paused = False  # the fast path runs the steps itself (fast_layers): these hooks sit out
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.validate()
         self._step_at = {s.layer: j for j, s in enumerate(self.steps)}
@@ -226,6 +227,9 @@ class DecoderReduction:
     # -- hooks -----------------------------------------------------------------------------
 
     def _pre_decoder(self, module, args, kwargs):
+        if self.paused:
+            self._phase = None
+            return
         mask, grid, padding, blocks = self._pending
         self._pending = (None, None, _UNSET, None)
         state, past0 = self._cache_state(compat.get_cache(kwargs))

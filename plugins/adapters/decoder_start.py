@@ -41,7 +41,7 @@ def start_forward(
         image_input=img if has_images else None,
         grid=pending.grid,
     )
-    rope_ids = None if pending.rope_ids is None else _per_row(pending.rope_ids, b, q)
+    rope_ids = None if pending.rope_ids is None else per_row(pending.rope_ids, b, q)
     layer_ids = kwargs.get("position_ids")
     cos_sin = kwargs.get("position_embeddings")
     if cos_sin is None:
@@ -55,7 +55,7 @@ def start_forward(
         dropped_before=torch.zeros(b, q, dtype=torch.long, device=dev),
         total_dropped=torch.zeros(b, dtype=torch.long, device=dev),
         rope_ids=rope_ids,
-        layer_ids=None if layer_ids is None else _per_row(layer_ids, b, q),
+        layer_ids=None if layer_ids is None else per_row(layer_ids, b, q),
         cos_sin=cos_sin,
         blocks=_blocks(pending.blocks, pending.past0, q, dev),
     )
@@ -104,6 +104,6 @@ def _blocks(ids: torch.Tensor | None, past0: int, q: int, dev: torch.device) -> 
     return ids[:, past0 : past0 + q]
 
 
-def _per_row(ids: torch.Tensor, b: int, q: int) -> torch.Tensor:
+def per_row(ids: torch.Tensor, b: int, q: int) -> torch.Tensor:
     """Position ids ``(..., 1, q)`` expanded to ``(..., B, q)`` (already per row: unchanged)."""
     return ids.expand(*ids.shape[:-2], b, q) if ids.shape[-2] == 1 else ids

@@ -116,7 +116,7 @@ def ids_gather(ids: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return _seq_gather(ids, src, ids.dim() - 2)
 
 
-def _cos_gather(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+def cos_gather(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """Gather rotary tables ``(..., B|1, L, d)`` along the sequence dim."""
     return _seq_gather(t, src, t.dim() - 3)
 
@@ -148,7 +148,7 @@ class Sequence:
             total_dropped=self.total_dropped + drop.sum(dim=1),
             rope_ids=None if self.rope_ids is None else ids_gather(self.rope_ids, src),
             layer_ids=None if self.layer_ids is None else ids_gather(self.layer_ids, src),
-            cos_sin=(_cos_gather(cos, src), _cos_gather(sin, src)),
+            cos_sin=(cos_gather(cos, src), cos_gather(sin, src)),
             blocks=None if self.blocks is None else gather_rows(self.blocks, src).masked_fill(~slot, -1),
         )
 

@@ -29,6 +29,7 @@ from tokenreduce.stages import Stage
 
 from . import compat
 from .decoder import DecoderReduction
+from .fast_layers import LayerSplit, split_refusal
 from .fast_prefill import FastPrefill
 from .patches import Patches
 from .units import ENCODER_STAGES, ContextSource, Recorder, Units, call_reducer, encoder_steps, record
@@ -267,6 +268,10 @@ class FamilyAdapter(Adapter):
             warnings.warn(f"tokenreduce fast path: {what} runs eagerly: {why}", stacklevel=5)
             return False
         self.fast = FastPrefill.for_model(self.model, self.language_model)
+        llm = self.steps(Stage.LLM_LAYER)
+        # Run inside the captured prefill (the eager DecoderReduction sits out those calls). Set on
+        # every pipeline: graphs kept across pipelines (keep_graphs) must not keep another's steps.
+        self.fast.split = LayerSplit(self.language_model, llm, self.positions, self.records.append) if llm else None
         return True
 
     def fast_refusal(self) -> str | None:
@@ -275,8 +280,10 @@ class FamilyAdapter(Adapter):
             return f"the {self.name} adapter has no fast prefill yet"
         if not hasattr(self.model, "lm_head"):
             return f"{type(self.model).__name__} has no LM head to replay (use the *ForConditionalGeneration model)"
-        if self.steps(Stage.LLM_LAYER):
-            return "llm_layer steps are not captured yet (the layers before and after K)"
+        llm = self.steps(Stage.LLM_LAYER)
+        why = split_refusal(self.language_model, llm, self.positions) if llm else None
+        if why is not None:
+            return why
         if self.early_layers():
             return f"its {self.family.early_layers[1]} features enter decoder layers, which the fast prefill does not replay yet"
         implementation = self.language_model.config._attn_implementation

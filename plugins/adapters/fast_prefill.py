@@ -15,6 +15,8 @@ decoding:
 * that call is captured once per (batch, bucket, cache length, dtype) and replayed; a
   bounded LRU keeps the graphs, their cache and static buffers; :meth:`FastPrefill.held_bytes`
   reports the memory they hold and :meth:`FastPrefill.release` frees it;
+* ``llm_layer`` steps run inside the same captured prefill, the decoder split at each step's
+  layer (:mod:`.fast_layers`; the entry's key holds the split's :class:`~.fast_layers.Plan`);
 * decoding continues greedily on the filled static cache, one token per step, each step
   replayed from a CUDA graph captured once per prefill shape (:meth:`FastPrefill.decode`:
   the new token's embedding, the decoder on one slot more, the LM head); end tokens and
@@ -35,7 +37,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -120,6 +122,12 @@ class _Entry:
     graph: Any = None
     nbytes: int = 0
     step: _Step | None = None  # the captured decoding step on this entry's cache
+    # llm_layer steps (:mod:`.fast_layers`): the plan of the split, the prompt's image and real
+    # slots (static) and the captured run's reductions and group slots (current after a replay).
+    plan: Any = None
+    media: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    split_run: Any = None
 
 
 @dataclass
@@ -129,6 +137,7 @@ class _Step:
     ids: torch.Tensor  # (B, 1) the token to feed
     positions: torch.Tensor  # (B, 1) its position id
     mask: torch.Tensor  # (B, 1, 1, cache_len): the cache slots it attends to
+    group_masks: list[torch.Tensor] = field(default_factory=list)  # the same for each later layer group
     logits: torch.Tensor | None = None
     graph: Any = None
     nbytes: int = 0
@@ -145,6 +154,7 @@ class FastPrefill:
         self.tower_graphs: OrderedDict = OrderedDict()  # the GraphedTower's, kept with these
         self.cache_kw = compat.cache_name(decoder.forward)  # "cache" or "past_key_values", by release
         self.last_key: tuple | None = None  # the entry the last run() filled (decode() continues it)
+        self.split: Any = None  # the pipeline's llm_layer steps (a fast_layers.LayerSplit), if any
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, decoder: torch.nn.Module) -> FastPrefill:
@@ -176,11 +186,14 @@ class FastPrefill:
     # -- running -------------------------------------------------------------------------
 
     def run(self, embeds: torch.Tensor, valid: torch.Tensor, new_tokens: int,
-            positions: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, int]:
+            positions: torch.Tensor | None = None, plan: Any = None,
+            media: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, int]:
         """Prefill ``embeds (B, L, D)`` (left-padded, ``valid (B, L)``) for ``new_tokens`` more tokens.
 
         ``positions``: the prompt's position ids, ``(B, L)`` or ``(A, B, L)`` (M-RoPE's axes);
-        default: as ``generate()`` numbers a left-padded prompt. Returns the last position's
+        default: as ``generate()`` numbers a left-padded prompt. ``plan``: the split of the
+        pipeline's ``llm_layer`` steps for this prompt (:meth:`.fast_layers.LayerSplit.plan`),
+        ``media (B, L)`` its image tokens; ``None``: no split. Returns the last position's
         logits ``(B, V)`` (a static buffer: read it before the next call), the filled static
         cache (slots ``0 .. bucket-1``) and the bucket length.
         """
@@ -188,7 +201,7 @@ class FastPrefill:
         padded = bucket(length)
         cache_len = padded + 64 * math.ceil(max(new_tokens, 1) / 64)
         axes = () if positions is None or positions.dim() == 2 else tuple(positions.shape[:-2])
-        key = (b, padded, cache_len, embeds.dtype, embeds.device, axes)
+        key = (b, padded, cache_len, embeds.dtype, embeds.device, axes, plan)
         entry = self.entries.get(key)
         if entry is None:
             entry = self._new_entry(key, embeds)
@@ -203,12 +216,18 @@ class FastPrefill:
         else:  # padding slots get 1, as generate() gives them
             entry.positions.fill_(1)
             entry.positions[..., extra:].copy_(positions)
+        if plan is not None:
+            entry.valid.copy_(full_valid)
+            entry.media.zero_()
+            entry.media[:, extra:].copy_(media)
         if entry.graph is None and key not in self.failed and embeds.is_cuda:
             self._capture(key, entry)
         if entry.graph is not None:
             entry.graph.replay()
         else:
             self._prefill(entry)
+        if plan is not None:
+            self.split.record(entry.split_run)
         self.last_key = key
         return entry.logits, entry.cache, padded
 
@@ -228,6 +247,11 @@ class FastPrefill:
         cache_len = entry.mask.shape[-1]
         step = entry.step if entry.step is not None else self._new_step(entry)
         slots = torch.nn.functional.pad(valid.bool(), (0, cache_len - padded), value=False)
+        # Each later layer group caches its own (shorter) prompt: its slots, then the decoded ones.
+        groups = [] if entry.plan is None else [
+            (torch.nn.functional.pad(v, (0, cache_len - v.shape[1]), value=False), v.shape[1])
+            for v in entry.split_run.valids
+        ]
         if position is None:  # as generate() numbers a left-padded prompt
             position = valid.long().sum(dim=1, keepdim=True)
         ends = torch.tensor(eos, dtype=first.dtype, device=first.device)
@@ -236,6 +260,9 @@ class FastPrefill:
         for t in range(new - 1):
             slots[:, padded + t] = True
             step.mask.copy_(as_mask(slots[:, None, None, :], step.mask.dtype))
+            for (group_slots, length), group_mask in zip(groups, step.group_masks):
+                group_slots[:, length + t] = True
+                group_mask.copy_(as_mask(group_slots[:, None, None, :], step.mask.dtype))
             step.ids.copy_(token)
             step.positions.copy_(position)
             if step.graph is None and (entry_key, "step") not in self.failed and first.is_cuda:
@@ -261,18 +288,21 @@ class FastPrefill:
     def _new_step(self, entry: _Entry) -> _Step:
         b = entry.embeds.shape[0]
         device = entry.embeds.device
+        mask = torch.zeros(b, 1, 1, entry.mask.shape[-1], dtype=entry.mask.dtype, device=device)
         entry.step = _Step(
             ids=torch.zeros(b, 1, dtype=torch.long, device=device),
             positions=torch.zeros(*entry.positions.shape[:-1], 1, dtype=torch.long, device=device),
-            mask=torch.zeros(b, 1, 1, entry.mask.shape[-1], dtype=entry.mask.dtype, device=device),
+            mask=mask,
+            group_masks=[torch.zeros_like(mask) for _ in ([] if entry.plan is None else entry.plan.kept)],
         )
         return entry.step
 
     def _step(self, entry: _Entry, step: _Step) -> None:
         """One decoding step on the static buffers (the call that is captured): the cache advances by one slot."""
         embeds = self.model.get_input_embeddings()(step.ids)
-        out = self.decoder(inputs_embeds=embeds, attention_mask=step.mask, position_ids=step.positions,
-                           use_cache=True, **{self.cache_kw: entry.cache})
+        with self._decoding(entry, step):
+            out = self.decoder(inputs_embeds=embeds, attention_mask=step.mask, position_ids=step.positions,
+                               use_cache=True, **{self.cache_kw: entry.cache})
         logits = self.model.lm_head(out.last_hidden_state[:, -1])
         if step.logits is None:
             step.logits = logits
@@ -295,7 +325,7 @@ class FastPrefill:
     def _new_entry(self, key: tuple, embeds: torch.Tensor) -> _Entry:
         from transformers import StaticCache
 
-        b, padded, cache_len, dtype, device, axes = key
+        b, padded, cache_len, dtype, device, axes, plan = key
         additive = self.decoder.config._attn_implementation != "sdpa"
         mask_dtype = dtype if additive else torch.bool
         entry = _Entry(
@@ -303,7 +333,11 @@ class FastPrefill:
             mask=torch.zeros(b, 1, padded, cache_len, dtype=mask_dtype, device=device),
             positions=torch.zeros(*axes, b, padded, dtype=torch.long, device=device),
             cache=StaticCache(config=self.model.config, max_cache_len=cache_len),
+            plan=plan,
         )
+        if plan is not None:
+            entry.media = torch.zeros(b, padded, dtype=torch.bool, device=device)
+            entry.valid = torch.zeros(b, padded, dtype=torch.bool, device=device)
         self.entries[key] = entry
         while len(self.entries) > MAX_GRAPHS:
             self.entries.popitem(last=False)
@@ -314,18 +348,39 @@ class FastPrefill:
         for layer in entry.cache.layers:  # the cache is written from slot 0 at every replay
             if getattr(layer, "is_initialized", False):
                 layer.cumulative_length.zero_()
-        out = self.decoder(
-            inputs_embeds=entry.embeds,
-            attention_mask=entry.mask,
-            position_ids=entry.positions,
-            use_cache=True,
-            **{self.cache_kw: entry.cache},
-        )
+        with self._split(entry):
+            out = self.decoder(
+                inputs_embeds=entry.embeds,
+                attention_mask=entry.mask,
+                position_ids=entry.positions,
+                use_cache=True,
+                **{self.cache_kw: entry.cache},
+            )
         logits = self.model.lm_head(out.last_hidden_state[:, -1])
         if entry.logits is None:
             entry.logits = logits
         else:
             entry.logits.copy_(logits)
+
+    @contextmanager
+    def _split(self, entry: _Entry) -> Iterator[None]:
+        """The prefill's decoder forward, split at the llm_layer steps' layers where the entry has a plan."""
+        if entry.plan is None:
+            yield
+            return
+        with self.split.prefill(entry.media, entry.valid, entry.plan) as run:
+            yield
+        entry.split_run = run
+
+    @contextmanager
+    def _decoding(self, entry: _Entry, step: _Step) -> Iterator[None]:
+        """A decoding step's forward, each layer group on its own slots, where the entry has a plan."""
+        if entry.plan is None:
+            yield
+            return
+        removed = [entry.plan.removed(j) for j in range(len(entry.plan.kept))]
+        with self.split.decoding(step.group_masks, removed):
+            yield
 
     def _capture(self, key: tuple, entry: _Entry) -> None:
         entry.graph, _, entry.nbytes = capture(lambda: self._prefill(entry), entry.embeds.device)
@@ -434,14 +489,48 @@ _DECODE_OPTIONS = frozenset(
 )
 
 
+@contextmanager
+def paused(decoder: Any) -> Iterator[None]:
+    """Within the block, the eager llm_layer machinery (a :class:`.decoder.DecoderReduction`, or None) does nothing."""
+    if decoder is None:
+        yield
+        return
+    decoder.paused = True
+    try:
+        yield
+    finally:
+        decoder.paused = False
+
+
+def split_plan(adapter: Any, kw: dict[str, Any], grid: tuple[int, int] | None) -> tuple[Any, str | None]:
+    """``(plan, why not)``: the split of the adapter's ``llm_layer`` steps for this (reduced) call
+    (``grid``: the token grid of its images, ``context.grid`` of a step seeing them whole).
+
+    ``(None, None)``: no split (no such steps, or no image tokens left); ``(None, reason)``: the
+    call cannot be captured (its rows hold different numbers of image tokens) and runs eagerly.
+    """
+    split = adapter.fast.split
+    if split is None:
+        return None, None
+    ids = kw["input_ids"]
+    mask = kw.get("attention_mask")
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    plan = split.plan(adapter.media_mask(ids), valid, grid)
+    if isinstance(plan, str):
+        return None, f"llm_layer steps: {plan}"
+    return (plan if plan.images else None), None
+
+
 def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, features: dict[int, torch.Tensor],
-                  positions: torch.Tensor | None = None, next_position: torch.Tensor | None = None) -> torch.Tensor:
+                  positions: torch.Tensor | None = None, next_position: torch.Tensor | None = None,
+                  plan: Any = None) -> torch.Tensor:
     """``generate()`` on a reduced prompt: graph-replayed prefill and greedy decoding steps.
 
     ``kw``: the shortened call (reduced ids and mask, options :func:`refusal` accepted);
     ``features``: per placeholder id, its kept features in order; ``prompt``: the caller's ids,
     put back in front of the answer; ``positions`` / ``next_position``: the reduced prompt's
-    position ids and the first new token's, where the family numbers them itself (M-RoPE).
+    position ids and the first new token's, where the family numbers them itself (M-RoPE);
+    ``plan``: the split of the ``llm_layer`` steps (:func:`split_plan`).
     """
     model = adapter.model
     ids = kw["input_ids"]
@@ -450,7 +539,9 @@ def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, featur
     config = kw.get("generation_config") or model.generation_config
     new = int(kw.get("max_new_tokens", config.max_new_tokens))
     embeds = scatter_features(model.get_input_embeddings()(ids), ids, features)
-    logits, _, padded = adapter.fast.run(embeds, valid, new, positions)
+    media = adapter.media_mask(ids) if plan is not None else None
+    with paused(adapter.decoder):  # the eager llm_layer hooks sit out the captured calls
+        logits, _, padded = adapter.fast.run(embeds, valid, new, positions, plan, media)
     eos = kw.get("eos_token_id", config.eos_token_id)
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     at_least = kw.get("min_new_tokens", config.min_new_tokens) or 0
@@ -463,5 +554,6 @@ def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, featur
     pad = kw.get("pad_token_id", config.pad_token_id)
     pad = pad if pad is not None else (eos[0] if eos else 0)
     full_valid = torch.nn.functional.pad(valid, (padded - ids.shape[1], 0), value=False)
-    answer = adapter.fast.decode(adapter.fast.last_key, first, full_valid, new, eos, pad, at_least, next_position)
+    with paused(adapter.decoder):
+        answer = adapter.fast.decode(adapter.fast.last_key, first, full_valid, new, eos, pad, at_least, next_position)
     return torch.cat([prompt.to(first.device), first, answer], dim=1)

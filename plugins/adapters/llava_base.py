@@ -35,7 +35,7 @@ from tokenreduce.errors import InvalidInputError
 
 from . import compat
 from .engine import FamilyAdapter, bind, wrapper
-from .fast_prefill import fast_generate, refusal
+from .fast_prefill import fast_generate, refusal, split_plan
 from .graphed_tower import GraphedTower
 from .sequence import Shrink, item_rows, placeholder_keep, removed_before, text_after_last
 from .units import ContextSource
@@ -136,15 +136,24 @@ class LlavaFamilyAdapter(FamilyAdapter):
         kw = bind(self._orig_generate, args, kwargs)
         if kw.get("inputs") is not None and kw.get("input_ids") is None:
             kw["input_ids"] = kw.pop("inputs")
-        if not self._encoder_side(kw):
+        encoder_side = self._encoder_side(kw)
+        if self._has_pixels(kw) and not self._serving:
+            self.records.clear()  # a new prompt: the records are this call's (decoding forwards add none)
+        # llm_layer steps alone: the fast path encodes the images itself (nothing removed there).
+        split = self.fast is not None and self.fast.split is not None and self._has_pixels(kw) and not self._serving
+        if not encoder_side and not (split and kw.get("mm_encoder_outputs") is None):
+            return self._orig_generate(**kw)
+        if not encoder_side and (why := refusal(self.model, kw)) is not None:
+            warnings.warn(f"tokenreduce fast path: this generate() runs eagerly: {why}", stacklevel=3)
             return self._orig_generate(**kw)
         self.records.clear()
         prompt = kw["input_ids"]
         kw, served = self.reduce_inputs(kw, for_generate=True)
         if self.fast is not None:
             why = refusal(self.model, kw)
+            plan, why = split_plan(self, kw, self.llm_grid()) if why is None else (None, why)
             if why is None:
-                return fast_generate(self, kw, prompt, self.last_features)
+                return fast_generate(self, kw, prompt, self.last_features, plan=plan)
             warnings.warn(f"tokenreduce fast path: this generate() runs eagerly: {why}", stacklevel=3)
         short = kw["input_ids"].shape[1]
         # The pixel inputs may stay in the call (see reduce_inputs): its forwards must not

@@ -41,7 +41,7 @@ from tokenreduce.errors import InvalidInputError
 
 from . import compat
 from .engine import FamilyAdapter, bind, wrapper
-from .fast_prefill import fast_generate, refusal
+from .fast_prefill import fast_generate, refusal, split_plan
 from .sequence import DecodeState, Shrink, sequence_positions
 from .units import ContextSource, Units, keep_mask
 
@@ -184,7 +184,11 @@ class ForwardServing(FamilyAdapter):
         next_position = next_position.unsqueeze(0).expand(positions.shape[0], -1, -1)
         features = {self.token_id(m): torch.cat(list(out.pooler_output))
                     for m, out in (short.get("mm_encoder_outputs") or {}).items() if out is not None}
-        return fast_generate(self, short, prompt, features, positions, next_position)
+        plan, why = split_plan(self, short, self.llm_grid(kw))
+        if why is not None:  # the stock call reduces again, eagerly
+            warnings.warn(f"tokenreduce fast path: this generate() runs eagerly: {why}", stacklevel=3)
+            return self._orig_generate(**kw)
+        return fast_generate(self, short, prompt, features, positions, next_position, plan)
 
     def _wrap_forward(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(orig)

@@ -218,6 +218,7 @@ def run_step(step: Step, call: Call, flat: torch.Tensor, units: Units, source: C
 
     tokens_out, source_out, unit_out = [flat[:0]], [offsets[:0]], [offsets[:0]]
     info: list[dict[str, Any]] = [{} for _ in range(units.count)]
+    known: dict[int, int] = {}  # units whose kept count is known on the host
     for (grid, frames, budget), ids in groups.items():
         ids_t = torch.tensor(ids, dtype=torch.long, device=device)
         n_max = max(units.lens[u] for u in ids)
@@ -235,9 +236,17 @@ def run_step(step: Step, call: Call, flat: torch.Tensor, units: Units, source: C
         red, _ = call(step, batch, None if equal else valid, ctx, budget)
         identity = identity and bool(red.info.get("identity"))
         src = torch.gather(index, 1, red.indices.clamp(min=0))
-        tokens_out.append(red.tokens[red.valid])
-        source_out.append(src[red.valid])
-        unit_out.append(ids_t.unsqueeze(1).expand_as(red.valid)[red.valid])
+        if equal:  # no mask: every row kept the same host-known count, every slot is real (no device read)
+            kept_here = red.indices.shape[1]
+            tokens_out.append(red.tokens.reshape(-1, red.tokens.shape[-1]))
+            source_out.append(src.reshape(-1))
+            unit_out.append(ids_t.unsqueeze(1).expand(-1, kept_here).reshape(-1))
+            for u in ids:
+                known[u] = kept_here
+        else:
+            tokens_out.append(red.tokens[red.valid])
+            source_out.append(src[red.valid])
+            unit_out.append(ids_t.unsqueeze(1).expand_as(red.valid)[red.valid])
         for j, u in enumerate(ids):
             info[u] = slice_info(red.info, j, len(ids), n_max, units.lens[u])
 
@@ -251,7 +260,10 @@ def run_step(step: Step, call: Call, flat: torch.Tensor, units: Units, source: C
     if len(groups) > 1:  # put the units back in their flat order; stable keeps each unit's token order
         order = torch.sort(unit_of, stable=True).indices
         tokens, src, unit_of = tokens[order], src[order], unit_of[order]
-    lens_out = torch.bincount(unit_of, minlength=units.count).tolist()
+    if all(u in known or units.lens[u] == 0 for u in range(units.count)):
+        lens_out = [known.get(u, 0) for u in range(units.count)]
+    else:
+        lens_out = torch.bincount(unit_of, minlength=units.count).tolist()
     return StepResult(tokens, src, units.after(lens_out), list(units.lens), info, seconds)
 
 
