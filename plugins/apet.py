@@ -37,6 +37,14 @@ _NOISE_RTOL = 2.0**-14
 _SAFE_PEAK = 2.0**40
 # Bounds of the ridge after scale normalisation (ridge / scale^2) in float32.
 _RIDGE_MIN, _RIDGE_MAX = 1e-30, 1e30
+# The CUDA formulation at large inputs (elements of (B, N, D) from this many on; host-known,
+# so one shape always takes one path): the steps that read the tokens get them from products
+# (FPS distances, projection errors) instead of extra passes over (B, N, D); below it, the
+# extra kernels would cost more than the passes they save.
+_PRODUCT_FORM_MIN = 2**23
+# Squared projection errors below this fraction of the token's squared norm are rounding
+# noise of the product form (about 1e-6 there, not 1e-14 as with the residual).
+_PRODUCT_NOISE_RTOL = 2.0**-14
 
 
 class ApETParams(ReducerParams):
@@ -100,7 +108,19 @@ class ApET(Reducer):
     a stronger ridge instead of returning NaN. Output features are in the input dtype.
     On CUDA, farthest point sampling ranks each step's distances from one ``torch.cdist``
     kernel (Euclidean, where the reference and the CPU path sum squares): the same picks,
-    except where two squared distances differ only in their last bits.
+    except where two squared distances differ only in their last bits. At large inputs on
+    CUDA (``B * N * D >= 2^23``; 576 x 4096 tokens from batch 4 on) two steps are computed
+    from products instead, so that the tokens are read once per step and nothing of their
+    size is written: FPS distances as ``|x|^2 + |c|^2 - 2 x.c`` (one matrix-vector product
+    per step) and the errors by projecting onto the basis orthonormalised in float64
+    (``|x|^2 - |L^-1 S x|^2 - ridge |C|^2``, ``L`` the Cholesky factor of the ridged Gram
+    matrix) instead of forming ``x - C S``. Both agree with the exact form up to float32
+    rounding of about ``1e-6 |x|^2``: near-ties that close may resolve differently, errors
+    under ``2^-7 |x|`` count as 0 (as under ``2^-14 |x|`` otherwise), and duplicates of an
+    FPS pick are ranked at the rounding level rather than at 0 (a different duplicate may
+    be picked; its features are the same). The matrix products of the similarity and merge
+    steps run in TF32 on CUDA (:mod:`tokenreduce.precision`); cosine similarities there come
+    from one product divided by the norms (:func:`tokenreduce.ops.cosine_similarity`).
 
     ``info``: ``errors`` (B, N) reconstruction errors (0 at padded tokens and in rows kept
     whole), ``basis_indices`` (B, k) in pick order (-1 in rows kept whole), ``basis_slots``
@@ -163,8 +183,13 @@ class ApET(Reducer):
         p = self.params
         x, scale = _normalise(tokens, None if dense else valid, sync_free)
         ridge = _scaled_ridge(self.ridge_at(stage), scale)
-        picks, basis = select_basis(x, valid, p.basis_tokens, method=p.basis_selection, start=p.fps_start, seed=p.seed)
-        errors = reconstruction_errors(x, basis, ridge, sync_free)
+        # The product forms at large inputs (see the class docstring) share the squared norms.
+        large = ops.cuda_formulas(x) and x.numel() >= _PRODUCT_FORM_MIN
+        sq = torch.linalg.vector_norm(x, dim=-1).square() if large else None
+        picks, basis = select_basis(
+            x, valid, p.basis_tokens, method=p.basis_selection, start=p.fps_start, seed=p.seed, sq_norms=sq
+        )
+        errors = reconstruction_errors(x, basis, ridge, sync_free, sq_norms=sq)
         if not dense:
             errors = errors.masked_fill(~valid, 0.0)
 
@@ -261,7 +286,7 @@ def _normalise(tokens: torch.Tensor, valid: torch.Tensor | None, sync_free: bool
     wide_dtype = torch.float64 if tokens.dtype == torch.float64 else torch.float32
     # max |x| as max(max x, -min x): one pass over the tokens in their own dtype (widening
     # is exact, and so are max and min), several times faster than an infinity norm.
-    lo, hi = torch.aminmax(tokens, dim=-1)
+    lo, hi = torch.aminmax(tokens.detach(), dim=-1)  # a power-of-two scale: no gradient flows through it
     peak = torch.maximum(hi.to(wide_dtype), lo.to(wide_dtype).neg())
     peak = (peak if valid is None else peak.masked_fill(~valid, 0)).amax(dim=1).double()
     out_of_range = (peak > _SAFE_PEAK) | ((peak < 1.0 / _SAFE_PEAK) & (peak > 0))
@@ -269,11 +294,14 @@ def _normalise(tokens: torch.Tensor, valid: torch.Tensor | None, sync_free: bool
     scale = torch.exp2(exponent)
     if not sync_free and not bool(out_of_range.any()) and (valid is None or bool(valid.all())):
         return tokens.float(), scale
-    # One pass: multiplying by 1/scale (a power of two) equals dividing; padding -> 0. The
-    # product widens the tokens as it reads them (the same bits as widening first).
-    inverse = scale.to(wide_dtype).reciprocal().unsqueeze(1)
-    factor = inverse if valid is None else valid.to(wide_dtype) * inverse
-    return (tokens * factor.unsqueeze(-1)).float(), scale
+    # One pass: dividing by the scale (a power of two: exact), by inf at padding (-> a zero
+    # of the token's sign, as a product with 0 gives). The quotient widens the tokens as it
+    # reads them (the same bits as widening first). Not a product with 1/scale: below
+    # 2^-127 (subnormal bfloat16 rows) the inverse overflows float32.
+    divisor = scale.to(wide_dtype).unsqueeze(1)
+    if valid is not None:
+        divisor = divisor / valid.to(wide_dtype)
+    return (tokens / divisor.unsqueeze(-1)).float(), scale
 
 
 def _scaled_ridge(ridge: float, scale: torch.Tensor) -> torch.Tensor:
@@ -286,13 +314,21 @@ def _unscale(errors: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (errors.double() * scale.view(-1, 1)).clamp(max=big).float()
 
 
-def reconstruction_errors(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Tensor, sync_free: bool = False) -> torch.Tensor:
+def reconstruction_errors(
+    x: torch.Tensor,
+    basis: torch.Tensor,
+    ridge: torch.Tensor,
+    sync_free: bool = False,
+    sq_norms: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``(B, N)`` errors ``|x_i - C_i S|`` of the ridge least-squares reconstruction.
 
     Args:
         x: ``(B, N, D)`` float32 tokens.
         basis: ``(B, k, D)`` float32 basis ``S``.
         ridge: ``(B,)`` float32 ridge per row.
+        sq_norms: ``(B, N)`` squared norms of the tokens: take the product form
+            (:func:`_projection_errors`; ApET's CUDA formulation at large inputs).
 
     ``C = solve(S S^T + ridge I, S x^T)^T`` by LU, as the reference (``torch.linalg.solve``
     is LU + triangular solves, so the bits match); rows whose Gram matrix is numerically
@@ -308,6 +344,11 @@ def reconstruction_errors(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Ten
         pivots = lu.diagonal(dim1=-2, dim2=-1).abs()
         return (info != 0) | ~(pivots.amin(dim=-1) > _PIVOT_RTOL * pivots.amax(dim=-1))
 
+    if sq_norms is not None:
+        # The same rule picks each row's ridge; the errors then need no coefficients.
+        lu, _, info = torch.linalg.lu_factor_ex(gram + ridge.view(-1, 1, 1) * eye)
+        used = torch.where(singular_rows(lu, info), safe_ridge, ridge)
+        return _projection_errors(x, basis, used, sq_norms)
     if sync_free:
         # Both factorisations in one batched call (one kernel launch), then pick per row.
         b = gram.shape[0]
@@ -333,6 +374,33 @@ def reconstruction_errors(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Ten
     # such tokens tie and the lower index wins, the same alone and in any batch.
     floor = _NOISE_RTOL * torch.linalg.vector_norm(x, dim=-1)
     return torch.where(errors > floor, errors, torch.zeros_like(errors))
+
+
+def _projection_errors(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """The ridge reconstruction errors without forming the ``(B, N, D)`` residual.
+
+    With ``G = S S^T + ridge I = L L^T`` (Cholesky) and ``C = G^-1 S x^T``:
+    ``|x - C^T S|^2 = |x|^2 - |L^-1 S x^T|^2 - ridge |C|^2``. ``W = L^-1 S`` (rows
+    orthonormal up to the ridge) is made in float64, so an ill-conditioned basis costs no
+    accuracy (forming ``S x^T`` first and solving would amplify its rounding by the
+    condition number); the only large product, ``W x^T``, reads the tokens once, in full
+    float32. Rounding leaves about ``1e-6 |x|^2`` in the difference, so squared errors under
+    ``_PRODUCT_NOISE_RTOL |x|^2`` count as 0: a spanned token (a basis token, a duplicate)
+    ties at 0, the same alone and in any batch.
+    """
+    k = basis.shape[1]
+    s = basis.double()
+    ridge = ridge.double()
+    eye = torch.eye(k, dtype=torch.float64, device=x.device)
+    chol, _ = torch.linalg.cholesky_ex(s @ s.transpose(1, 2) + ridge.view(-1, 1, 1) * eye)
+    w = torch.linalg.solve_triangular(chol, s, upper=False)  # (B, k, D)
+    with ops.full_float32(x.device):
+        z = (w.float() @ x.transpose(1, 2)).double()  # (B, k, N)
+    coef = torch.linalg.solve_triangular(chol.transpose(1, 2), z, upper=True)
+    sq = sq.double()
+    e2 = sq - z.square().sum(dim=1) - ridge.view(-1, 1) * coef.square().sum(dim=1)
+    keep = e2 > _PRODUCT_NOISE_RTOL * sq
+    return torch.where(keep, e2, 0.0).sqrt().float()
 
 
 def _place_basis(

@@ -29,7 +29,14 @@ def _row_random_scores(n: int, seed: int, device: torch.device) -> torch.Tensor:
 
 
 def farthest_point_sampling(
-    x: torch.Tensor, valid: torch.Tensor, k: int, *, start: str = "first", seed: int = 0, fused: bool | None = None
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    k: int,
+    *,
+    start: str = "first",
+    seed: int = 0,
+    fused: bool | None = None,
+    sq_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices ``(B, k)`` of ``k`` tokens picked by farthest point sampling, in pick order.
 
@@ -43,13 +50,18 @@ def farthest_point_sampling(
     is the lowest-index unpicked duplicate, so the indices stay distinct. Otherwise the
     picks are identical to the reference.
 
-    ``fused`` (default: on CUDA): each step's distances come from one ``torch.cdist``
-    kernel (the Euclidean distance, reading the tokens once) instead of a subtraction, a
-    square and a sum (five passes over ``(B, N, D)``: most of ApET's GPU time at large
-    inputs). The square root keeps the order of the distances, so the picks are the same,
-    except where two squared distances differ only in their last bits (they may round to
-    one root, a tie then won by the lower index); on CPU the reference's exact squared
-    distances are used.
+    ``fused`` (default: the CUDA formulation, :func:`tokenreduce.ops.cuda_formulas`): each
+    step's distances come from one kernel reading the tokens once instead of a subtraction,
+    a square and a sum (five passes over ``(B, N, D)``): ``torch.cdist`` (the Euclidean
+    distance, computed directly), or, given ``sq_norms`` (``(B, N)``, the squared norms
+    ``|x_i|^2``; the reducer passes them at large inputs), one matrix-vector product,
+    ``|x_i|^2 + |c|^2 - 2 x_i.c`` in full float32 (cdist's direct kernel is no GEMM and
+    reads at about half the bandwidth of one). The square root keeps the order of the
+    distances, so ``cdist`` gives the same picks except where two squared distances differ
+    only in their last bits; the product form rounds at about ``1e-7 |x|^2``, so a near-tie
+    that close may resolve differently, and duplicates of a pick get a distance at that
+    rounding level instead of 0 (picks among duplicates may differ: their features are
+    the same). On CPU the reference's exact squared distances are used.
     """
     b, n, _ = x.shape
     rows = torch.arange(b, device=x.device)
@@ -58,10 +70,12 @@ def farthest_point_sampling(
     else:
         scores = _row_random_scores(n, seed, x.device).expand(b, n)
         cur = scores.masked_fill(~valid, -1.0).argmax(dim=1)
+    picks = [cur]
+    fused = ops.cuda_formulas(x) if fused is None else fused
+    if fused and sq_norms is not None:
+        return _fps_by_products(x, valid, k, cur, sq_norms, picks)
     # Padded tokens sit at -inf so they are never the farthest; min() keeps them there.
     dist = torch.full((b, n), math.inf, device=x.device).masked_fill(~valid, -math.inf)
-    picks = [cur]
-    fused = x.is_cuda if fused is None else fused
     # Picks are indices, never differentiated: no autograd, so one (B, N, D) buffer serves
     # every step (a fresh one per step costs page faults that double the step on CPU).
     # k - 1 steps, a host-known count, none reading the device: capturable in a CUDA graph.
@@ -80,6 +94,30 @@ def farthest_point_sampling(
             torch.minimum(dist, step, out=dist)
             dist.scatter_(1, cur.unsqueeze(1), -1.0)  # below every real distance: never re-picked
             cur = dist.argmax(dim=1)
+            picks.append(cur)
+    return torch.stack(picks, dim=1)
+
+
+def _fps_by_products(
+    x: torch.Tensor, valid: torch.Tensor, k: int, cur: torch.Tensor, sq: torch.Tensor, picks: list[torch.Tensor]
+) -> torch.Tensor:
+    """The FPS steps from one matrix-vector product each (see :func:`farthest_point_sampling`).
+
+    ``|x_i|^2`` is the same in every step, so only ``m_i = min over picks c of |c|^2 - 2 x_i.c``
+    is kept (-inf at padded and picked tokens) and the squared distance is ``|x_i|^2 + m_i``.
+    k - 1 host-counted steps with no device read: capturable in a CUDA graph.
+    """
+    b, n, _ = x.shape
+    rows = torch.arange(b, device=x.device)
+    best = torch.full((b, n), math.inf, device=x.device).masked_fill(~valid, -math.inf)
+    with torch.no_grad(), ops.full_float32(x.device):
+        for _ in range(k - 1):
+            centre = x[rows, cur].unsqueeze(-1)  # (B, D, 1)
+            # |c|^2 - 2 x_i.c: the gathered |c|^2 broadcast into one batched product.
+            step = torch.baddbmm(sq[rows, cur].view(b, 1, 1), x, centre, alpha=-2.0).squeeze(-1)
+            torch.minimum(best, step, out=best)
+            best.scatter_(1, cur.unsqueeze(1), -math.inf)  # never re-picked
+            cur = (sq + best).argmax(dim=1)
             picks.append(cur)
     return torch.stack(picks, dim=1)
 
@@ -146,13 +184,24 @@ def random_basis(x: torch.Tensor, valid: torch.Tensor, k: int, *, seed: int = 0)
 
 
 def select_basis(
-    x: torch.Tensor, valid: torch.Tensor, k: int, *, method: str, start: str, seed: int
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    k: int,
+    *,
+    method: str,
+    start: str,
+    seed: int,
+    sq_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(indices (B, k), basis (B, k, D))`` by ``method`` (``fps`` | ``dpc`` | ``random``)."""
+    """``(indices (B, k), basis (B, k, D))`` by ``method`` (``fps`` | ``dpc`` | ``random``).
+
+    ``sq_norms``: the tokens' squared norms, for FPS's product form (see
+    :func:`farthest_point_sampling`).
+    """
     if method == "dpc":
         return density_peak_basis(x, valid, k)
     if method == "fps":
-        picks = farthest_point_sampling(x, valid, k, start=start, seed=seed)
+        picks = farthest_point_sampling(x, valid, k, start=start, seed=seed, sq_norms=sq_norms)
     else:
         picks = random_basis(x, valid, k, seed=seed)
     return picks, ops.gather_rows(x, picks)

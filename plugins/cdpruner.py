@@ -10,6 +10,8 @@ from tokenreduce.context import ReductionContext
 from tokenreduce.errors import InvalidInputError
 from tokenreduce.numerics import safe_scale
 
+from . import kernels
+
 #: The official min-max normalisation's offset: the least relevant token keeps a tiny weight.
 _RELEVANCE_OFFSET = 1e-6
 
@@ -87,7 +89,15 @@ def greedy_map(
     tokens already picked, then updates the incremental Cholesky rows ``c`` and every
     ``d^2`` (the official loop, vectorised over rows). Returns ``(picks (B, t), slots
     (B, t))``: indices in selection order (``-1`` past a row's count) and the slot mask.
+
+    On CUDA (Triton importable, ``TOKENREDUCE_NO_TRITON`` unset) the whole loop runs as one
+    fused kernel (:func:`tokenreduce_plugins.kernels.greedy.greedy_map_fused`); elsewhere
+    as the torch loop below.
     """
+    if kernels.fused_wanted(kernel):
+        fused = kernels.greedy_module().greedy_map_fused(kernel, counts, valid, t)  # type: ignore[union-attr]
+        if fused is not None:  # None: a case the kernel does not take (the loop below does)
+            return fused
     b, n, _ = kernel.shape
     cis = kernel.new_zeros(b, t, n)
     di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
@@ -190,6 +200,11 @@ class CDPruner(Reducer):
       (NaN, then undefined picks); here such a step adds nothing to the Cholesky rows and
       the next pick is the unpicked token with the largest remaining variance (lowest
       index on ties). Picked and padded tokens are excluded explicitly.
+    * Fused loop on CUDA: with Triton installed (and ``TOKENREDUCE_NO_TRITON`` unset) the
+      greedy loop runs as one fused Triton kernel, one program per row. Its float32 sums
+      over the earlier picks are ordered differently from the torch loop's (used on CPU),
+      so a near-tie between two tokens' conditional variances can resolve differently;
+      that is its only difference from the torch loop.
     * Precision: float32 throughout (the official code normalises the float16 projector
       output in float16, then casts); rows of extreme magnitude are first divided by a
       power of two, which leaves every cosine unchanged.

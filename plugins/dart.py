@@ -24,6 +24,14 @@ class DARTParams(ReducerParams):
     )
 
 
+def _l1_norms(v: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` float32 L1 norms over the last dim. CUDA: one reduction reading ``v`` in its
+    own dtype (CPU: ``v.float().abs().sum()``, the official op, which writes two copies)."""
+    if ops.cuda_formulas(v):
+        return torch.linalg.vector_norm(v, ord=1, dim=-1, dtype=torch.float32)
+    return v.float().abs().sum(dim=-1)
+
+
 def _check(name: str, value: torch.Tensor, b: int, n: int | None, what: str) -> None:
     if value.dim() != 3 or value.shape[0] != b or (n is not None and value.shape[1] != n):
         shape = f"({b}, {n if n is not None else 'L'}, D)"
@@ -68,6 +76,11 @@ class DART(Reducer):
     ``requires`` follows the parameters: ``KEYS`` for key-norm pivots, ``TEXT`` (and
     ``TEXT_KEYS`` for key norms) when ``pivot_text_tokens > 0``.
 
+    On CUDA all pivots' cosine similarities come from one product divided by the norms
+    (:func:`tokenreduce.ops.cosine_similarity`, TF32 as :mod:`tokenreduce.precision` sets)
+    and L1 norms from one reduction: equal up to float32 rounding, so near-equal
+    similarities or norms can order differently.
+
     Stages: ``projector``, ``llm_layer``.
 
     Paper: Wen et al., "Stop Looking for Important Tokens in Multimodal Language
@@ -110,9 +123,9 @@ class DART(Reducer):
         p = self.params
         if p.pivot_by == "key_norm":
             _check("keys", context.keys, b, n, "keys of the image tokens")
-            img_norm = context.keys.float().abs().sum(dim=-1)
+            img_norm = _l1_norms(context.keys)
         else:
-            img_norm = x.abs().sum(dim=-1)
+            img_norm = _l1_norms(x)
         n_img = counts.clamp(max=p.pivot_image_tokens)
         order, img_slots = ops.topk_per_row(img_norm.to(tokens.device), n_img, valid, t_img)
         img_idx = ops.ascending(order, img_slots)
@@ -133,9 +146,9 @@ class DART(Reducer):
             )
             if p.pivot_by == "key_norm":
                 _check("text_keys", context.text_keys, b, text.shape[1], "keys of the text tokens")
-                text_norm = context.text_keys.float().abs().sum(dim=-1).to(tokens.device)
+                text_norm = _l1_norms(context.text_keys).to(tokens.device)
             else:
-                text_norm = text.abs().sum(dim=-1)
+                text_norm = _l1_norms(text)
             n_txt = text_ok.sum(dim=1).clamp(max=p.pivot_text_tokens)
             # Slots for every possible text pivot: the count per row depends on text_mask (a
             # device value); unused slots are masked, and a pivot slot past n_piv gets no quota.
@@ -157,19 +170,25 @@ class DART(Reducer):
         t_img = min(t, p.pivot_image_tokens)
         # Float32 tokens, rows of extreme magnitude divided by a power of two (exact), so
         # L1 norms and cosine similarities cannot overflow float32 (bfloat16 near 1e38).
-        x, _ = safe_scale(tokens, valid)
+        # Without padding (uniform_count set) there is nothing to mask.
+        x, _ = safe_scale(tokens, None if context.uniform_count is not None else valid)
         pivots, pivot_ok, img_idx, img_slots = self._pivots(x, tokens, counts, valid, context, t_img)
         n_piv = pivot_ok.sum(dim=1)
         rest = counts - img_slots.sum(dim=1)  # budget left after the kept image pivots
         base, extra = rest // n_piv.clamp(min=1), rest % n_piv.clamp(min=1)
-        # The tokens normalised once, not once per pivot (the same tensor each time).
-        x_unit = ops.normalize(x)
         # A pivot's quota is at most the budget left after the image pivots, t - t_img.
         quota_max = max(0, t - t_img)
 
         kept = ops.keep_mask_from(img_idx, img_slots, n)
         n_pivots = pivots.shape[1] if quota_max > 0 else 0
         if n_pivots:
+            if ops.cuda_formulas(x):
+                # Every pivot's similarities from one product (B, P, N), reading the tokens
+                # once, with no normalised copy (ops.cosine_similarity's CUDA formulation).
+                sims, x_unit = ops.cosine_similarity(pivots, x), None
+            else:
+                # The tokens normalised once, not once per pivot (the same tensor each time).
+                sims, x_unit = None, ops.normalize(x)
             # A handful of pivots, each step batched and never reading the device: a pivot
             # slot with no quota in any row (padding, or a text pivot a row lacks) keeps
             # nothing. The quotas and their slot masks of every pivot are made at once, and a
@@ -183,7 +202,10 @@ class DART(Reducer):
             lowest = torch.full((), torch.finfo(torch.float32).min, device=tokens.device)
             spare = torch.full((), n, device=tokens.device)
             for j in range(n_pivots):
-                sim = (ops.normalize(pivots[:, j : j + 1]) @ x_unit.transpose(1, 2))[:, 0]  # (B, N) cosine
+                if sims is not None:
+                    sim = sims[:, j]
+                else:
+                    sim = (ops.normalize(pivots[:, j : j + 1]) @ x_unit.transpose(1, 2))[:, 0]  # (B, N) cosine
                 # Most dissimilar first; ties to the lower index (a stable sort, as topk_per_row).
                 masked = torch.where(free[:, :n], -sim, lowest)
                 order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :quota_max]

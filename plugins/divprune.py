@@ -7,6 +7,8 @@ import torch
 from tokenreduce import Reducer, Stage, make_reduction, ops
 from tokenreduce.numerics import safe_scale
 
+from . import kernels
+
 
 @torch.no_grad()  # picks are indices, never differentiated; the kept features are gathered from the input
 def max_min_select(
@@ -46,18 +48,25 @@ def max_min_select(
     # score[j]: distance of token j to its nearest pick so far, -inf for picks and padding
     # (exactly the official code's masked minimum distance, one elementwise minimum per step).
     score = torch.full((b, n), float("inf"), device=tokens.device).masked_fill(~valid, float("-inf"))
-    picks = [pick]
-    # t steps, a host-known count, and no step reads the device: three kernels per step
-    # (gather the pick's row, minimum, argmax), capturable in a CUDA graph. A row past its
-    # count keeps picking (it only ever sees -inf or distances of its own row); its extra
-    # picks are masked at the end, so the rows stay independent.
-    for _ in range(t - 1):
-        row = dist.gather(1, pick.view(b, 1, 1).expand(b, 1, n)).squeeze(1)
-        torch.minimum(score, row, out=score)
-        pick = score.argmax(dim=1)
-        picks.append(pick)
+    # On CUDA the t - 1 steps below run as one fused Triton kernel (same minimum and argmax,
+    # so the same picks bit for bit); None where it does not apply.
+    chosen = None
+    if kernels.fused_wanted(dist):
+        chosen = kernels.greedy_module().max_min_fused(dist, pick, score, t)  # type: ignore[union-attr]
+    if chosen is None:
+        picks = [pick]
+        # t steps, a host-known count, and no step reads the device: three kernels per step
+        # (gather the pick's row, minimum, argmax), capturable in a CUDA graph. A row past its
+        # count keeps picking (it only ever sees -inf or distances of its own row); its extra
+        # picks are masked at the end, so the rows stay independent.
+        for _ in range(t - 1):
+            row = dist.gather(1, pick.view(b, 1, 1).expand(b, 1, n)).squeeze(1)
+            torch.minimum(score, row, out=score)
+            pick = score.argmax(dim=1)
+            picks.append(pick)
+        chosen = torch.stack(picks, dim=1)
     slots = ops.slot_mask(counts, t)
-    return torch.stack(picks, dim=1).masked_fill(~slots, -1), slots
+    return chosen.masked_fill(~slots, -1), slots
 
 
 class DivPrune(Reducer):
@@ -69,6 +78,11 @@ class DivPrune(Reducer):
     ``T`` are selected (``T`` steps, vectorised over the batch, ``O(N^2)`` distances
     per row). Ties go to the lower index. Features are kept unchanged.
     ``info["selection_order"]`` lists the picks in the order they were made.
+
+    On CUDA, with Triton installed (and ``TOKENREDUCE_NO_TRITON`` unset), the greedy loop
+    runs as one fused Triton kernel, one program per row. The loop only takes minima and
+    argmaxes of the distances torch computes (no sums), so its picks equal the torch
+    loop's (used on CPU) bit for bit.
 
     Published setting: LLaVA-1.5, selection on the projected image tokens at the LLM
     input (``projector``), keeping 9.8% (``budget: 0.098``, 56 of 576). The rule only

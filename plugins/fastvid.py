@@ -21,6 +21,7 @@ from .fastvid_parts import (
     segments,
     split_budget,
 )
+from .prunevid_cluster import constant, first_true, gram_norms, positions
 
 
 class FastVIDParams(ReducerParams):
@@ -129,13 +130,20 @@ class FastVID(Reducer):
       ``DySeg_ignore`` sub-segmentation); the LLaVA-OneVision rule above serves every model.
     * Kept tokens are returned in position order; ``sizes`` count each dropped token once,
       split over the anchors it joined.
+    * On CUDA (cost, issue 19; :func:`tokenreduce.ops.cuda_formulas`) each frame's Gram
+      matrix (full float32) gives the densities' distances (``cdist``'s direct form on CPU),
+      the salient logits (``<x_i, g_t> = sum_j <x_i, x_j> / n``) and the tokens' norms, and
+      DTM's cosine similarities are the tokens' product (TF32, as other similarities) over
+      those norms. The same method up to rounding: a near-tie (equal densities, scores or
+      similarities) can resolve differently than on CPU, which keeps the elementwise forms.
 
     Vectorised over the batch: segment boundaries, anchor frames and per-frame counts are
     masks and counts on the device; the densities are computed per frame on a ``(B, F,
     L)`` block layout and merging is one ``(B, N, T)`` similarity. A whole video
     (``context.grid`` set: frame ``t`` is tokens ``t N/F .. (t+1) N/F - 1``) needs no host
-    read. After an earlier step removed tokens, frames differ in size: the block length
-    ``L`` (the largest frame) is read once from the device, the only host synchronisation.
+    read, and without padding its blocks are views of the tokens. After an earlier step
+    removed tokens, frames differ in size: the block length ``L`` (the largest frame) is
+    read once from the device, the only host synchronisation.
 
     Stages: ``projector`` (published: the official code prunes the projected, pooled video
     tokens at the LLM input), ``vision_encoder``. Needs ``frames`` and ``frame_index``, so
@@ -165,56 +173,79 @@ class FastVID(Reducer):
         dev = tokens.device
         frames = self._frames(context)
         fi = self._frame_index(context, b, n)
-        x, scale = safe_scale(tokens, valid)
+        full = context.uniform_count is not None  # no mask: every token valid
+        fast = ops.cuda_formulas(tokens)
+        x, scale = safe_scale(tokens, None if full else valid)
         whole = context.grid is not None and n % frames == 0 and context.grid[0] * context.grid[1] == n
+        # A whole video without padding: frame f is tokens f L .. (f + 1) L - 1, so the frame blocks
+        # are views of the tokens and every slot is used (no masks, no gathers or scatters).
+        dense = whole and full
         if whole:  # the adapters' layout of a whole video: equal frames, one after another
-            frame = (torch.arange(n, device=dev) // (n // frames)).expand(b, n)
             length = n // frames
+            frame = constant(f"frame_of/{length}", n, dev, lambda: positions(n, dev) // length).expand(b, n)
         else:
             frame = self._checked_frames(fi.to(device=dev, dtype=torch.long), valid, frames)
-        present = ((frame.unsqueeze(-1) == torch.arange(frames, device=dev)) & valid.unsqueeze(-1)).sum(dim=1)
-        if not whole:
-            length = max(1, int(present.max()))  # the one host read: frames of unequal size
-        pos, ok = frame_blocks(valid, frame, frames, length)
-        flat_pos = pos.clamp(max=n - 1)
-        rows = (flat_pos + n * torch.arange(b, device=dev).view(b, 1, 1)).view(-1)
-        xb = x.reshape(b * n, d).index_select(0, rows).view(b, frames, length, d).masked_fill(~ok.unsqueeze(-1), 0)
+        if dense:
+            present, ok, xb = length, None, x.view(b, frames, length, d)
+
+            def to_tokens(block: torch.Tensor, fill) -> torch.Tensor:
+                return block.reshape(b, n)
+
+        else:
+            present = ((frame.unsqueeze(-1) == positions(frames, dev)) & valid.unsqueeze(-1)).sum(dim=1)
+            if not whole:
+                length = max(1, int(present.max()))  # the one host read: frames of unequal size
+            pos, ok = frame_blocks(valid, frame, frames, length)
+            flat_pos = pos.clamp(max=n - 1)
+            rows = (flat_pos + n * torch.arange(b, device=dev).view(b, 1, 1)).view(-1)
+            xb = x.reshape(b * n, d).index_select(0, rows).view(b, frames, length, d).masked_fill(~ok.unsqueeze(-1), 0)
+
+            def to_tokens(block: torch.Tensor, fill) -> torch.Tensor:
+                out = torch.full((b, n + 1), fill, dtype=block.dtype, device=dev)
+                return out.scatter_(1, pos.view(b, -1), block.view(b, -1))[:, :n]
 
         # 1. DySeg on the frames' mean tokens.
-        means = xb.sum(dim=2) / present.clamp(min=1).unsqueeze(-1)
-        seg, sim = segments(means, present > 0, self.params.min_segments, self.params.tau)
+        means = xb.sum(dim=2) / (present if dense else present.clamp(min=1).unsqueeze(-1))
+        seg, sim = segments(means, None if dense else present > 0, self.params.min_segments, self.params.tau)
         seg_len, anchor_frame, groups = segment_layout(seg, self.params.anchor_interval)
         # 2. The per-frame counts.
         plan = split_budget(counts, present, seg_len, anchor_frame, groups, length, self.params.context_ratio)
-        # 3. Salient tokens: the frame mean's attention to the frame's tokens.
-        logits = (xb * means.unsqueeze(2)).sum(dim=-1) / math.sqrt(d)
+        # 3. Salient tokens: the frame mean's attention to the frame's tokens. CUDA: from each frame's
+        # Gram matrix, <x_i, mean> = sum_j <x_i, x_j> / present (the densities below read it too).
+        gram = None
+        if fast:
+            with ops.full_float32(dev):  # (B, F, L, L); the distances cancel it against the norms
+                gram = torch.matmul(xb, xb.transpose(-1, -2))
+        if gram is None:
+            logits = (xb * means.unsqueeze(2)).sum(dim=-1) / math.sqrt(d)
+        else:
+            logits = gram.sum(dim=-1) / (present if dense else present.clamp(min=1).unsqueeze(-1)) / math.sqrt(d)
         att = _block_softmax(logits, ok)
-        salient = ok & (rank_desc(att, ok) < plan["salient"].unsqueeze(-1))
+        salient = rank_desc(att, ok) < plan["salient"].unsqueeze(-1)
+        pool = ~salient if dense else ok & ~salient
+        if not dense:
+            salient &= ok
         # 4. Density anchors among the other tokens of each frame.
-        pool = ok & ~salient
-        dscore = density_scores(xb, pool)
+        dscore = density_scores(xb, pool, gram)
         anchor = pool & (rank_desc(dscore, pool) < plan["anchors"].unsqueeze(-1))
-
-        def to_tokens(block: torch.Tensor, fill) -> torch.Tensor:
-            out = torch.full((b, n + 1), fill, dtype=block.dtype, device=dev)
-            return out.scatter_(1, pos.view(b, -1), block.view(b, -1))[:, :n]
 
         att_t, salient_t, anchor_t = to_tokens(att, 0.0), to_tokens(salient, False), to_tokens(anchor, False)
         # The budget left over by the official counts: best remaining salient scores, video-wide.
-        rest = valid & ~salient_t & ~anchor_t
+        rest = ~(salient_t | anchor_t) if full else valid & ~salient_t & ~anchor_t
         topped = rest & (rank_desc(att_t, rest) < plan["topup"].unsqueeze(1))
         kept = salient_t | anchor_t | topped
 
         t = int(counts.max()) if context.uniform_count is None else context.uniform_count
         slots = ops.slot_mask(counts, t)
-        order = torch.where(kept, torch.arange(n, device=dev), n)
-        indices = torch.sort(order, dim=1).values[:, :t].masked_fill(~slots, -1)
+        indices = first_true(kept.to(torch.uint8), t, None if full else slots)
         # 5. DTM: the non-salient tokens merge into the anchors.
         is_anchor = anchor_t.gather(1, indices.clamp(min=0)) & slots
         seg_t, multi_t = seg.gather(1, frame), plan["multi"].gather(1, frame)
+        norms = None if gram is None else to_tokens(gram_norms(gram), 1.0)
+        merge_pool = ~(salient_t | topped) if full else valid & ~salient_t & ~topped
         merged, sizes, joined = merge_into_anchors(
-            x, indices, is_anchor, valid & ~salient_t & ~topped, frame, seg_t, multi_t,
-            valid & ~kept, frames, self.params.beta,
+            x, indices, is_anchor, merge_pool, frame, seg_t, multi_t,
+            ~kept if full else valid & ~kept, frames, self.params.beta, norms,
         )
         info = {
             "segment": seg,
@@ -259,9 +290,13 @@ class FastVID(Reducer):
         return fi.clamp(0, frames - 1).masked_fill(~valid, 0)
 
 
-def _block_softmax(logits: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """Softmax over the used slots of each frame block (0 elsewhere; an empty frame is all 0)."""
-    top = logits.masked_fill(~ok, float("-inf")).amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    e = torch.exp(logits - top) * ok
+def _block_softmax(logits: torch.Tensor, ok: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the used slots of each frame block (0 elsewhere; an empty frame is all 0).
+    ``ok=None``: every slot is used (finite logits: no masking)."""
+    if ok is None:
+        e = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+    else:
+        top = logits.masked_fill(~ok, float("-inf")).amax(dim=-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        e = torch.exp(logits - top) * ok
     return e / e.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)

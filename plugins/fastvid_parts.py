@@ -13,16 +13,18 @@ import torch
 
 from tokenreduce import ops
 
+from .prunevid_cluster import constant, gram_distances, positions
+
 #: The official density uses the 4 nearest neighbours of a token (itself included).
 KNN = 4
 
 
-def rank_desc(values: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry along the last dim, highest first (ties: lower index); unusable entries last."""
-    key = values.masked_fill(~usable, float("-inf"))
+def rank_desc(values: torch.Tensor, usable: torch.Tensor | None) -> torch.Tensor:
+    """Rank of each entry along the last dim, highest first (ties: lower index); unusable entries last
+    (``None``: all usable)."""
+    key = values if usable is None else values.masked_fill(~usable, float("-inf"))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    ar = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, ar)
+    return torch.empty_like(order).scatter_(-1, order, positions(order.shape[-1], order.device).expand_as(order))
 
 
 def frame_blocks(
@@ -46,24 +48,25 @@ def frame_blocks(
 
 
 def segments(
-    means: torch.Tensor, present: torch.Tensor, min_segments: int, tau: float
+    means: torch.Tensor, present: torch.Tensor | None, min_segments: int, tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DySeg: ``(segment id (B, F), adjacent-frame similarity (B, F-1))``.
 
     The video is cut after frame ``t`` where ``cos(g_t, g_{t+1})`` is among the
     ``min_segments - 1`` smallest (ties: earlier frame first) or below ``tau``. A pair with an
-    empty frame (``present`` False) has similarity 1: nothing shows a change there.
+    empty frame (``present`` False) has similarity 1: nothing shows a change there (``present``
+    None: no frame is empty).
     """
     b, f, _ = means.shape
     if f == 1:
         return torch.zeros(b, 1, dtype=torch.long, device=means.device), means.new_zeros(b, 0)
     g = ops.normalize(means)
     sim = (g[:, :-1] * g[:, 1:]).sum(dim=-1)
-    sim = torch.where(present[:, :-1] & present[:, 1:], sim, torch.ones_like(sim))
+    if present is not None:
+        sim = sim.masked_fill(~(present[:, :-1] & present[:, 1:]), 1.0)
     k = min(min_segments - 1, f - 1)  # host-known: the official topk(c - 1) needs F >= c
-    cut = (rank_desc(-sim, torch.ones_like(sim, dtype=torch.bool)) < k) | (sim < tau)
-    seg = torch.cat([torch.zeros_like(cut[:, :1], dtype=torch.long), cut.long().cumsum(dim=1)], dim=1)
-    return seg, sim
+    cut = (rank_desc(-sim, None) < k) | (sim < tau)
+    return torch.nn.functional.pad(cut.cumsum(dim=1), (1, 0)), sim
 
 
 def segment_layout(seg: torch.Tensor, interval: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,7 +77,7 @@ def segment_layout(seg: torch.Tensor, interval: int) -> tuple[torch.Tensor, torc
     """
     f = seg.shape[1]
     same = seg.unsqueeze(2) == seg.unsqueeze(1)  # (B, F, F)
-    later = torch.arange(f, device=seg.device).view(1, 1, f) > torch.arange(f, device=seg.device).view(1, f, 1)
+    later = constant("later", f, seg.device, lambda: positions(f, seg.device).view(f, 1) < positions(f, seg.device))
     length = same.sum(dim=2)
     anchor = (same & later).sum(dim=2) % interval == 0
     groups = (length + interval - 1) // interval
@@ -83,7 +86,7 @@ def segment_layout(seg: torch.Tensor, interval: int) -> tuple[torch.Tensor, torc
 
 def split_budget(
     counts: torch.Tensor,
-    present: torch.Tensor,
+    present: torch.Tensor | int,
     length: torch.Tensor,
     anchor: torch.Tensor,
     groups: torch.Tensor,
@@ -100,15 +103,19 @@ def split_budget(
     left over are topped up by the caller.
     """
     dev = counts.device
-    table = torch.arange(max_retain + 1, device=dev)
+    table = positions(max_retain + 1, dev)
     # In float64, as the official int(frame_retain_num * d) on Python floats: the same
     # products, the same floors (and no host-built table to copy over).
     ctx_tab = torch.floor(table.double() * context_ratio).long()
     sal_tab = table - ctx_tab
-    size = present.unsqueeze(-1)  # (B, F, 1) tokens per frame
-    cur = torch.where(anchor.unsqueeze(-1), ctx_tab * length.unsqueeze(-1) // groups.unsqueeze(-1), 0)
-    salient = torch.minimum(sal_tab, size)
-    anchors = torch.minimum(cur, size - salient)
+    cur = ctx_tab * length.unsqueeze(-1) // groups.unsqueeze(-1) * anchor.unsqueeze(-1)  # 0 off anchor frames
+    if isinstance(present, int):  # every frame holds this many tokens
+        salient = sal_tab.clamp(max=present).expand_as(cur)
+        anchors = torch.minimum(cur, present - salient)
+    else:
+        size = present.unsqueeze(-1)  # (B, F, 1) tokens per frame
+        salient = torch.minimum(sal_tab, size)
+        anchors = torch.minimum(cur, size - salient)
     kept = (salient + anchors).sum(dim=1)  # (B, R + 1)
     best = kept.masked_fill(kept > counts.unsqueeze(1), -1).amax(dim=1)
     r = (kept < best.unsqueeze(1)).sum(dim=1)  # K is non-decreasing: the first R reaching it
@@ -126,7 +133,7 @@ def split_budget(
     }
 
 
-def density_scores(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+def density_scores(x: torch.Tensor, pool: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
     """DPC-kNN score ``delta * rho`` of each pool token within its frame block.
 
     ``x (B, F, L, D)``, ``pool (B, F, L)``. With ``d = ||x_i - x_j|| / sqrt(D)`` between
@@ -134,25 +141,29 @@ def density_scores(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     included, fewer when the pool is smaller); ``delta`` = distance to the nearest token of
     higher density (equal density: the lower index counts as higher, in place of the
     official 1e-6 random noise), or the frame's largest ``d`` for the densest token.
+    ``gram (B, F, L, L)``: each frame's Gram matrix, for the distances in their CUDA form
+    (:func:`tokenreduce.ops.cuda_formulas`; computed in full float32 by the caller).
     """
     b, f, length, d = x.shape
-    flat = x.reshape(b * f, length, d)
-    # Exact pairwise differences, not the |x|^2 + |y|^2 - 2xy matmul form: duplicates get
-    # exactly 0, and the result does not depend on the block length (batch = rows alone).
-    dist = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(d)
+    if gram is None:
+        flat = x.reshape(b * f, length, d)
+        # Exact pairwise differences, not the |x|^2 + |y|^2 - 2xy matmul form: duplicates get
+        # exactly 0, and the result does not depend on the block length (batch = rows alone).
+        dist = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(d)
+    else:
+        dist = gram_distances(gram.reshape(b * f, length, length)) / math.sqrt(d)
     ok = pool.reshape(b * f, length)
-    pair = ok.unsqueeze(2) & ok.unsqueeze(1)
-    near = dist.masked_fill(~pair, float("inf")).topk(min(KNN, length), dim=-1, largest=False).values
+    apart = ~(ok.unsqueeze(2) & ok.unsqueeze(1))
+    near = dist.masked_fill(apart, float("inf")).topk(min(KNN, length), dim=-1, largest=False).values
     real = torch.isfinite(near)
     mean_sq = (near.square().masked_fill(~real, 0)).sum(-1) / real.sum(-1).clamp(min=1)
     rho = torch.exp(-mean_sq)
-    idx = torch.arange(length, device=x.device)
-    # higher[i, j]: token j is denser than token i.
-    higher = (rho.unsqueeze(1) > rho.unsqueeze(2)) | (
-        (rho.unsqueeze(1) == rho.unsqueeze(2)) & (idx.view(1, 1, -1) < idx.view(1, -1, 1))
-    )
-    higher = higher & pair
-    dmax = dist.masked_fill(~pair, 0).amax(dim=(1, 2))
+    # higher[i, j]: token j is denser than token i (the lower index on equal densities).
+    idx = positions(length, x.device)
+    lower = constant("lower", length, x.device, lambda: idx.view(1, -1) < idx.view(-1, 1))
+    rj, ri = rho.unsqueeze(1), rho.unsqueeze(2)
+    higher = torch.where(lower, rj >= ri, rj > ri).masked_fill(apart, False)
+    dmax = dist.masked_fill(apart, 0).amax(dim=(1, 2))
     delta = dist.masked_fill(~higher, float("inf")).amin(dim=-1)
     delta = torch.where(torch.isinf(delta), dmax.unsqueeze(1), delta)
     return (delta * rho).masked_fill(~ok, 0).view(b, f, length)
@@ -169,6 +180,7 @@ def merge_into_anchors(
     dropped: torch.Tensor,
     frames: int,
     beta: float,
+    norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DTM: each pool token joins its most cosine-similar anchor of every anchor frame whose pool holds it.
 
@@ -182,6 +194,8 @@ def merge_into_anchors(
         dropped: ``(B, N)`` valid tokens that are not kept (for ``sizes``).
         frames: ``F``.
         beta: the official ``DTM_beta``: an anchor keeps weight ``max(1 / (m + 1), beta)``.
+        norms: ``(B, N)`` the tokens' norms (clamped as :func:`tokenreduce.ops.normalize`) for the
+            CUDA form of the cosine similarities: one product of the tokens, over both norms.
 
     Returns ``(features (B, T, D), sizes (B, T), joined (B, N))``: an anchor becomes
     ``w x_a + (1 - w) mean(tokens that joined it)`` (itself included, as it is in its own
@@ -194,21 +208,29 @@ def merge_into_anchors(
     fa, sa, ma = frame.gather(1, idx), seg_of_token.gather(1, idx), multi_of_token.gather(1, idx)
     reach = (frame.unsqueeze(2) == fa.unsqueeze(1)) | (ma.unsqueeze(1) & (seg_of_token.unsqueeze(2) == sa.unsqueeze(1)))
     allowed = pool.unsqueeze(2) & is_anchor.unsqueeze(1) & reach  # (B, N, T)
-    sim = ops.cosine_similarity(x, xa).masked_fill(~allowed, float("-inf"))
+    if norms is None:
+        sim = ops.cosine_similarity(x, xa)
+    else:
+        sim = torch.bmm(x, xa.transpose(1, 2)) / (norms.unsqueeze(2) * norms.gather(1, idx).unsqueeze(1))
+    sim = sim.masked_fill(~allowed, float("-inf"))
     # One argmax per (token, anchor frame): a max over the anchor slots grouped by frame,
     # ties to the lower slot; slots that are no anchors form a spare group F.
     group = torch.where(is_anchor, fa, frames).unsqueeze(1).expand(b, x.shape[1], t)
     best = torch.full((b, x.shape[1], frames + 1), float("-inf"), device=x.device)
     best = best.scatter_reduce(2, group, sim, "amax")
     top = allowed & (sim == best.gather(2, group))
-    slot = torch.arange(t, device=x.device).expand_as(top)
+    slot = positions(t, x.device).expand_as(top)
     first = torch.full(best.shape, t, dtype=torch.long, device=x.device)
     first = first.scatter_reduce(2, group, torch.where(top, slot, t), "amin")
     chosen = (top & (slot == first.gather(2, group))).float()
     members = chosen.sum(dim=1)  # (B, T)
-    mean = torch.bmm(chosen.transpose(1, 2), x) / members.clamp(min=1).unsqueeze(-1)
-    w = (1.0 / (members + 1.0)).clamp(min=beta).unsqueeze(-1)
-    merged = torch.where(is_anchor.unsqueeze(-1), w * xa + (1.0 - w) * mean, xa)
+    with ops.full_float32(x.device):  # sums of features
+        mean = torch.bmm(chosen.transpose(1, 2), x) / members.clamp(min=1).unsqueeze(-1)
+    w = (1.0 / (members + 1.0)).clamp(min=beta).unsqueeze(-1)  # 1 for slots that nothing joined
+    if norms is None:
+        merged = torch.where(is_anchor.unsqueeze(-1), w * xa + (1.0 - w) * mean, xa)
+    else:  # one kernel; lerp's weight-1 end is exactly xa, so kept tokens are copied unchanged
+        merged = torch.lerp(mean, xa, w)
     joined = chosen.sum(dim=2)
     share = dropped.float() / joined.clamp(min=1)
     sizes = 1.0 + torch.bmm(share.unsqueeze(1), chosen).squeeze(1)

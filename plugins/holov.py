@@ -74,12 +74,19 @@ def region_scores(x: torch.Tensor, att: torch.Tensor, ok: torch.Tensor, alpha: f
     denom = (m - 1).clamp(min=1).unsqueeze(-1)
     norm = x.norm(dim=-1, keepdim=True)
     # Tokens so large that their sum of squares overflows float32 (bfloat16 near its top):
-    # divide by the peak first; at that scale the 1e-6 is negligible. Others: the official ops.
+    # divide by the peak first; at that scale the 1e-6 is negligible. Others: the official ops
+    # (divided by exactly 1). The peak max|x| as max(max x, -min x): no |x| copy.
     big = ~torch.isfinite(norm)
-    x = torch.where(big, x / x.abs().amax(dim=-1, keepdim=True), x)
+    lo, hi = torch.aminmax(x.detach(), dim=-1, keepdim=True)  # aminmax has no derivative; only a scale
+    x = x / torch.where(big, torch.maximum(hi, -lo), 1.0)
     norm = torch.where(big, x.norm(dim=-1, keepdim=True), norm)
-    xn = x / (norm + EPS)
-    sim = xn @ xn.transpose(-1, -2)  # (B, R, L, L)
+    if ops.cuda_formulas(x):
+        # One product, then divided by the norms: no normalised (B, R, L, D) copy.
+        scale = norm + EPS
+        sim = (x @ x.transpose(-1, -2)).div_(scale).div_(scale.transpose(-1, -2))  # (B, R, L, L)
+    else:
+        xn = x / (norm + EPS)
+        sim = xn @ xn.transpose(-1, -2)  # (B, R, L, L)
     length = x.shape[-2]
     pair = ok.unsqueeze(-1) & ok.unsqueeze(-2) & ~torch.eye(length, dtype=torch.bool, device=x.device)
     sim = sim * pair
@@ -163,6 +170,10 @@ class HoloV(Reducer):
     * **Ties** (equal attention in a region, equal region weights) go to the lower
       index; the official ``torch.topk`` leaves their order unspecified.
     * Negative region scores (impossible for a softmax attention) count as 0.
+    * On CUDA the region similarities are one product of the tokens divided by their
+      norms (``+ 1e-6``) afterwards, in TF32 (:mod:`tokenreduce.precision`), not a product
+      of normalised copies: equal up to float32 rounding, which only the allocation's
+      floors can notice (a region weight within rounding of a step).
 
     Qwen2-VL / Qwen2.5-VL have no [CLS] token, so no ``cls_attention``: the adapter
     rejects HoloV when the pipeline is patched. (The official Qwen2.5-VL script scores

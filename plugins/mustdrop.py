@@ -145,7 +145,7 @@ class MustDrop(Reducer):
         plans = [plan_rounds(nv, t, *self._grid(nv, context.grid), k) if nv else [(1, 1, 0)] for nv, t in rows]
         # Rows of huge (or tiny) magnitude are scaled by a power of two: means and cosine
         # similarities are unchanged, and float32 sums cannot overflow.
-        x, scale = safe_scale(tokens, valid)
+        x, scale = safe_scale(tokens, None if context.uniform_count is not None else valid)  # no padding: no mask
         owner, rep = window_merge(x, valid, plans, k, dense=context.uniform_count is not None)
 
         # Kept: the representatives of non-empty groups, in position order.

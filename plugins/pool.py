@@ -93,7 +93,7 @@ class PoolReducer(Reducer):
 
         # Sums on rows divided by a power of two when their magnitude is extreme (exact), so
         # bfloat16 tokens near 1e38 cannot overflow the float32 sum.
-        x, scale = safe_scale(tokens, valid)
+        x, scale = safe_scale(tokens, None if context.uniform_count is not None else valid)  # no padding: no mask
         sums, sizes = ops.merge_into(x, cell, t_max)
         pos = torch.arange(n, device=tokens.device).expand(b, n)
         first = torch.full((b, t_max + 1), n, dtype=torch.long, device=tokens.device)

@@ -26,6 +26,12 @@ class ToMe(Reducer):
     order. ``sizes`` counts the input tokens each output averages (for proportional
     attention); ``info["assignment"] (B, N)`` gives each input token's output slot.
 
+    On CUDA: cosine similarities come from one product divided by the norms
+    (:func:`tokenreduce.ops.cosine_similarity`), the merge sums from a one-hot product
+    (:func:`tokenreduce.ops.merge_into`), both in TF32 (:mod:`tokenreduce.precision`), and
+    a merged B token's weighted sum is formed in one fused multiply-add pass: the same
+    values up to float32 rounding, so a near-tie between matches can resolve differently.
+
     Stages: any (features only).
 
     Paper: Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023,
@@ -45,11 +51,12 @@ class ToMe(Reducer):
     def reduce(self, tokens, counts, valid, context):
         b, n, _ = tokens.shape
         dev = tokens.device
+        t = context.uniform_count
         # Rows of extreme magnitude are divided by a power of two (exact; cosine
         # similarities and weighted means do not change), so float32 sums cannot overflow.
-        x, scale = safe_scale(tokens, valid)
+        # Without padding (t known) there is nothing to mask.
+        x, scale = safe_scale(tokens, None if t is not None else valid)
         owner = torch.arange(n, device=dev).expand(b, n)  # per input token: its group's representative
-        t = context.uniform_count
         if t is not None:
             # Every token valid, every row keeping t: the live count after each round is the
             # same in every row and known here, so is each round's r. The state starts in
@@ -128,7 +135,12 @@ def _merge_round(x, size, alive, rep, r, owner, live=None):
     sums, added = ops.merge_into(a_x, torch.where(is_src, dst, -1), xb.shape[1], a_size)
     b_size = size[:, 1::2]
     new_b_size = b_size + added
-    merged = (xb * b_size.unsqueeze(-1) + sums) / new_b_size.clamp(min=1e-12).unsqueeze(-1)
+    if ops.cuda_formulas(x):
+        # One fused pass for x_b * size_b + sums, divided in place: two passes over the
+        # (B, N/2, D) state fewer (an FMA may round differently from the product and sum).
+        merged = torch.addcmul(sums, xb, b_size.unsqueeze(-1)).div_(new_b_size.clamp(min=1e-12).unsqueeze(-1))
+    else:
+        merged = (xb * b_size.unsqueeze(-1) + sums) / new_b_size.clamp(min=1e-12).unsqueeze(-1)
     new_xb = torch.where((added > 0).unsqueeze(-1), merged, xb)
 
     # Input tokens owned by a merged A token now belong to its B token (spare column n
@@ -142,7 +154,8 @@ def _merge_round(x, size, alive, rep, r, owner, live=None):
         # stable sort below gives, known on the host, cut to its live - r tokens: A but its
         # first r (merged away), by match, then B in order.
         def order(a: torch.Tensor, bb: torch.Tensor) -> torch.Tensor:
-            return torch.cat([a[:, r:], bb], dim=1)
+            # A round that merges every A token (most rounds: r = live // 2) keeps B alone: no copy.
+            return torch.cat([a[:, r:], bb], dim=1) if a.shape[1] > r else bb
 
         state = (order(a_x, new_xb), order(a_size, new_b_size), alive[:, : live - r], order(a_rep, rep[:, 1::2]))
         return state, owner

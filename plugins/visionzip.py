@@ -58,6 +58,11 @@ class VisionZip(Reducer):
     position order (the official code puts all dominant tokens before the
     contextual ones).
 
+    On CUDA the key similarities come from one product divided by the norms
+    (:func:`tokenreduce.ops.cosine_similarity`) and the merge sums from a one-hot product,
+    both in TF32 (:mod:`tokenreduce.precision`): equal up to float32 rounding, so a token
+    nearly equidistant from two targets may join the other one.
+
     Published stage: ``vision_encoder`` (features of the selected layer, merged before
     the projector). At ``projector`` the same selection is applied to projected
     features, so merging happens in the LLM width.
@@ -124,10 +129,9 @@ class VisionZip(Reducer):
         target = rest & (rank % step == 0) & (rank // step < n_ctx[:, None])
         target_id = torch.where(target, rank // step, torch.full_like(rank, -1))  # 0..C-1, in order
 
-        x = tokens.float()
-        features = x
         sizes = valid.float()
         merged_into = torch.full_like(rank, -1)
+        contextual = None
         if c_max > 0:
             # Target keys as (B, C, Dk): scatter each target's position into its slot.
             pos = torch.arange(n, device=tokens.device).expand(b, n)
@@ -141,13 +145,13 @@ class VisionZip(Reducer):
             assign = torch.where(others, nearest, torch.full_like(nearest, -1))
             # Sums on rows rescaled by a power of two (exact), so bfloat16 tokens near 1e38
             # cannot overflow float32; the result is saturated to the output dtype.
-            xs, scale = safe_scale(tokens, valid)
+            xs, scale = safe_scale(tokens, None if context.uniform_count is not None else valid)
             sums, merged = ops.merge_into(xs, assign, c_max)
-            # Official rule: contextual = target feature + mean of the tokens merged into it.
+            # Official rule: contextual = target feature + mean of the tokens merged into it,
+            # computed for the C targets only, (B, C, D), not for all (B, N, D) tokens.
             agg = sums / merged.clamp(min=1).unsqueeze(-1)
+            contextual = unscale(ops.gather_rows(xs, tpos) + agg, scale, tokens.dtype)
             tid = target_id.clamp(min=0)
-            contextual = unscale(xs + ops.gather_rows(agg, tid), scale, tokens.dtype)
-            features = torch.where(target.unsqueeze(-1), contextual, x)
             sizes = torch.where(target, 1.0 + merged.gather(1, tid), sizes)
             merged_into = torch.where(assign >= 0, tpos.gather(1, assign.clamp(min=0)), merged_into)
 
@@ -155,12 +159,18 @@ class VisionZip(Reducer):
         slots = ops.slot_mask(counts, t)
         positions = torch.where(kept, torch.arange(n, device=tokens.device), n)  # dropped sort last
         indices = torch.sort(positions, dim=1).values[:, :t].masked_fill(~slots, -1)
+        # Kept tokens as they are (widening is exact), contextual slots from their (B, C, D) values.
+        features = ops.gather_rows(tokens, indices).float()
+        if contextual is not None:
+            at = indices.clamp(min=0)
+            slot_value = ops.gather_rows(contextual, target_id.gather(1, at).clamp(min=0))
+            features = torch.where(target.gather(1, at).unsqueeze(-1), slot_value, features)
         info = {"scores": scores, "dominant": dominant, "contextual": target, "merged_into": merged_into}
         return make_reduction(
             tokens,
             indices,
             slots,
-            features=ops.gather_rows(features, indices),
+            features=features,
             sizes=ops.gather_rows(sizes, indices),
             info=info,
         )

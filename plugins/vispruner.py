@@ -10,6 +10,7 @@ from pydantic import Field
 from tokenreduce import CLS_ATTENTION, Reducer, ReducerParams, Stage, make_reduction, ops
 from tokenreduce.numerics import safe_scale
 
+from . import kernels
 from .cls_attn import cls_scores
 
 #: Tokens removed per matching round in the official code (``r = min(8, R - T_div)``).
@@ -69,9 +70,20 @@ class VisPruner(Reducer):
     holds the ``ceil(R/2)`` tokens at even places and a round removes at most that many
     (only binding when ``R < 16``).
 
-    Host synchronisation: the number of rounds is worked out on the host. Without a
-    mask (as the LLaVA adapters call it) every row keeps the same known count, so no
-    device value is read; with a padding mask the valid counts are read once. The
+    On CUDA, with Triton installed (and ``TOKENREDUCE_NO_TRITON`` unset), all matching
+    rounds run as one fused Triton kernel, one program per row
+    (:mod:`tokenreduce_plugins.kernels.matching`). It takes the same maxima of the same
+    float32 similarities as the torch loop (used on CPU) and orders them as its stable
+    descending sort does (ties to the earlier place, -0.0 equal to +0.0, NaN first), with
+    no arithmetic of its own, so it keeps the same tokens: no deviation. Without a mask,
+    where every round's size is known on the host, each round instead runs as two launches
+    spread over many programs (:mod:`tokenreduce_plugins.kernels.matching_rounds`: the
+    scores, then the new list), with the same maxima and order.
+
+    Host synchronisation: for the torch loop the number of rounds is worked out on the
+    host. Without a mask (as the LLaVA adapters call it) every row keeps the same known
+    count, so no device value is read; with a padding mask the valid counts are read once
+    (the fused kernel needs no plan: each row loops on the device until it is done). The
     Python loop runs over that fixed number of rounds, each batched over rows.
 
     Published stage: ``vision_encoder``: the official code selects on the selected
@@ -143,17 +155,30 @@ class VisPruner(Reducer):
             # long as it is (six kernels a round instead of forty).
             imp = math.floor(t * self.params.important_ratio)
             residual = order[:, imp:]
-            rows = torch.arange(b, device=dev).view(-1, 1, 1)  # made once, indexes every round
-            for r in _round_sizes(n - imp, t - imp):
-                residual = _match_round_dense(sim, residual, r, rows)
+            sizes = _round_sizes(n - imp, t - imp)
+            fused = None
+            if sizes:  # the parallel rounds where they run, else the one-program kernel, else the loop
+                fused = _fused_uniform(sim, residual, sizes)
+                if fused is None:
+                    fused = _fused_rounds(sim, residual, n - imp, t - imp)
+            if fused is not None:
+                residual = fused[:, : t - imp]  # the rest is the -1 the list shrank by
+            else:
+                rows = torch.arange(b, device=dev).view(-1, 1, 1)  # made once, indexes every round
+                for r in sizes:
+                    residual = _match_round_dense(sim, residual, r, rows)
             diverse = ops.keep_mask_from(residual, torch.ones_like(residual, dtype=torch.bool), n) if t > imp else None
         else:
             # Residual list: order[T_imp:], in the same (attention) order, -1 padded.
             rem = n_valid - n_imp
             residual = order.gather(1, (place + n_imp[:, None]).clamp(max=n - 1)).masked_fill(place >= rem[:, None], -1)
-            # A fixed, host-known number of rounds, each batched over rows, none reading the device.
-            for _ in self._rounds(counts, valid):
-                residual, rem = _match_round(sim, residual, rem, n_div)
+            fused = _fused_rounds(sim, residual, rem, n_div)
+            if fused is not None:
+                residual = fused
+            else:
+                # A fixed, host-known number of rounds, each batched over rows, none reading the device.
+                for _ in self._rounds(counts, valid):
+                    residual, rem = _match_round(sim, residual, rem, n_div)
             diverse = ops.keep_mask_from(residual, (residual >= 0) & (n_div > 0)[:, None], n)
             t = int(counts.max())
 
@@ -165,6 +190,31 @@ class VisPruner(Reducer):
         return make_reduction(
             tokens, indices, slots, sizes=slots.float(), info={"scores": scores, "important": important}
         )
+
+
+def _fused_uniform(sim: torch.Tensor, residual: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
+    """The uniform case's rounds as two parallel Triton launches a round (every round's size is
+    known here), or ``None`` (CPU, no Triton, disabled, or ``matching_rounds.ENABLED`` off)."""
+    if not kernels.fused_wanted(sim):
+        return None
+    from .kernels import matching_rounds  # imports Triton: only reached on CUDA with Triton installed
+
+    if not matching_rounds.ENABLED:
+        return None
+    return matching_rounds.match_rounds_uniform(sim, residual, sizes)
+
+
+def _fused_rounds(
+    sim: torch.Tensor, residual: torch.Tensor, remaining: torch.Tensor | int, diverse: torch.Tensor | int
+) -> torch.Tensor | None:
+    """Every round at once, as one Triton kernel (CUDA, Triton, not disabled), or ``None``: then
+    the torch loop runs. The final list holds the loop's tokens (a padded row that is done
+    is not reordered further by the loop's empty rounds, which only the loop runs)."""
+    if not kernels.fused_wanted(sim):
+        return None
+    from .kernels import matching  # imports Triton: only reached on CUDA with Triton installed
+
+    return matching.match_rounds(sim, residual, remaining, diverse, ROUND_SIZE)
 
 
 def _match_round_dense(sim: torch.Tensor, residual: torch.Tensor, r: int, rows: torch.Tensor) -> torch.Tensor:

@@ -15,3 +15,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def full_float32():
+    """Reducers' float32 products in full float32 on CUDA (tokenreduce.precision), for tests that compare a
+    CUDA run with a CPU run, an official fixture or a direct call of a reducer's internals (no TF32 there)."""
+    from tokenreduce import precision
+
+    before = precision.matmul_mode()
+    precision.configure(matmul="highest")
+    try:
+        yield
+    finally:
+        precision.configure(matmul=before)

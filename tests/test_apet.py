@@ -529,6 +529,7 @@ def test_padding_rows_whole_rows_and_empty_rows_in_one_batch():
 
 
 
+@pytest.mark.usefixtures("full_float32")  # compares the call with its internals, run directly
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("stage", ["projector", "llm_layer"])
@@ -573,6 +574,7 @@ def test_cuda_graph_replay_equals_the_eager_algorithm(dtype, stage):
     assert torch.equal(masked.tokens, graphed[1].tokens) and graphs.stats()["graphs"] == key_count
 
 
+@pytest.mark.usefixtures("full_float32")  # compares the call with its internals, run directly
 @pytest.mark.gpu
 def test_cuda_graph_serves_callers_in_and_out_of_inference_mode_and_keeps_autograd():
     # Models run under inference_mode, direct calls often not: one captured graph must
@@ -595,6 +597,7 @@ def test_cuda_graph_serves_callers_in_and_out_of_inference_mode_and_keeps_autogr
     assert torch.equal(out.indices, inside.indices)
 
 
+@pytest.mark.usefixtures("full_float32")  # compares the call with its internals, run directly
 @pytest.mark.gpu
 def test_cuda_inputs_above_the_graph_size_cap_run_eagerly(monkeypatch):
     # Large inputs must not pin a graph's buffers on the GPU; they run the eager path.

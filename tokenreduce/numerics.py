@@ -30,11 +30,16 @@ def safe_scale(tokens: torch.Tensor, valid: torch.Tensor | None = None) -> tuple
 
     ``scale`` is 1 for rows whose largest valid magnitude is within ``[2^-40, 2^40]`` (or
     zero); other rows are brought to a largest magnitude in ``[1, 2)``. Padded tokens
-    (``valid`` False) do not count for the scale and are zeroed.
+    (``valid`` False) do not count for the scale and are zeroed. Pass ``valid=None`` when
+    every token is valid (``context.uniform_count`` set): the masking pass is skipped.
+
+    Three passes over the tokens: one reading them in their own dtype for the peak (widening
+    is exact, and so are max and min), one writing the float32 quotient (widened as it is
+    read: the same bits as widening first), and the masking pass if there is padding.
     """
-    x = tokens.float()
-    # max |x| as max(max x, -min x): two plain reductions, no elementwise |x| copy.
-    peak = torch.maximum(x.amax(dim=-1), x.amin(dim=-1).neg())
+    # max |x| as max(max x, -min x): one reduction, no elementwise |x| copy.
+    lo, hi = torch.aminmax(tokens.detach(), dim=-1)  # a power-of-two scale: no gradient flows through it
+    peak = torch.maximum(hi.float(), lo.float().neg())
     if valid is not None:
         peak = peak.masked_fill(~valid, 0.0)
     peak = peak.amax(dim=1)
@@ -42,8 +47,10 @@ def safe_scale(tokens: torch.Tensor, valid: torch.Tensor | None = None) -> tuple
     exponent = torch.where(out_of_range, torch.floor(torch.log2(peak)), torch.zeros_like(peak))
     scale = torch.exp2(exponent).view(-1, 1, 1)
     # A division, not a product with 1/scale: 2^-127 (the inverse of the largest scale)
-    # is subnormal in float32, while dividing by any power of two is exact.
-    x = x / scale
+    # is subnormal in float32, while dividing by any power of two is exact. Half-precision
+    # tokens divided by a float32 scale give a float32 quotient in one pass; wider ones are
+    # narrowed first, as before.
+    x = tokens / scale if tokens.dtype in (torch.bfloat16, torch.float16) else tokens.float() / scale
     if valid is not None:
         x = x.masked_fill(~valid.unsqueeze(-1), 0.0)
     return x, scale

@@ -49,14 +49,25 @@ def matmul_mode() -> str:
 @contextmanager
 def reducer_matmul(device: torch.device) -> Iterator[None]:
     """Within the block, float32 products on ``device`` use the configured precision (CUDA only)."""
-    if device.type != "cuda" or _mode == "highest":
+    with tf32(device, _mode == "tf32"):
+        yield
+
+
+@contextmanager
+def tf32(device: torch.device, on: bool) -> Iterator[None]:
+    """Within the block, float32 products on ``device`` run in TF32 (``on``) or full float32; CUDA only.
+
+    Reducers use ``on=False`` for products whose result is cancelled against other terms or
+    that sum features (TF32 would round their inputs to 11 significant bits).
+    """
+    if device.type != "cuda":
         yield
         return
     # The legacy flag: read back by torch and transformers (and tokenreduce.graphs' cache key) through
     # either API; setting the newer fp32_precision instead makes every legacy read raise.
     backend = torch.backends.cuda.matmul
     before, before_new = backend.allow_tf32, backend.fp32_precision
-    backend.allow_tf32 = True
+    backend.allow_tf32 = on
     try:
         yield
     finally:
