@@ -16,6 +16,7 @@ from tokenreduce.sync import host_reads_free
 
 from .fastv import attention_scores
 from .holitom_ops import (
+    adjacent_similar,
     allocation_order,
     dpc_clusters,
     merge_clusters,
@@ -26,6 +27,7 @@ from .holitom_ops import (
     static_runs,
     window_gains,
 )
+from .prunevid_cluster import constant, first_true, gram_distances, position_gram, positions
 
 #: ``context.extra`` key of the official ranking signal, when a caller or adapter has it: ``(B, N)``
 #: the attention each token receives in the vision tower's selected layer (averaged over heads
@@ -122,8 +124,16 @@ class HoliTom(Reducer):
     * DPC density ties (the official code breaks them with ``1e-6 * rand`` noise: at random
       when a segment keeps one or two static tokens, where ``k = 1`` or mutual nearest
       neighbours make every density equal) go to the earlier token; equal scores likewise.
-      Distances are computed directly, not through the ``mm`` form ``cdist`` uses for more
-      than 25 tokens (bit-identical rows alone and in a batch).
+      Distances are computed directly on CPU, not through the ``mm`` form ``cdist`` uses for
+      more than 25 tokens (bit-identical rows alone and in a batch).
+    * On CUDA (cost, issue 19; :func:`tokenreduce.ops.cuda_formulas`) the similarities come
+      from Gram matrices (each position's tokens over the frames; each frame's tokens, which
+      also give the stand-in attention's logits; TF32 as other similarities) and the DPC
+      distances from the Gram matrix of each segment's sums of static copies (full float32);
+      a merged static token is the centre's sum times its weight plus one product of the
+      members' sums with their weights, computed at the kept slots only. The same method up
+      to rounding: a near-tie (a similarity at ``tau``, equal densities or scores) can
+      resolve differently than on CPU, which keeps the elementwise forms and direct distances.
     * Token order: every kept token stays at its place in the video (a static token at its
       segment's first frame), so indices are ascending, as the official ``grid`` newline
       layout (LLaVA-Video) orders them; the official ``one_token`` layout (LLaVA-OneVision)
@@ -182,11 +192,11 @@ class HoliTom(Reducer):
                 )
         return t, n
 
-    def _attention(self, x: torch.Tensor, valid: torch.Tensor, context: ReductionContext) -> torch.Tensor:
+    def _attention(self, x, valid, context, full, frame_gram) -> torch.Tensor:
         b, t, n, _ = x.shape
         given = context.extra.get(ATTENTION_KEY)
         if given is None:
-            return self_attention_received(x, valid)
+            return self_attention_received(x, None if full else valid, frame_gram)
         if not isinstance(given, torch.Tensor) or tuple(given.shape) != (b, t * n):
             got = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
             raise InvalidInputError(
@@ -202,90 +212,201 @@ class HoliTom(Reducer):
         b, n_all, d = tokens.shape
         dev = tokens.device
         p = self.params
-        xs, scale = safe_scale(tokens, valid)
+        full = context.uniform_count is not None  # no mask: every token valid, no masking passes
+        fast = ops.cuda_formulas(tokens)
+        xs, scale = safe_scale(tokens, None if full else valid)
         x = xs.view(b, t_frames, n, d)
         ok = valid.view(b, t_frames, n)
-        frame = torch.arange(t_frames, device=dev).view(1, -1, 1)
+        frame = positions(t_frames, dev).view(1, -1, 1)
 
         # 1-3: segments and static tokens.
-        run = static_runs(pair_similar(x, ok, p.tau))
+        similar = adjacent_similar(position_gram(x), ok, p.tau) if fast else pair_similar(x, ok, p.tau)
+        run = static_runs(similar)
         start = segment_starts(window_gains(run), p.max_window)  # (B, T)
         length = segment_lengths(start)
         run_from_start = run.gather(1, start.unsqueeze(-1).expand(b, t_frames, n))
-        static = (length >= 2).unsqueeze(-1) & (run_from_start >= (length - 1).unsqueeze(-1)) & ok
+        # Static: similar over the whole segment, of 2+ frames (a tabled threshold per length).
+        static = run_from_start >= constant("holitom_static_run", t_frames, dev, lambda: _static_runs(t_frames, dev))[
+            length
+        ].unsqueeze(-1)
+        if not full:
+            static &= ok
         first = frame == start.unsqueeze(-1)  # (B, T, 1): the frame opens its segment
         members = static & first  # a segment's static tokens, at its first frame
-        dynamic = ok & ~static
+        dynamic = ~static if full else ok & ~static
 
         # 4: the allocation keys (class docstring, "Budget").
-        att = self._attention(x, ok, context)
-        att_order = torch.sort(att.masked_fill(~dynamic, float("-inf")), dim=-1, descending=True, stable=True).indices
-        slot = torch.arange(n, device=dev).expand_as(att_order)
+        frame_gram = torch.matmul(x, x.transpose(-1, -2)) if fast else None  # (B, T, n, n)
+        att = self._attention(x, ok, context, full, frame_gram)
+        ranked = att.masked_fill(static if full else ~dynamic, float("-inf"))
+        att_order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+        slot = positions(n, dev).expand_as(att_order)
         att_rank = torch.empty_like(att_order).scatter_(-1, att_order, slot)
-        n_dyn = dynamic.sum(dim=-1, keepdim=True).clamp(min=1).double()
-        n_static = members.sum(dim=-1, keepdim=True).clamp(min=1).double()
-        member_rank = members.long().cumsum(dim=-1) - 1
-        key = torch.full((b, t_frames, n), float("inf"), dtype=torch.float64, device=dev)
-        key = torch.where(dynamic, att_rank.double() / n_dyn, key)
-        key = torch.where(members, (2 * member_rank + 1).double() / (2 * n_static), key)
-        key = torch.where(static & ~first, _RESTORE_KEY, key)
+        # A frame without dynamic tokens (members) never selects the quotient by 0 below.
+        n_dyn = dynamic.sum(dim=-1, keepdim=True, dtype=torch.float64)
+        n_static = members.sum(dim=-1, keepdim=True, dtype=torch.float64)
+        member_count = members.cumsum(dim=-1)  # the member's rank + 1
+        restore_key, unit, parity, n_long, none = constant("holitom_keys", n, dev, lambda: _key_tables(n, dev))
+        # Valid tokens are dynamic, a segment's static token (at its first frame) or a copy of one.
+        # (2 rank + 1) / (2 n_static) as (rank + 0.5) / n_static: the same rational, rounded once.
+        key = torch.where(dynamic, att_rank / n_dyn, torch.where(first, (member_count - 0.5) / n_static, restore_key))
+        if not full:
+            key = key.masked_fill(~ok, float("inf"))
         # round() rounds half to even: the k-th static slot (0-based) is taken at equality iff k is odd.
-        tie = torch.where(members & (member_rank % 2 == 1), 0, 1)
-        taken = allocation_order(key.view(b, n_all), tie.view(b, n_all)) < counts.unsqueeze(1)
-        taken = taken.view(b, t_frames, n) & ok
+        odd = parity[member_count] * members
+        # Distinct keys (j / n_dyn, (r + 0.5) / n_static, 2, inf) differ by at least 1 / (2 n^2).
+        rank = allocation_order(key.view(b, n_all), odd.view(b, n_all), separation=0.5 / n**2)
+        taken = rank < counts.unsqueeze(1)
+        taken = taken.view(b, t_frames, n) if full else taken.view(b, t_frames, n) & ok
 
         # 5-6: dynamic tokens kept by attention rank (a prefix of each frame's slots); static clusters.
-        restored = taken & static & ~first
+        # On bools a > b is a & ~b: one kernel.
+        restored = taken & (static > first)
         clusters = (taken & members).sum(dim=-1)  # (B, T), 0 except at segments' first frames
-        in_mean = static & ~restored
+        in_mean = static > restored  # restored copies are static
         # weights[b, s, t, p]: frame t's copy of position p is averaged into the static token of the
         # segment opening at frame s (a matmul: deterministic on every device, unlike scatter-adds).
-        in_segment = start.unsqueeze(1) == torch.arange(t_frames, device=dev).view(1, -1, 1)  # (B, S, T)
-        weights = (in_segment.unsqueeze(-1) & in_mean.unsqueeze(1)).float()
-        copies = weights.sum(dim=2)  # (B, T, n)
-        means = torch.einsum("bstp,btpd->bspd", weights, x) / copies.clamp(min=1).unsqueeze(-1)
+        in_segment = start.unsqueeze(1) == frame.view(1, -1, 1)  # (B, S, T)
         groups = b * t_frames
+        if fast:
+            # Each segment's sums of its static copies and their Gram matrix; the means' Gram over
+            # sqrt(D) is that times 1 / (copies sqrt(D)) on both sides (tabled per copy count).
+            in_segment_f, in_mean_f = in_segment.float(), in_mean.float()
+            copies = torch.matmul(in_segment_f, in_mean_f.view(b, t_frames, n))  # (B, T, n)
+            sums = torch.einsum("bst,btpd->bspd", in_segment_f, x * in_mean_f.unsqueeze(-1))
+            with ops.full_float32(dev):  # cancelled against the norms: no TF32
+                mean_gram = torch.matmul(sums, sums.transpose(-1, -2))
+            inv = constant(f"holitom_inv_copies/{d}", t_frames, dev, lambda: _inv_counts(t_frames, d, dev))
+            coef = inv[copies.long()]
+            dist = gram_distances((mean_gram * coef.unsqueeze(-1) * coef.unsqueeze(-2)).view(groups, n, n))
+            means = None
+        else:
+            weights = (in_segment.unsqueeze(-1) & in_mean.unsqueeze(1)).float()
+            copies = weights.sum(dim=2)  # (B, T, n)
+            means = torch.einsum("bstp,btpd->bspd", weights, x) / copies.clamp(min=1).unsqueeze(-1)
+            dist = None
         centre, assign = dpc_clusters(
-            means.reshape(groups, n, d),
+            None if means is None else means.reshape(groups, n, d),
             members.reshape(groups, n),
             clusters.reshape(groups),
-            clusters.clamp(max=p.k).reshape(groups),
+            clusters.reshape(groups),  # neighbours: min(k, clusters), capped below
+            dist=dist,
+            max_neighbours=p.k,
         )
-        merged, merged_sizes = merge_clusters(
-            means.reshape(groups, n, d), centre, assign, copies.reshape(groups, n), p.beta
-        )
-        centre = centre.view(b, t_frames, n)
-        keep = (taken & dynamic) | centre | restored
-        features = torch.where(centre.unsqueeze(-1), merged.view(b, t_frames, n, d), x).reshape(b, n_all, d)
-        sizes = torch.where(centre, merged_sizes.view(b, t_frames, n), keep.float()).reshape(b, n_all)
+        centre, assign = centre.view(b, t_frames, n), assign.view(b, t_frames, n)
+        # Taken valid tokens are dynamic, restored copies or members (which become the centres).
+        keep = (taken > members) | centre
 
         t_out = context.uniform_count if context.uniform_count is not None else int(counts.max())
         slots = ops.slot_mask(counts, t_out)
-        pos = torch.arange(n_all, device=dev).expand(b, n_all)
-        indices = torch.sort(torch.where(keep.view(b, n_all), pos, n_all), dim=1).values[:, :t_out]
-        indices = indices.masked_fill(~slots, -1)
+        indices = first_true(keep.view(b, n_all).to(torch.uint8), t_out, None if full else slots)
+        at = indices.clamp(min=0)
+        is_centre = centre.view(b, n_all).gather(1, at)  # (B, T_out): the slot holds a merged static token
+        kept = xs.gather(1, at.unsqueeze(-1).expand(b, t_out, d))
+        if fast:
+            merged, merged_sizes = self._merge_by_products(sums, keep, at, centre, assign, copies, t_out)
+        else:
+            merged, merged_sizes = merge_clusters(
+                means.reshape(groups, n, d),
+                centre.view(groups, n),
+                assign.view(groups, n),
+                copies.view(groups, n),
+                p.beta,
+            )
+            merged = ops.gather_rows(merged.view(b, n_all, d), at)
+            merged_sizes = merged_sizes.view(b, n_all).gather(1, at)
+        features = torch.where(is_centre.unsqueeze(-1), merged, kept)
+        sizes = torch.where(is_centre, merged_sizes, unit)  # a kept token stands for itself
         info: dict[str, Any] = {
             "segment_start": start,
             "static": static.reshape(b, n_all),
             "attention": att.reshape(b, n_all),
-            "merged_into": self._merged_into(assign.view(b, t_frames, n), in_mean & ~keep, start, n),
+            "merged_into": self._merged_into(assign, in_mean > keep, start, n_long, none),
         }
         return make_reduction(
-            tokens,
-            indices,
-            slots,
-            features=unscale(ops.gather_rows(features, indices), scale, tokens.dtype),
-            sizes=ops.gather_rows(sizes, indices),
-            info=info,
+            tokens, indices, slots, features=unscale(features, scale, tokens.dtype), sizes=sizes, info=info
         )
 
+    def _merge_by_products(self, sums, keep, at, centre, assign, copies, t_out):
+        """The CUDA form of :func:`~tokenreduce_plugins.holitom_ops.merge_clusters` at the kept slots:
+        ``(features (B, T_out, D), sizes (B, T_out))`` (used where a slot holds a centre).
+
+        ``sums (B, T, n, D)``: each group's (segment's) sums of its static copies. A centre's token
+        is ``own * sum_centre + other * (sum over its other members of sum_m / copies_m)``, the
+        members' part one product of 0/1 rows scaled by ``1 / copies_m``; ``own`` and ``other``
+        follow from the count of other members (``beta``, or the plain mean without it).
+        """
+        b, t, n, d = sums.shape
+        dev = sums.device
+        flat = sums.reshape(b, t * n, d)
+        # Each other member's centre token (group at frame s: token s n + its centre's position).
+        start_of = constant(f"group_start/{n}", t, dev, lambda: (positions(t, dev) * n).view(1, t, 1))
+        joins = (start_of + assign).view(b, -1)
+        not_other = ((assign < 0) | centre).view(b, -1)  # no member, or the centre itself
+        slot_of = keep.view(b, -1).cumsum(dim=1) - 1  # ascending slot of each kept position
+        dest = slot_of.gather(1, joins.clamp(min=0)).masked_fill(not_other, -1)
+        hit = torch.empty(b, t_out, t * n, device=dev)
+        torch.eq(dest.unsqueeze(1), positions(t_out, dev).view(1, t_out, 1), out=hit)  # (B, T_out, T n), 0/1
+        size = copies.view(b, -1)
+        inv_size = size.clamp(min=1).reciprocal()
+        with ops.full_float32(dev):  # sums of features; of copy counts (exact)
+            members = torch.bmm(hit * inv_size.unsqueeze(1), flat)
+            member_copies = torch.bmm(hit, size.unsqueeze(-1)).squeeze(-1)
+        count = hit.sum(dim=2)
+        centre_inv = inv_size.gather(1, at)
+        beta = self.params.beta
+        if beta is None:  # the mean of the centre's and its members' means
+            other = (1.0 + count).reciprocal()
+            own = other * centre_inv
+        else:
+            weights = constant(f"holitom_beta/{beta!r}", 0, dev, lambda: _beta_weights(beta, dev))
+            own = torch.where(count > 0, weights[0], weights[1]) * centre_inv
+            other = weights[2] / count.clamp(min=1)
+        centre_sums = flat.gather(1, at.unsqueeze(-1).expand(b, t_out, d))
+        merged = torch.addcmul(other.unsqueeze(-1) * members, own.unsqueeze(-1), centre_sums)
+        # The copies a merged token stands for: its centre's and its other members'.
+        return merged, size.gather(1, at) + member_copies
+
     @staticmethod
-    def _merged_into(assign: torch.Tensor, merged: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
-        """``(B, N)``: for each merged-away static copy (``merged``), the index of the token it went into (-1: none)."""
-        b, t, _ = assign.shape
-        at_start = assign.gather(1, start.unsqueeze(-1).expand(b, t, n))  # its position's centre, in its segment
-        target = start.unsqueeze(-1) * n + at_start
-        return torch.where(merged & (at_start >= 0), target, -1).reshape(b, t * n)
+    def _merged_into(assign, merged, start, n, none) -> torch.Tensor:
+        """``(B, N)``: for each merged-away static copy (``merged``), the index of the token it went into
+        (``none``, -1: none); ``n`` the tokens per frame (both long 0-d tensors)."""
+        b, t, per = assign.shape
+        at_start = assign.gather(1, start.unsqueeze(-1).expand(b, t, per))  # its position's centre, in its segment
+        target = torch.addcmul(at_start, start.unsqueeze(-1), n)
+        return torch.where(merged & (at_start >= 0), target, none).reshape(b, t * per)
+
+
+def _static_runs(t: int, device: torch.device) -> torch.Tensor:
+    """``(T + 1,)`` long, per segment length ``W``: the similar steps from its first frame that make a
+    position static, ``W - 1``; none can (``T + 1``) below 2 frames."""
+    w = torch.arange(t + 1, device=device)
+    return torch.where(w >= 2, w - 1, t + 1)
+
+
+def _key_tables(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Constants of :meth:`HoliTom.reduce` (0-d tensors, not fills per call): the restoration key
+    (float64), 1.0, ``(c - 1) % 2`` for ``c = 0 .. n`` (a member's rank parity from its running
+    count), ``n`` and -1 (long)."""
+    # Fills, not copies of host data (torch.tensor): these may be made during a CUDA graph capture.
+    long = {"dtype": torch.long, "device": device}
+    return (
+        torch.full((), _RESTORE_KEY, dtype=torch.float64, device=device),
+        torch.full((), 1.0, device=device),
+        (torch.arange(n + 1, **long) - 1) % 2,
+        torch.full((), n, **long),
+        torch.full((), -1, **long),
+    )
+
+
+def _beta_weights(beta: float, device: torch.device) -> torch.Tensor:
+    """``(3,)`` float32: ``beta``, 1 and ``1 - beta`` (fills, as :func:`_key_tables`)."""
+    return torch.stack([torch.full((), v, device=device) for v in (beta, 1.0, 1.0 - beta)])
+
+
+def _inv_counts(t: int, d: int, device: torch.device) -> torch.Tensor:
+    """``(T + 1,)`` float32: ``1 / (max(c, 1) sqrt(D))`` per copy count ``c``."""
+    return 1.0 / (torch.arange(t + 1, device=device).clamp(min=1) * d**0.5)
 
 
 class HoliTomLLM(Reducer):
@@ -312,6 +433,9 @@ class HoliTomLLM(Reducer):
       equal similarity to the kept token of higher attention, as the official argmax over
       the top-k order.
     * Float32 merging (the official code merges in the model's dtype, one rounding per merge).
+      On CUDA the cosine similarities are the tokens' product over both norms
+      (:func:`tokenreduce.ops.cosine_similarity`): equal up to rounding (a near-tie may
+      resolve differently).
     * Where the adapter's image tokens are counted: the official image span of LLaVA-OneVision
       includes the video's newline token.
 
@@ -336,7 +460,7 @@ class HoliTomLLM(Reducer):
         order, slots = ops.topk_per_row(scores, counts, valid, t)  # descending attention
         indices = ops.ascending(order, slots)
         keep = ops.keep_mask_from(indices, slots, n)
-        x, scale = safe_scale(tokens, valid)
+        x, scale = safe_scale(tokens, None if context.uniform_count is not None else valid)
         # Most similar kept token, searched in attention order (the official argmax over the top-k).
         sim = ops.cosine_similarity(x, ops.gather_rows(x, order)).masked_fill(~slots.unsqueeze(1), float("-inf"))
         # (B, N) position of the chosen kept token (a row keeping nothing has -1 slots: clamped, never used)
@@ -345,9 +469,9 @@ class HoliTomLLM(Reducer):
         dropped = valid & ~keep & slots.any(dim=1, keepdim=True)
         target = torch.where(dropped, slot_of.gather(1, target_pos), -1)
         # Sequential halving: a merged token's weight is 2^-(1 + merges into the same slot after it).
-        _, m = ops.merge_into(x.new_ones(b, n, 1), target, t)
-        m = m.round().long()
-        pos = torch.arange(n, device=dev).expand(b, n)
+        # Merges into each slot (integer adds: deterministic in any order); spare column t: none.
+        m = torch.zeros(b, t + 1, dtype=torch.long, device=dev).scatter_add_(1, target % (t + 1), dropped.long())[:, :t]
+        pos = positions(n, dev).expand(b, n)
         key = torch.where(dropped, target * (n + 1) + pos, (t + 1) * (n + 1))
         sorted_at = torch.empty_like(pos).scatter_(1, torch.sort(key, dim=1).indices, pos)
         group_start = m.cumsum(dim=1) - m

@@ -14,7 +14,17 @@ from tokenreduce.errors import InvalidInputError
 from tokenreduce.numerics import safe_scale, unscale
 from tokenreduce.pipeline import Pipeline, Step
 
-from .prunevid_cluster import apportion, dpc_knn, refine_segments
+from .prunevid_cluster import (
+    apportion,
+    constant,
+    dpc_knn,
+    first_true,
+    gram_distances,
+    gram_norms,
+    position_gram,
+    positions,
+    refine_segments,
+)
 
 #: Official setting (scripts/eval.sh, PLLaVA-7B): decoder layer 10's attention prunes its output,
 #: i.e. the input of layer 11 here; alpha = 0.4 of the video tokens kept there.
@@ -101,6 +111,14 @@ class PruneVid(Reducer):
       segment's static clusters, then each frame's dynamic clusters, in centre score order.
     * Extreme magnitudes: rows far outside ``[2^-40, 2^40]`` are rescaled by a power of
       two before the distances (the official densities underflow there anyway).
+    * On CUDA (cost, issue 19; :func:`tokenreduce.ops.cuda_formulas`) the cosine similarities
+      come from each position's Gram matrix over the frames (TF32, as other similarities) and
+      the distances from Gram matrices of each frame's tokens and each segment's means (full
+      float32), instead of normalised copies and ``cdist``; a merged token is one product of
+      0/1 weights with the tokens over their count; divisions by host-known counts may be
+      products with the reciprocal. The same method up to rounding: a near-tie (a similarity
+      at ``tau``, equal densities or scores) can resolve differently than on CPU, which keeps
+      the elementwise forms.
 
     ``info``: ``segment`` (``(B, T)`` segment of each frame), ``static`` and ``group``
     (per token: at a static position; its group, frame ``t`` for dynamic tokens, ``T +
@@ -124,7 +142,7 @@ class PruneVid(Reducer):
     Params = PruneVidParams
     requires = (FRAMES, GRID)
     # No device value is read: sizes come from frames, grid and context.uniform_count, and the
-    # one loop (refine_segments) runs over the host-known frame count.
+    # loops (refine_segments' scan rounds) run over host-known counts.
     graph_safe = True
     paper = (
         'Huang et al., "PruneVid: Visual Token Pruning for Efficient Video Large Language Models", '
@@ -147,134 +165,177 @@ class PruneVid(Reducer):
         t, per = self._layout(n, context)
         p = self.params
         dev = tokens.device
-        x, scale = safe_scale(tokens, valid)
+        full = context.uniform_count is not None  # no mask: every token valid, no masking passes
+        fast = ops.cuda_formulas(tokens)
+        x, scale = safe_scale(tokens, None if full else valid)
         xf, vf = x.view(b, t, per, d), valid.view(b, t, per)
 
-        seg, width, first = self._segments(xf, vf)
-        seg_sum, sim, static = self._static(xf, vf, seg, width)
+        seg, in_seg = self._segments(xf, vf, full)
+        width = in_seg.sum(dim=2)  # (B, S) frames of each segment id
         w = width.unsqueeze(-1)
-        official_count = self._official(static, seg, vf)[1].sum(dim=1)
-        static = self._demote(static, sim, w, valid, counts)
-        static_tok = static.gather(1, seg.unsqueeze(-1).expand(b, t, per))  # (B, T, L)
-
-        # Groups: each frame's dynamic tokens (0..T-1), then each segment's static ones (T..2T-1).
-        feats = torch.cat([xf, seg_sum / w.clamp(min=1).unsqueeze(-1)], dim=1)  # (B, 2T, L, D)
-        member = torch.cat([vf & ~static_tok, static], dim=1)
-        stands_for = torch.cat([torch.ones_like(w).expand(b, t, per), w.expand(b, t, per)], dim=1)
-        pos = torch.arange(per, device=dev)
-        frame_rep = (torch.arange(t, device=dev).view(1, t, 1) * per + pos).expand(b, t, per)
-        rep = torch.cat([frame_rep, first.unsqueeze(-1) * per + pos], dim=1)  # (B, 2T, L) index of each slot
-        size, official = self._official(static, seg, vf)
+        in_seg_f = in_seg.float()
+        # Sums over each segment's frames as a one-hot product: deterministic on every device.
+        seg_sum = None if fast else torch.einsum("bst,btld->bsld", in_seg_f, xf)
+        sim = self._similarity(xf, in_seg_f, w, fast)
+        # (B, segments, L); the CUDA form's similarity is -inf in segments of fewer than 2 frames.
+        static = sim > p.tau if fast else (w >= 2) & (sim > p.tau)
+        if not full:
+            present = torch.einsum("bst,btl->bsl", in_seg_f, vf.float()).round().long()
+            static &= present == w
+        # The official count (before demotion) and the groups' sizes and counts after it, in one pass.
+        kept_static = self._demote(static, sim, w, counts, n if full else valid.sum(dim=1))
+        static_tok, member, size, official = self._official(torch.stack([static, kept_static]), seg, vf, full)
+        official_count = official[0].sum(dim=1)
+        static, static_tok, member, size, official = kept_static, static_tok[1], member[1], size[1], official[1]
         total = official.sum(dim=1)
-        share = torch.where(
-            (counts <= total).unsqueeze(1),
-            apportion(torch.minimum(counts, total), official),
-            official + apportion((counts - total).clamp(min=0), size - official),
+        # counts <= total: the counts split in proportion to the official ones; above: all of those
+        # plus the rest in proportion to what each group can still give. One apportion for both.
+        over = counts > total
+        share = official * over.unsqueeze(1) + apportion(
+            counts - total * over, torch.where(over.unsqueeze(1), size - official, official)
         )
-        assign, _ = dpc_knn(feats.reshape(b * 2 * t, per, d), member.reshape(-1, per), share.reshape(-1), p.k)
+
+        # Groups (member): each frame's dynamic tokens (0..T-1), then each segment's static ones (T..2T-1).
+        pos = positions(per, dev)
+        # (B, 2T, L + 1) index of each slot: a frame's tokens, a segment's at its first frame (the
+        # first maximum of its frames; empty segments have no members), a spare column n for none.
+        first = torch.nn.functional.pad(in_seg_f.argmax(dim=2), (t, 0))
+        base, step, per_t = constant(f"prunevid_slots/{per}", t, dev, lambda: _slot_tables(t, per, dev))
+        rep = torch.addcmul(base, first.unsqueeze(-1), step)
+        if fast:
+            feats = None
+            dist = self._group_distances(xf, in_seg_f, width)
+            assign, _ = dpc_knn(None, member.view(-1, per), share.view(-1), p.k, dist=dist.view(-1, per, per))
+        else:
+            feats = torch.cat([xf, seg_sum / w.clamp(min=1).unsqueeze(-1)], dim=1)  # (B, 2T, L, D)
+            assign, _ = dpc_knn(feats.view(-1, per, d), member.view(-1, per), share.view(-1), p.k)
         assign = assign.view(b, 2 * t, per)
 
-        # Each cluster = the mean of its members, at its centre's index.
-        target = torch.where(assign >= 0, rep.gather(2, assign.clamp(min=0)), torch.full_like(assign, -1))
-        flat_target = target.reshape(b, -1)
+        # Each cluster = the mean of its members, at its centre's index (tokens of no cluster: n,
+        # -1 % (L + 1) = L being the spare column).
+        target = rep.gather(2, assign % (per + 1)).view(b, -1)
         slots = ops.slot_mask(counts, context.uniform_count)
         t_out = slots.shape[1]
-        # The clusters' indices (ascending) and each index's output slot: the sums go straight
-        # to the T output slots, not to all N positions (a (B, T, ...) one-hot product on CUDA
-        # instead of (B, N, ...), N / T times less work; on CPU the same additions in the same order).
-        is_target = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
-        is_target.scatter_(1, torch.where(flat_target >= 0, flat_target, n), True)
-        is_target = is_target[:, :n]
-        order = torch.where(is_target, torch.arange(n, device=dev), n)
-        indices = torch.sort(order, dim=1).values[:, :t_out].masked_fill(~slots, -1)
-        slot_of = is_target.long().cumsum(dim=1) - 1  # output slot of each cluster index
-        # Tokens of a cluster beyond the first T (only where the counts allow fewer) are dropped.
-        out_slot = torch.where(flat_target >= 0, slot_of.gather(1, flat_target.clamp(min=0)), -1)
-        out_slot = torch.where(out_slot < t_out, out_slot, -1)
-        sums, members = ops.merge_into(feats.reshape(b, -1, d), out_slot, t_out)
-        sizes_at, _ = ops.merge_into(stands_for.reshape(b, -1, 1).float(), out_slot, t_out)
-        mean = sums / members.clamp(min=1).unsqueeze(-1)
-        features = unscale(mean, scale, tokens.dtype)
-        sizes = sizes_at[..., 0]
-        info = self._info(seg, static_tok, official_count, target, indices, slots)
-        return make_reduction(tokens, indices, slots, features=features, sizes=sizes, info=info)
-
-    def _segments(self, xf: torch.Tensor, vf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Temporal segments of the frames' mean tokens: ``(B, T)`` segment of each frame, and per
-        segment id its frame count and first frame."""
-        b, t = vf.shape[:2]
-        dev = xf.device
-        frame_mean = xf.sum(dim=2) / vf.sum(dim=2).clamp(min=1).unsqueeze(-1)
-        n_clusters = max(1, int(t * self.params.segment_ratio))
-        every = torch.ones(b, t, dtype=torch.bool, device=dev)
-        labels, _ = dpc_knn(frame_mean, every, torch.full((b,), n_clusters, device=dev), self.params.k)
-        seg = refine_segments(labels)
-        width = torch.zeros(b, t, dtype=torch.long, device=dev).scatter_add_(1, seg, torch.ones_like(seg))
-        frame = torch.arange(t, device=dev).expand(b, t)
-        first = torch.full((b, t), t, dtype=torch.long, device=dev).scatter_reduce(1, seg, frame, "amin")
-        return seg, width, first
-
-    def _static(self, xf, vf, seg, width):
-        """Per segment and position: the sum of its tokens, their mean pairwise cosine similarity, and
-        whether it is static (in every frame of a segment of >= 2 frames, similarity above tau)."""
-        t = vf.shape[1]
-        # Sums over each segment's frames as a one-hot product: deterministic on CUDA, where a
-        # float scatter_add would add in a varying order.
-        in_seg = (seg.unsqueeze(1) == torch.arange(t, device=xf.device).view(1, t, 1)).float()  # (B, seg, frame)
-        unit = ops.normalize(xf) * vf.unsqueeze(-1)
-        unit_sum = torch.einsum("bst,btld->bsld", in_seg, unit)
-        seg_sum = torch.einsum("bst,btld->bsld", in_seg, xf)
-        present = torch.einsum("bst,btl->bsl", in_seg, vf.float()).round().long()
-        w = width.unsqueeze(-1)
-        # sum over ordered pairs w != v of cos = |sum of unit vectors|^2 - W (the official "- 1" per frame).
-        sim = (unit_sum.square().sum(dim=-1) - w) / (w * (w - 1)).clamp(min=1)
-        static = (present == w) & (w >= 2) & (sim > self.params.tau)  # (B, segments, L)
-        return seg_sum, sim, static
-
-    def _official(self, static, seg, vf) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(size, official)``, ``(B, 2T)``: tokens per group and the official cluster count of each."""
-        b, t, per = vf.shape
-        static_tok = static.gather(1, seg.unsqueeze(-1).expand(b, t, per))
-        size = torch.cat([(vf & ~static_tok).sum(dim=-1), static.sum(dim=-1)], dim=1)
-        clustered = torch.floor(size.double() * self.params.cluster_ratio).long()
-        return size, torch.where(size > self.params.small_group, clustered, size)
-
-    @staticmethod
-    def _demote(static, sim, w, valid, counts):
-        """Turn the least similar static positions dynamic until the video has ``counts`` tokens to give."""
-        b = static.shape[0]
-        left = valid.sum(dim=1) - (static.long() * (w - 1)).sum(dim=(1, 2))
-        need = (counts - left).clamp(min=0)
-        key = torch.where(static, sim, torch.full_like(sim, float("inf"))).reshape(b, -1)
-        order = torch.sort(key, dim=1, stable=True).indices
-        gain = (static.long() * (w - 1)).reshape(b, -1).gather(1, order)
-        before = gain.cumsum(dim=1) - gain
-        demote_sorted = (gain > 0) & (before < need.unsqueeze(1))
-        demote = torch.zeros_like(demote_sorted).scatter_(1, order, demote_sorted).view_as(static)
-        return static & ~demote
-
-    @staticmethod
-    def _info(seg, static_tok, official_count, target, indices, slots) -> dict[str, Any]:
-        """Diagnostics: segments, static tokens, official count, group and output slot of each token."""
-        b, t, per = static_tok.shape
-        n = t * per
-        dev = seg.device
-        # The group slot of token (t, l): dynamic -> (t, l); static -> (T + segment, l).
-        group = torch.where(static_tok, t + seg.unsqueeze(-1), torch.arange(t, device=dev).view(1, t, 1))
-        slot_of = group * per + torch.arange(per, device=dev)
-        went_to = target.reshape(b, -1).gather(1, slot_of.reshape(b, n))  # its cluster's index, or -1
-        # Output slot of each kept index; padded slots write to a spare column n.
-        own = torch.full((b, n + 1), -1, dtype=torch.long, device=dev)
-        slot_ids = torch.arange(indices.shape[1], device=dev).expand_as(indices)
-        own.scatter_(1, torch.where(slots, indices, torch.full_like(indices, n)), slot_ids)
-        assignment = torch.where(went_to >= 0, own.gather(1, went_to.clamp(min=0)), torch.full_like(went_to, -1))
-        return {
+        # The clusters' indices (ascending) and each index's output slot.
+        is_target = torch.zeros(b, n + 1, dtype=torch.uint8, device=dev).scatter_(1, target, 1)
+        indices = first_true(is_target[:, :n], t_out, None if full else slots)
+        slot_of = is_target.cumsum(dim=1) - 1  # output slot of each cluster index
+        # The shares sum to the row's count, so the clusters take slots 0 .. count - 1 and the spare
+        # column n comes right after: slot count, none.
+        out_slot = slot_of.gather(1, target)
+        out_slot = out_slot.masked_fill(out_slot >= (t_out if full else counts.unsqueeze(1)), -1)
+        # Each token's group slot (dynamic: its frame's; static: its segment's) and output slot.
+        group = torch.where(static_tok, t + seg.unsqueeze(-1), positions(t, dev).view(1, t, 1))
+        token_slot = out_slot.gather(1, torch.addcmul(pos, group, per_t).view(b, n))
+        if fast:
+            # The sums over the slots' source tokens (a static member: its W frames) as one product
+            # of 0/1 weights; divided by their count, the means of the members' means.
+            weights = torch.empty(b, t_out, n, device=dev)
+            torch.eq(token_slot.unsqueeze(1), positions(t_out, dev).view(1, t_out, 1), out=weights)  # as 0/1 floats
+            sizes = weights.sum(dim=2)
+            with ops.full_float32(dev):  # sums of features
+                sums = torch.bmm(weights, x)
+            # Without a mask every slot holds a cluster, at least its centre.
+            mean = sums / (sizes if full else sizes.clamp(min=1)).unsqueeze(-1)
+        else:
+            stands_for = torch.cat([torch.ones_like(w).expand(b, t, per), w.expand(b, t, per)], dim=1)
+            sums, members = ops.merge_into(feats.view(b, -1, d), out_slot, t_out)
+            sizes = ops.merge_into(stands_for.reshape(b, -1, 1).float(), out_slot, t_out)[0][..., 0]
+            mean = sums / members.clamp(min=1).unsqueeze(-1)
+        info = {
             "segment": seg,
             "static": static_tok.reshape(b, n),
             "group": group.reshape(b, n),
             "official_count": official_count,
-            "assignment": assignment,
+            # The cluster count is the row's count: every cluster has an output slot.
+            "assignment": token_slot,
         }
+        features = unscale(mean, scale, tokens.dtype)
+        return make_reduction(tokens, indices, slots, features=features, sizes=sizes, info=info)
+
+    def _segments(self, xf: torch.Tensor, vf: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Temporal segments of the frames' mean tokens: ``(B, T)`` segment of each frame and
+        ``(B, S, T)`` bool, frame ``t`` in segment id ``s``."""
+        b, t = vf.shape[:2]
+        dev = xf.device
+        n_clusters = max(1, int(t * self.params.segment_ratio))
+        if full and ops.cuda_formulas(xf):
+            # The means over sqrt(D) as one product of the sums: their distances need no division.
+            scaled = xf.sum(dim=2).mul_(1.0 / (vf.shape[2] * xf.shape[3] ** 0.5))
+            labels, _ = dpc_knn(None, None, n_clusters, self.params.k, dist=torch.cdist(scaled, scaled))
+        else:
+            # CPU divides by a host number exactly as by a tensor of it (CUDA: times its reciprocal).
+            frame_mean = xf.sum(dim=2) / (vf.shape[2] if full else vf.sum(dim=2).clamp(min=1).unsqueeze(-1))
+            labels, _ = dpc_knn(frame_mean, None, n_clusters, self.params.k)
+        seg = refine_segments(labels)
+        return seg, seg.unsqueeze(1) == positions(t, dev).view(1, t, 1)
+
+    @staticmethod
+    def _similarity(xf, in_seg_f, w, fast) -> torch.Tensor:
+        """Per segment and position, ``(B, segments, L)``: the mean cosine similarity of its tokens
+        over the segment's frame pairs."""
+        if not fast:
+            # Padded tokens are zero (safe_scale), so their unit vectors are too.
+            unit_sum = torch.einsum("bst,btld->bsld", in_seg_f, ops.normalize(xf))
+            # sum over ordered pairs w != v of cos = |sum of unit vectors|^2 - W (the official "- 1" per frame).
+            pairs = unit_sum.square().sum(dim=-1)
+            return (pairs - w) / (w * (w - 1)).clamp(min=1)
+        # The same sum over ordered pairs (w = v included), from each position's Gram matrix over the
+        # frames: one product with each segment's pairs of frames (t, u).
+        b, t, per, _ = xf.shape
+        gram = position_gram(xf)  # (B, L, T, T)
+        norm = gram_norms(gram)
+        cos = gram / (norm.unsqueeze(-1) * norm.unsqueeze(-2))
+        pair = (in_seg_f.unsqueeze(3) * in_seg_f.unsqueeze(2)).view(b, -1, t * t)
+        pairs = torch.matmul(pair, cos.view(b, per, t * t).transpose(1, 2))  # (B, S, L)
+        # W and W (W - 1) tabled per width (as float32, exact); below 2 frames, -inf: never static.
+        table = constant("prunevid_pair_counts", t, xf.device, lambda: _pair_counts(t, xf.device))[w]
+        return (pairs - table[..., 0]) / table[..., 1]
+
+    @staticmethod
+    def _group_distances(xf, in_seg_f, width) -> torch.Tensor:
+        """``(B, 2T, L, L)`` distances over ``sqrt(D)`` within each group from Gram matrices (the CUDA
+        form): a frame's tokens, then each segment's means over its frames (every position's; the
+        caller masks). The ``1 / sqrt(D)`` is applied to the features (the products' scale)."""
+        b, t, per, d = xf.shape
+        dev = xf.device
+        # Each segment's means over sqrt(D): one product with 1 / (W sqrt(D)) at its frames.
+        coef = constant(f"prunevid_mean_coef/{d}", t, dev, lambda: 1.0 / (positions(t + 1, dev).clamp(min=1) * d**0.5))
+        means = torch.einsum("bst,btld->bsld", in_seg_f * coef[width].unsqueeze(-1), xf)
+        flat = xf.view(b * t, per, d)
+        with ops.full_float32(dev):  # cancelled against the norms: no TF32
+            frames = torch.baddbmm(torch.empty((), device=dev), flat, flat.transpose(1, 2), beta=0.0, alpha=1.0 / d)
+            sums = torch.matmul(means, means.transpose(-1, -2))
+        return gram_distances(torch.cat([frames.view(b, t, per, per), sums], dim=1))
+
+    def _official(self, static, seg, vf, full) -> tuple[torch.Tensor, ...]:
+        """``(static_tok (..., B, T, L), member (..., B, 2T, L), size, official (..., B, 2T))``: per
+        token, at a static position; the groups' tokens (each frame's dynamic ones, then each
+        segment's static ones), their count and their official cluster count."""
+        static_tok = static.gather(-2, seg.unsqueeze(-1).expand(static.shape))
+        member = torch.cat([~static_tok if full else vf & ~static_tok, static], dim=-2)
+        size = member.sum(dim=-1)
+        # int(n * cluster_ratio) for every group size n (at most L) above small_group, else n, tabled
+        # once (in float64, as Python's).
+        ratio, small, per, dev = self.params.cluster_ratio, self.params.small_group, static.shape[-1], static.device
+        table = constant(
+            f"official_count/{ratio!r}/{small}", per, dev, lambda: _official_counts(per, ratio, small, dev)
+        )
+        return static_tok, member, size, table[size]
+
+    @staticmethod
+    def _demote(static, sim, w, counts, valid_count):
+        """Turn the least similar static positions dynamic until the video has ``counts`` tokens to give."""
+        b = static.shape[0]
+        gain = (static * (w - 1)).view(b, -1)  # tokens a static position's merge removes
+        # (Negative: none; the running sums below are >= 0 anyway.)
+        need = gain.sum(dim=1) + (counts - valid_count)
+        inf = constant("inf", 0, sim.device, lambda: torch.full((), float("inf"), device=sim.device))
+        order = torch.sort(torch.where(static, sim, inf).view(b, -1), dim=1, stable=True).indices
+        gain = gain.gather(1, order)
+        # In that order the static positions (gain > 0) come first; those reached before the need is met stay.
+        stays = (gain > 0) & (gain.cumsum(dim=1) - gain >= need.unsqueeze(1))
+        return torch.zeros_like(stays).scatter_(1, order, stays).view(static.shape)
 
     @classmethod
     def schedule(
@@ -292,6 +353,32 @@ class PruneVid(Reducer):
             ],
             video_budget="per_video",
         )
+
+
+def _slot_tables(t: int, per: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(2T, L + 1)`` long tables of :meth:`PruneVid.reduce`'s slot indices: the index of each
+    slot before its segment's offset (a frame's tokens; a segment's positions; the spare column
+    ``n``), and the offset's factor (``L`` at a segment's positions, else 0); and ``L`` (0-d)."""
+    n = t * per
+    base = torch.full((2 * t, per + 1), n, dtype=torch.long, device=device)
+    base[:t, :per] = torch.arange(n, device=device).view(t, per)
+    base[t:, :per] = torch.arange(per, device=device)
+    step = torch.zeros_like(base)
+    step[t:, :per] = per
+    return base, step, torch.full((), per, dtype=torch.long, device=device)
+
+
+def _official_counts(per: int, ratio: float, small: int, device: torch.device) -> torch.Tensor:
+    """``(L + 1,)`` long: the official cluster count of a group of ``n`` tokens, ``int(n * ratio)``
+    above ``small`` tokens, else ``n``."""
+    size = positions(per + 1, device)
+    return torch.where(size > small, (size.double() * ratio).floor().long(), size)
+
+
+def _pair_counts(t: int, device: torch.device) -> torch.Tensor:
+    """``(T + 1, 2)`` float32: per segment width ``W``, ``W`` and ``W (W - 1)`` (``inf`` and 1 below 2)."""
+    w = torch.arange(t + 1, device=device, dtype=torch.float32)
+    return torch.stack([torch.where(w >= 2, w, float("inf")), (w * (w - 1)).clamp(min=1)], dim=1)
 
 
 class PruneVidLLM(ScoringReducer):

@@ -146,7 +146,6 @@ class LlavaFamilyAdapter(FamilyAdapter):
         if not encoder_side and (why := refusal(self.model, kw)) is not None:
             warnings.warn(f"tokenreduce fast path: this generate() runs eagerly: {why}", stacklevel=3)
             return self._orig_generate(**kw)
-        self.records.clear()
         prompt = kw["input_ids"]
         kw, served = self.reduce_inputs(kw, for_generate=True)
         if self.fast is not None:
