@@ -1,8 +1,8 @@
 """The fused Triton greedy loops (``tokenreduce_plugins.kernels.greedy``) against the torch loops.
 
-Without CUDA the kernels run on CPU tensors through Triton's interpreter (this module sets
-``TRITON_INTERPRET=1`` before importing Triton), and the reducers are made to dispatch to
-them. With CUDA the same property tests run the compiled kernels on the
+Without CUDA the kernels run on CPU tensors through Triton's interpreter (the kernels module is
+imported with ``TRITON_INTERPRET=1``: tests/triton_kernels.py), and the reducers are made to
+dispatch to them. With CUDA the same property tests run the compiled kernels on the
 GPU, and the CUDA-only tests compare the full reducers with ``TOKENREDUCE_NO_TRITON``
 toggled, check that the wrappers never synchronise, and that a CUDA graph captures them.
 Skipped where Triton is not installed (CI).
@@ -16,8 +16,6 @@ variances, recomputed in float64 along the common prefix, must be within a toler
 
 from __future__ import annotations
 
-import os
-import sys
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -29,27 +27,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from triton_kernels import (  # noqa: F401 - no_tf32: an autouse fixture
+    CUDA,
+    DEVICE,
+    cuda_only,
+    import_kernels,
+    no_tf32,
+    numpy_mark,
+    skip_unless_interpreted,
+    torch_loop,
+)
 
-CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "") in ("", "0")
-DEVICE = "cuda" if CUDA else "cpu"
-
-
-def _import_triton_and_kernels():
-    """Triton and the kernels module: compiled on CUDA, else interpreted. ``triton.jit`` reads
-    ``TRITON_INTERPRET`` when it decorates (Triton's own library functions at ``import
-    triton``) and Triton reads it again at launches, so on CPU it is set before the first
-    import and stays set (nothing else on a CPU-only run uses Triton)."""
-    if not CUDA:
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("triton was imported before this module without TRITON_INTERPRET=1", allow_module_level=True)
-        os.environ["TRITON_INTERPRET"] = "1"
-    triton = pytest.importorskip("triton")
-    from tokenreduce_plugins.kernels import greedy
-
-    return triton, greedy
-
-
-triton, greedy = _import_triton_and_kernels()
+triton, greedy = import_kernels("greedy")
 
 import tokenreduce as tr  # noqa: E402
 from tokenreduce import ReductionContext, graphs  # noqa: E402
@@ -62,28 +51,9 @@ from tokenreduce_plugins.cdpruner import (  # noqa: E402
 )
 from tokenreduce_plugins.divprune import max_min_select  # noqa: E402
 
-# triton.runtime.interpreter is imported by Triton only when TRITON_INTERPRET is set.
-_interpreter = getattr(triton.runtime, "interpreter", None)
-INTERPRETED = _interpreter is not None and isinstance(greedy.greedy_map_kernel, _interpreter.InterpretedFunction)
-if not CUDA and not INTERPRETED:  # imported compiled earlier in this process: unusable on CPU
-    pytest.skip("the kernels module was imported without TRITON_INTERPRET before this module", allow_module_level=True)
-
-
-def _version(text: str) -> tuple[int, int]:
-    return tuple(int(v) for v in text.split(".")[:2])  # type: ignore[return-value]
-
-
-# Triton <= 3.6's interpreter turns a runtime loop bound into a 1-element array and calls int()
-# on it, which numpy >= 2.4 refuses (triton issue #9171): no kernel with a runtime-bounded loop
-# can run there. Install numpy < 2.4 beside Triton to run these tests on CPU.
-_BROKEN = (
-    not CUDA and _version(np.__version__) >= (2, 4) and _version(triton.__version__) <= (3, 6)
-)
-pytestmark = pytest.mark.skipif(
-    _BROKEN,
-    reason=f"Triton {triton.__version__}'s interpreter fails with numpy {np.__version__} (triton issue #9171); "
-    "use numpy < 2.4",
-)
+skip_unless_interpreted(triton, [greedy.greedy_map_kernel, greedy.max_min_kernel])
+INTERPRETED = not CUDA
+pytestmark = numpy_mark(triton)
 
 PROPS = settings(max_examples=25 if INTERPRETED else 60, deadline=None, derandomize=True, database=None)
 FIXTURES = Path(__file__).parent / "fixtures" / "baselines"
@@ -101,13 +71,6 @@ def fused(tile_n: int | None = None):
         mock.patch.object(kernels, "fused_wanted", lambda x: True),
         mock.patch.object(kernels, "greedy_module", lambda: shim),
     ):
-        yield
-
-
-@contextmanager
-def torch_loop():
-    """The torch loops, also on CUDA."""
-    with mock.patch.dict(os.environ, {kernels.DISABLE_ENV: "1"}):
         yield
 
 
@@ -308,9 +271,6 @@ def test_wrappers_decline_what_the_kernels_do_not_take():
 
 # -- CUDA: the full reducers, no syncs, graph capture -------------------------------------------------
 
-cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (and TRITON_INTERPRET unset)")
-
-
 def _inputs(b: int, n: int, d: int, dtype: torch.dtype, seed: int = 0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     tokens = torch.randn(b, n, d, generator=gen, device="cuda").to(dtype)
@@ -414,8 +374,3 @@ def test_cuda_env_var_turns_the_kernels_off(monkeypatch):
     assert kernels.fused_wanted(x)
     monkeypatch.delenv(kernels.DISABLE_ENV)
     assert kernels.fused_wanted(x)
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32(full_float32):
-    """These tests compare CUDA runs with CPU runs and the official fixtures: reducers' products in full float32."""

@@ -16,18 +16,30 @@ are +0.0 or -0.0), and NaN similarities, which ``amax`` propagates and the sort 
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from triton_kernels import CUDA, DEVICE, import_kernels, numpy_mark, similarities, skip_unless_interpreted, tied_tokens
+from triton_kernels import (  # noqa: F401 - no_tf32: an autouse fixture
+    CUDA,
+    DEVICE,
+    assert_same_reduction,
+    check_vispruner_fixture,
+    cuda_only,
+    import_kernels,
+    no_tf32,
+    numpy_mark,
+    on_device,
+    similarities,
+    skip_unless_interpreted,
+    tied_tokens,
+    torch_loop,
+    vispruner_cuda_inputs,
+)
 
 triton, matching = import_kernels("matching")
 
@@ -42,7 +54,6 @@ INTERPRETED = not CUDA
 
 pytestmark = numpy_mark(triton)
 PROPS = settings(max_examples=25 if INTERPRETED else 60, deadline=None, derandomize=True, database=None)
-FIXTURE = Path(__file__).parent / "fixtures" / "baselines" / "vispruner.npz"
 
 
 @contextmanager
@@ -53,13 +64,6 @@ def fused(tile_n: int | None = None):
         mock.patch.object(kernels, "fused_wanted", lambda x: True),
         mock.patch.object(matching, "match_rounds", partial(matching.match_rounds, tile_n=tile_n)),
     ):
-        yield
-
-
-@contextmanager
-def torch_loop():
-    """The torch loop, also on CUDA."""
-    with mock.patch.dict(os.environ, {kernels.DISABLE_ENV: "1"}):
         yield
 
 
@@ -94,10 +98,6 @@ def dense_loop(sim: torch.Tensor, residual: torch.Tensor, w: int, diverse: int) 
     for r in _round_sizes(w, diverse):
         residual = _match_round_dense(sim, residual, r, rows)
     return residual
-
-
-def on_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [v.to(DEVICE) for v in tensors]
 
 
 # -- the kernel against the torch loops ------------------------------------------------------------
@@ -231,33 +231,11 @@ def test_reducer_keeps_the_same_tokens_fused_and_with_the_torch_loop(case, tile_
     want = _run(tokens, att, mask, budget, ratio)  # CPU: the torch loop
     with fused(tile_n):
         got = _run(*on_device(tokens, att), None if mask is None else mask.to(DEVICE), budget, ratio)
-    assert torch.equal(got.indices.cpu(), want.indices)
-    assert torch.equal(got.tokens.cpu(), want.tokens)
-    assert got.info.keys() == want.info.keys()  # no "important" where every token is kept
-    for key, value in want.info.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(got.info[key].cpu(), value), key
-        else:
-            assert got.info[key] == value, key
+    assert_same_reduction(got, want)  # info too: no "important" where every token is kept
 
 
 def test_reducer_through_the_kernel_reproduces_the_official_fixture():
-    # The fixture of tests/test_vispruner.py (the official code's kept tokens), through the kernel.
-    data = dict(np.load(FIXTURE))
-    for k in sorted({int(key.split("_")[0][4:]) for key in data}):
-        get = lambda key: torch.from_numpy(np.asarray(data[f"case{k}_{key}"])).to(DEVICE)  # noqa: B023, E731
-        att = get("cls_attention_heads").mean(dim=1)
-        reducer = tr.create("vispruner", int(data[f"case{k}_budget"]), important_ratio=float(data[f"case{k}_important_ratio"]))
-        with fused(), graphs.eager():
-            out = reducer(get("tokens"), context=ReductionContext(cls_attention=att))
-        if not CUDA:
-            assert out.indices.tolist() == data[f"case{k}_kept"].tolist(), f"case {k}"
-            continue
-        # On an H200, CUDA's float32 products flip a near-tie of case 0 for the torch loop as well
-        # (seen 2026-12-02, full float32): there the kernel must match the loop on the same device.
-        with mock.patch.dict(os.environ, {kernels.DISABLE_ENV: "1"}), graphs.eager():
-            want = reducer(get("tokens"), context=ReductionContext(cls_attention=att))
-        assert torch.equal(out.indices, want.indices), f"case {k}"
+    check_vispruner_fixture(fused)
 
 
 def test_cpu_tensors_take_the_torch_loop():
@@ -268,23 +246,13 @@ def test_cpu_tensors_take_the_torch_loop():
 
 # -- CUDA: the whole reducer, no syncs, graph capture -------------------------------------------------
 
-cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (and TRITON_INTERPRET unset)")
-
-
-def _inputs(b: int, n: int, d: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ReductionContext]:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    tokens = torch.randn(b, n, d, generator=gen, device="cuda").to(dtype)
-    att = torch.rand(b, n, generator=gen, device="cuda")
-    return tokens, ReductionContext(cls_attention=att)
-
-
 @cuda_only
 @pytest.mark.parametrize("b", [1, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_reducer_fused_equals_torch_loop(b, dtype):
     assert kernels.fused_wanted(torch.zeros(1, device="cuda"))
     n, t = 576, 64
-    tokens, context = _inputs(b, n, 4096, dtype)
+    tokens, context = vispruner_cuda_inputs(b, n, 4096, dtype)
     lengths = torch.tensor([n - 37 * i for i in range(b)], device="cuda")
     mask = torch.arange(n, device="cuda")[None] < lengths[:, None]
     reducer = tr.create("vispruner", t)
@@ -332,7 +300,7 @@ def test_cuda_other_widths(n):
 @cuda_only
 def test_cuda_graph_captures_the_fused_rounds():
     graphs.clear()
-    tokens, context = _inputs(8, 576, 4096, torch.bfloat16, seed=3)
+    tokens, context = vispruner_cuda_inputs(8, 576, 4096, torch.bfloat16, seed=3)
     reducer = tr.create("vispruner", 64)
     with graphs.eager():
         eager = reducer(tokens, context=context)
@@ -345,7 +313,7 @@ def test_cuda_graph_captures_the_fused_rounds():
         assert torch.equal(out.indices, eager.indices)
         assert torch.equal(out.tokens, eager.tokens)
     # Other inputs through the same graph: the replay follows them.
-    other, _ = _inputs(8, 576, 4096, torch.bfloat16, seed=4)
+    other, _ = vispruner_cuda_inputs(8, 576, 4096, torch.bfloat16, seed=4)
     with graphs.eager():
         want = reducer(other, context=context)
     assert torch.equal(reducer(other, context=context).indices, want.indices)
@@ -354,13 +322,8 @@ def test_cuda_graph_captures_the_fused_rounds():
 
 @cuda_only
 def test_cuda_env_var_turns_the_kernel_off(monkeypatch):
-    tokens, context = _inputs(1, 64, 32, torch.float32)
+    tokens, context = vispruner_cuda_inputs(1, 64, 32, torch.float32)
     reducer = tr.create("vispruner", 16)
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     with graphs.eager(), mock.patch.object(matching, "match_rounds", side_effect=AssertionError("kernel called")):
         reducer(tokens, context=context)
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32(full_float32):
-    """These tests compare CUDA runs with CPU runs and the official fixtures: reducers' products in full float32."""

@@ -16,18 +16,30 @@ similarities, which ``amax`` propagates and the sort puts first.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from triton_kernels import CUDA, DEVICE, import_kernels, numpy_mark, similarities, skip_unless_interpreted, tied_tokens
+from triton_kernels import (  # noqa: F401 - no_tf32: an autouse fixture
+    CUDA,
+    DEVICE,
+    assert_same_reduction,
+    check_vispruner_fixture,
+    cuda_only,
+    import_kernels,
+    no_tf32,
+    numpy_mark,
+    on_device,
+    similarities,
+    skip_unless_interpreted,
+    tied_tokens,
+    torch_loop,
+    vispruner_cuda_inputs,
+)
 
 triton, matching, matching_rounds = import_kernels("matching", "matching_rounds")
 
@@ -42,7 +54,6 @@ INTERPRETED = not CUDA
 
 pytestmark = numpy_mark(triton)
 PROPS = settings(max_examples=15 if INTERPRETED else 60, deadline=None, derandomize=True, database=None)
-FIXTURE = Path(__file__).parent / "fixtures" / "baselines" / "vispruner.npz"
 #: (block_a, tile): the defaults (one program and one tile per row at these sizes), and small
 #: ones (several programs per row, several tiles per program).
 SHAPES = st.sampled_from([(matching_rounds.BLOCK_A, matching_rounds.TILE), (4, 8), (2, 4)])
@@ -63,13 +74,6 @@ def parallel_rounds(block_a: int = matching_rounds.BLOCK_A, tile: int = matching
         mock.patch.object(matching, "match_rounds", side_effect=AssertionError("one-program kernel ran")),
         mock.patch.object(vispruner, "_match_round_dense", side_effect=AssertionError("torch loop ran")),
     ):
-        yield
-
-
-@contextmanager
-def torch_loop():
-    """The torch loop, also on CUDA."""
-    with mock.patch.dict(os.environ, {kernels.DISABLE_ENV: "1"}):
         yield
 
 
@@ -105,10 +109,6 @@ def dense_loop(sim: torch.Tensor, residual: torch.Tensor, sizes: list[int]) -> l
     for r in sizes:
         lists.append(_match_round_dense(sim, lists[-1], r, rows))
     return lists
-
-
-def on_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [v.to(DEVICE) for v in tensors]
 
 
 # -- the kernels against the torch loop --------------------------------------------------------------
@@ -271,33 +271,11 @@ def test_reducer_keeps_the_same_tokens_with_the_parallel_rounds_and_the_torch_lo
     want = _run(tokens, att, budget, ratio)  # CPU: the torch loop
     with parallel_rounds(*shape):
         got = _run(*on_device(tokens, att), budget, ratio)
-    assert torch.equal(got.indices.cpu(), want.indices)
-    assert torch.equal(got.tokens.cpu(), want.tokens)
-    assert got.info.keys() == want.info.keys()
-    for key, value in want.info.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(got.info[key].cpu(), value), key
-        else:
-            assert got.info[key] == value, key
+    assert_same_reduction(got, want)
 
 
 def test_reducer_through_the_parallel_rounds_reproduces_the_official_fixture():
-    # The fixture of tests/test_vispruner.py (the official code's kept tokens), through the kernels.
-    data = dict(np.load(FIXTURE))
-    for k in sorted({int(key.split("_")[0][4:]) for key in data}):
-        get = lambda key: torch.from_numpy(np.asarray(data[f"case{k}_{key}"])).to(DEVICE)  # noqa: B023, E731
-        att = get("cls_attention_heads").mean(dim=1)
-        reducer = tr.create("vispruner", int(data[f"case{k}_budget"]), important_ratio=float(data[f"case{k}_important_ratio"]))
-        with parallel_rounds(), graphs.eager():
-            out = reducer(get("tokens"), context=ReductionContext(cls_attention=att))
-        if not CUDA:
-            assert out.indices.tolist() == data[f"case{k}_kept"].tolist(), f"case {k}"
-            continue
-        # On an H200, CUDA's float32 products flip a near-tie of case 0 for the torch loop as well
-        # (seen 2026-12-02, full float32): there the kernel must match the loop on the same device.
-        with mock.patch.dict(os.environ, {kernels.DISABLE_ENV: "1"}), graphs.eager():
-            want = reducer(get("tokens"), context=ReductionContext(cls_attention=att))
-        assert torch.equal(out.indices, want.indices), f"case {k}"
+    check_vispruner_fixture(parallel_rounds)
 
 
 def test_a_padding_mask_keeps_the_one_program_kernel():
@@ -337,23 +315,13 @@ def test_cpu_tensors_take_the_torch_loop():
 
 # -- CUDA: the whole reducer, no syncs, graph capture -------------------------------------------------
 
-cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (and TRITON_INTERPRET unset)")
-
-
-def _inputs(b: int, n: int, d: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ReductionContext]:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    tokens = torch.randn(b, n, d, generator=gen, device="cuda").to(dtype)
-    att = torch.rand(b, n, generator=gen, device="cuda")
-    return tokens, ReductionContext(cls_attention=att)
-
-
 @cuda_only
 @pytest.mark.parametrize("b", [1, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_reducer_parallel_rounds_equal_torch_loop(b, dtype):
     assert kernels.fused_wanted(torch.zeros(1, device="cuda"))
     n, t = 576, 64
-    tokens, context = _inputs(b, n, 4096, dtype)
+    tokens, context = vispruner_cuda_inputs(b, n, 4096, dtype)
     reducer = tr.create("vispruner", t)
     with (  # the parallel kernels, not the one-program kernel nor the loop
         graphs.eager(),
@@ -397,7 +365,7 @@ def test_cuda_other_widths(n):
 @cuda_only
 def test_cuda_graph_captures_the_parallel_rounds():
     graphs.clear()
-    tokens, context = _inputs(8, 576, 4096, torch.bfloat16, seed=3)
+    tokens, context = vispruner_cuda_inputs(8, 576, 4096, torch.bfloat16, seed=3)
     reducer = tr.create("vispruner", 64)
     with graphs.eager(), torch_loop():
         loop = reducer(tokens, context=context)
@@ -411,7 +379,7 @@ def test_cuda_graph_captures_the_parallel_rounds():
             assert torch.equal(out.indices, loop.indices)
             assert torch.equal(out.tokens, loop.tokens)
         # Other inputs through the same graph: the replay follows them.
-        other, _ = _inputs(8, 576, 4096, torch.bfloat16, seed=4)
+        other, _ = vispruner_cuda_inputs(8, 576, 4096, torch.bfloat16, seed=4)
         with graphs.eager(), torch_loop():
             want = reducer(other, context=context)
         assert torch.equal(reducer(other, context=context).indices, want.indices)
@@ -420,7 +388,7 @@ def test_cuda_graph_captures_the_parallel_rounds():
 
 @cuda_only
 def test_cuda_env_var_turns_the_kernels_off(monkeypatch):
-    tokens, context = _inputs(1, 64, 32, torch.float32)
+    tokens, context = vispruner_cuda_inputs(1, 64, 32, torch.float32)
     reducer = tr.create("vispruner", 16)
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     with (
@@ -429,8 +397,3 @@ def test_cuda_env_var_turns_the_kernels_off(monkeypatch):
         mock.patch.object(matching, "match_rounds", side_effect=AssertionError("kernel called")),
     ):
         reducer(tokens, context=context)
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32(full_float32):
-    """These tests compare CUDA runs with CPU runs and the official fixtures: reducers' products in full float32."""
