@@ -110,11 +110,15 @@ def _fps_by_products(
     b, n, _ = x.shape
     rows = torch.arange(b, device=x.device)
     best = torch.full((b, n), math.inf, device=x.device).masked_fill(~valid, -math.inf)
+    half = x.dtype in (torch.float16, torch.bfloat16)
     with torch.no_grad(), ops.full_float32(x.device):
         for _ in range(k - 1):
             centre = x[rows, cur].unsqueeze(-1)  # (B, D, 1)
-            # |c|^2 - 2 x_i.c: the gathered |c|^2 broadcast into one batched product.
-            step = torch.baddbmm(sq[rows, cur].view(b, 1, 1), x, centre, alpha=-2.0).squeeze(-1)
+            if half:  # products exact in float32, the tokens read in their dtype (ops.wide_bmm)
+                step = torch.add(sq[rows, cur].view(b, 1), ops.wide_bmm(x, centre).squeeze(-1), alpha=-2.0)
+            else:
+                # |c|^2 - 2 x_i.c: the gathered |c|^2 broadcast into one batched product.
+                step = torch.baddbmm(sq[rows, cur].view(b, 1, 1), x, centre, alpha=-2.0).squeeze(-1)
             torch.minimum(best, step, out=best)
             best.scatter_(1, cur.unsqueeze(1), -math.inf)  # never re-picked
             cur = (sq + best).argmax(dim=1)
@@ -193,10 +197,11 @@ def select_basis(
     seed: int,
     sq_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(indices (B, k), basis (B, k, D))`` by ``method`` (``fps`` | ``dpc`` | ``random``).
+    """``(indices (B, k), basis (B, k, D) float32)`` by ``method`` (``fps`` | ``dpc`` | ``random``).
 
     ``sq_norms``: the tokens' squared norms, for FPS's product form (see
-    :func:`farthest_point_sampling`).
+    :func:`farthest_point_sampling`). ``x`` may be half precision there (ApET at large
+    inputs on CUDA): the basis is widened, exactly.
     """
     if method == "dpc":
         return density_peak_basis(x, valid, k)
@@ -204,4 +209,4 @@ def select_basis(
         picks = farthest_point_sampling(x, valid, k, start=start, seed=seed, sq_norms=sq_norms)
     else:
         picks = random_basis(x, valid, k, seed=seed)
-    return picks, ops.gather_rows(x, picks)
+    return picks, ops.gather_rows(x, picks).float()

@@ -214,8 +214,7 @@ class FastVID(Reducer):
         # Gram matrix, <x_i, mean> = sum_j <x_i, x_j> / present (the densities below read it too).
         gram = None
         if fast:
-            with ops.full_float32(dev):  # (B, F, L, L); the distances cancel it against the norms
-                gram = torch.matmul(xb, xb.transpose(-1, -2))
+            gram = ops.gram(xb)  # (B, F, L, L) in full float32: the distances cancel it against the norms
         if gram is None:
             logits = (xb * means.unsqueeze(2)).sum(dim=-1) / math.sqrt(d)
         else:

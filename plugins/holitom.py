@@ -274,8 +274,7 @@ class HoliTom(Reducer):
             in_segment_f, in_mean_f = in_segment.float(), in_mean.float()
             copies = torch.matmul(in_segment_f, in_mean_f.view(b, t_frames, n))  # (B, T, n)
             sums = torch.einsum("bst,btpd->bspd", in_segment_f, x * in_mean_f.unsqueeze(-1))
-            with ops.full_float32(dev):  # cancelled against the norms: no TF32
-                mean_gram = torch.matmul(sums, sums.transpose(-1, -2))
+            mean_gram = ops.gram(sums)  # full float32 (cancelled against the norms: no TF32)
             inv = constant(f"holitom_inv_copies/{d}", t_frames, dev, lambda: _inv_counts(t_frames, d, dev))
             coef = inv[copies.long()]
             dist = gram_distances((mean_gram * coef.unsqueeze(-1) * coef.unsqueeze(-2)).view(groups, n, n))

@@ -303,9 +303,9 @@ class PruneVid(Reducer):
         coef = constant(f"prunevid_mean_coef/{d}", t, dev, lambda: 1.0 / (positions(t + 1, dev).clamp(min=1) * d**0.5))
         means = torch.einsum("bst,btld->bsld", in_seg_f * coef[width].unsqueeze(-1), xf)
         flat = xf.view(b * t, per, d)
-        with ops.full_float32(dev):  # cancelled against the norms: no TF32
-            frames = torch.baddbmm(torch.empty((), device=dev), flat, flat.transpose(1, 2), beta=0.0, alpha=1.0 / d)
-            sums = torch.matmul(means, means.transpose(-1, -2))
+        # In full float32 (cancelled against the norms: no TF32), split along D (ops.gram).
+        frames = ops.gram(flat).mul_(1.0 / d)
+        sums = ops.gram(means)
         return gram_distances(torch.cat([frames.view(b, t, per, per), sums], dim=1))
 
     def _official(self, static, seg, vf, full) -> tuple[torch.Tensor, ...]:

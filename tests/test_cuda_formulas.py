@@ -362,6 +362,83 @@ def test_cuda_formulations_read_no_device_value(cls, stage, params, factory):
     assert torch.equal(got.indices, plain.indices) and torch.equal(got.tokens, plain.tokens)
 
 
+# -- half-precision operands with float32 results -----------------------------------------------------
+
+
+def _half_operands(dtype, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    a = (torch.randn(2, 70, 48, generator=gen) * scale).to(dtype)
+    b = (torch.randn(2, 9, 48, generator=gen, dtype=torch.float64) * scale)
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_product_keeps_float32_precision_of_the_wide_operand(dtype, seed):
+    # ApET's projection: a float64 basis split into three half terms, times half tokens.
+    a, w = _half_operands(dtype, seed, 3.0)
+    got = apet_module._split_product(w * 1e-3, a)  # any magnitude: scaled by a power of two first
+    want = (w * 1e-3) @ a.double().transpose(1, 2)
+    scale = (w * 1e-3).abs().sum(-1, keepdim=True) * a.double().abs().amax()
+    assert bool(((got - want).abs() <= 2**-20 * scale).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cosine_similarity_of_half_tokens_beats_tf32_precision(dtype):
+    # The kept features (float32) split into two half terms: 16+ significant bits, TF32 has 11.
+    a, b = _half_operands(dtype, 3)
+    b = b.float()
+    want = torch.nn.functional.cosine_similarity(a.double().unsqueeze(2), b.double().unsqueeze(1), dim=-1)
+    with ops.emulate_cuda_formulas():
+        got = ops.cosine_similarity(a, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2**-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_of_half_tokens_is_exact(dtype):
+    # One-hot products of half tokens: every product exact, sums in float32.
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 40, 16, generator=gen).to(dtype)
+    target = torch.randint(-1, 5, (2, 40), generator=gen)
+    with ops.emulate_cuda_formulas():
+        sums, counts = ops.merge_into(x, target, 5)
+    want = torch.zeros(2, 5, 16, dtype=torch.float64)
+    for row in range(2):
+        for i in range(40):
+            if target[row, i] >= 0:
+                want[row, target[row, i]] += x[row, i].double()
+    assert sums.dtype == torch.float32 and counts.dtype == torch.float32
+    torch.testing.assert_close(sums.double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(counts, torch.stack([(target == s).sum(1) for s in range(5)], 1).float())
+
+
+@pytest.mark.parametrize("shape", [(3, 36, 4096), (2, 2, 5, 1024), (4, 64, 2048), (2, 65, 1024), (2, 8, 1000)])
+def test_gram_split_along_the_features_sums_the_same_products(shape):
+    # Few rows, many features: blocks of 256 features (any other shape: one product).
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    want = x @ x.transpose(-1, -2)
+    with ops.emulate_cuda_formulas():
+        got = ops.gram(x.float())
+    assert got.shape == want.shape and got.dtype == torch.float32
+    bound = 2**-20 * (x.abs() @ x.abs().transpose(-1, -2))
+    assert bool(((got.double() - want).abs() <= bound).all())
+    assert torch.equal(ops.gram(x.float()), x.float() @ x.float().transpose(-1, -2))  # CPU: one product
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_wide_bmm_sums_exact_products_in_float32(dtype):
+    a, b = _half_operands(dtype, 5)
+    b = b.to(dtype)
+    got = ops.wide_bmm(a.cuda(), b.cuda().transpose(1, 2))
+    assert got.dtype == torch.float32
+    want = a.double() @ b.double().transpose(1, 2)
+    bound = 2**-20 * (a.double().abs() @ b.double().abs().transpose(1, 2))
+    assert bool(((got.cpu().double() - want).abs() <= bound).all())
+
+
 # -- on the GPU (run by the lead on the H200) ---------------------------------------------------------
 
 

@@ -150,3 +150,29 @@ def test_a_replay_on_another_stream_and_under_autocast():
     assert_identical(divprune(y), ref32)
     assert graphs.stats()["graphs"] == 3
     graphs.clear()
+
+
+def test_a_replay_checks_finiteness_after_its_work_and_stays_usable():
+    # The finiteness read comes after the replay is queued; the tokens go in with NaN and inf
+    # zeroed, so a bad call raises the usual error and leaves the graph as it was.
+    graphs.clear()
+    reducer = tr.create("prunevid", 16, stage="projector")
+    case = make_case("prunevid", Stage.PROJECTOR, b=1, side=6, frames=4, d=64, dtype=torch.bfloat16, seed=2,
+                     duplicate=False, budget=16, device="cuda")
+    x, ctx = case[0], case[1]
+    reducer(x, context=ctx)  # capture
+    good = reducer(x, context=ctx)  # a replay
+    bad = x.clone()
+    bad[0, 3, 5] = float("nan")
+    with pytest.raises(tr.InvalidInputError, match="NaN or inf"):
+        reducer(bad, context=ctx)
+    bad[0, 3, 5] = float("inf")
+    with pytest.raises(tr.InvalidInputError, match="NaN or inf"):
+        reducer(bad, context=ctx)
+    again = reducer(x, context=ctx)
+    assert_identical(again, good)
+    assert graphs.stats()["graphs"] == 1 and not graphs.stats()["failed"]
+    # The outputs are views into one buffer per call: a later replay leaves an earlier result be.
+    assert again.tokens.untyped_storage().data_ptr() == again.indices.untyped_storage().data_ptr()
+    assert again.tokens.untyped_storage().data_ptr() != good.tokens.untyped_storage().data_ptr()
+    graphs.clear()

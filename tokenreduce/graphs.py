@@ -12,7 +12,8 @@ context value that is not a tensor, the layout (shape, strides, dtype, device, a
 of the tokens and of every context tensor, and the settings that choose kernels (autocast,
 TF32, reduced-precision reductions, deterministic algorithms). Tensors are copied into the
 graph's static inputs before a replay (laid out as the caller's, so the kernels are those
-the eager call would run) and the outputs are cloned out of its buffers after it. Every
+the eager call would run); the graph's last kernel packs every output into one byte buffer,
+cloned out in one copy after it and handed back as views (:func:`_pack`). Every
 context tensor is an input (a reducer may read a field it does not require, such as
 ``text_mask``), but one the captured call provably never reads (no operator of the
 warm-up received it, and overwriting it changes no output bit: :func:`_unread_inputs`) is
@@ -48,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .reduction import Reduction
+from .validation import check_finite
 
 if TYPE_CHECKING:
     from .context import ReductionContext
@@ -82,26 +84,37 @@ class _Entry:
     # Indices of the inputs copied in before a replay: every input the captured call reads
     # (all of them but context tensors it provably never reads: _unread_inputs).
     copy: tuple[int, ...]
+    # Every output tensor, packed by the graph into one byte buffer (_pack): a replay's outputs
+    # are one clone of it (one launch, not one per tensor) and views into that clone.
+    arena: torch.Tensor
+    plan: tuple[tuple[torch.dtype, int, torch.Size, tuple[int, ...]], ...]  # per output: dtype, offset, shape, strides
 
 
-def reduce_uniform(reducer: Reducer, tokens: torch.Tensor, t: int, context: ReductionContext) -> Reduction:
+def reduce_uniform(
+    reducer: Reducer, tokens: torch.Tensor, t: int, context: ReductionContext, total: torch.Tensor | None = None
+) -> Reduction:
     """``reducer.reduce`` on ``tokens (B, N, D)``, every token valid and every row keeping ``t``.
 
     From a captured CUDA graph where that is possible (``reducer.graph_safe``, CUDA, ...;
     see the module docstring), else eagerly; the result is the same bit for bit.
+
+    ``total``: the tokens' pending finiteness check (:func:`tokenreduce.validation.pending_sum`).
+    An eager call reads it before it runs; a replay reads it once its work is queued (the host
+    then waits for the GPU only at the end of the call), having copied the tokens in with
+    every NaN and infinity zeroed, so that no kernel of the graph ever sees one.
     """
     if not _eligible(reducer, tokens):
-        return _eager(reducer, tokens, t, context)
+        return _eager(reducer, tokens, t, context, total)
     sig = _signature(reducer, tokens, t, context)
     if sig is None:
-        return _eager(reducer, tokens, t, context)
+        return _eager(reducer, tokens, t, context, total)
     key, tensors, rebuild = sig
     with _lock:
         if key in _failed:
-            return _eager(reducer, tokens, t, context)
+            return _eager(reducer, tokens, t, context, total)
         entry = _graphs.get(key)
         if entry is None:
-            out = _eager(reducer, tokens, t, context)  # input errors surface here, as without graphs
+            out = _eager(reducer, tokens, t, context, total)  # input errors surface here, as without graphs
             try:
                 entry = _capture(lambda *static: _eager(reducer, static[0], t, rebuild(static)), tensors)
             except Exception as err:  # noqa: BLE001 - any capture failure means "run eagerly"
@@ -114,7 +127,10 @@ def reduce_uniform(reducer: Reducer, tokens: torch.Tensor, t: int, context: Redu
             _evict()
             return out
         _graphs.move_to_end(key)
-        return _replay(entry, tensors)
+        out = _replay(entry, tensors, sanitize=total is not None)
+    if total is not None:
+        check_finite(tokens, total=total)
+    return out
 
 
 @contextmanager
@@ -182,7 +198,11 @@ def stats() -> dict[str, Any]:
 # -- internals -------------------------------------------------------------------------
 
 
-def _eager(reducer: Reducer, tokens: torch.Tensor, t: int, context: ReductionContext) -> Reduction:
+def _eager(
+    reducer: Reducer, tokens: torch.Tensor, t: int, context: ReductionContext, total: torch.Tensor | None = None
+) -> Reduction:
+    if total is not None:
+        check_finite(tokens, total=total)
     b, n, _ = tokens.shape
     counts = torch.full((b,), t, dtype=torch.long, device=tokens.device)
     valid = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
@@ -375,6 +395,7 @@ def _capture(run: Callable[..., Reduction], tensors: list[torch.Tensor]) -> _Ent
             except Exception:  # noqa: BLE001, S110
                 pass
             raise
+        arena, plan = _pack(out)  # the last kernel of the graph
         graph.capture_end()
         # The graph's private pool: segments reserved during the capture (intermediates and outputs).
         pool = max(0, torch.cuda.memory_reserved(dev) - before)
@@ -382,7 +403,44 @@ def _capture(run: Callable[..., Reduction], tensors: list[torch.Tensor]) -> _Ent
     torch.cuda.current_stream(dev).wait_stream(side)
     inputs = sum(s.untyped_storage().nbytes() for s in static)
     copy = tuple(i for i in range(len(static)) if i not in unread)
-    return _Entry(graph, static, out, pool + inputs, torch.cuda.Event(), copy)
+    return _Entry(graph, static, out, pool + inputs, torch.cuda.Event(), copy, arena, plan)
+
+
+def _pack(out: Reduction) -> tuple[torch.Tensor, tuple[tuple[torch.dtype, int, torch.Size, tuple[int, ...]], ...]]:
+    """Every tensor of ``out`` as bytes, concatenated into one ``uint8`` buffer, and where each lies:
+    per tensor its dtype, offset (in its elements), shape and contiguous strides.
+
+    Widest elements first, so that every offset is a multiple of its tensor's element size
+    (a view of the bytes as that dtype needs it). One concatenation: one kernel."""
+    leaves: list[torch.Tensor] = []
+    _map_tensors(out, leaves.append)
+    order = sorted(range(len(leaves)), key=lambda i: -leaves[i].element_size())
+    spans: dict[int, tuple[torch.dtype, int, torch.Size, tuple[int, ...]]] = {}
+    offset = 0
+    for i in order:
+        v = leaves[i]
+        strides = tuple(torch.empty(v.shape, device="meta").stride())
+        spans[i] = (v.dtype, offset // v.element_size(), v.shape, strides)
+        offset += v.numel() * v.element_size()
+    parts = [leaves[i].reshape(-1).view(torch.uint8) for i in order]
+    dev = leaves[0].device if leaves else torch.device("cuda")
+    arena = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=dev)
+    return arena, tuple(spans[i] for i in range(len(leaves)))
+
+
+def _unpack(entry: _Entry) -> Reduction:
+    """The outputs of the last replay, as views into one fresh copy of its packed bytes."""
+    fresh = entry.arena.clone()
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    views = []
+    for dtype, offset, shape, strides in entry.plan:
+        whole = typed.get(dtype)
+        if whole is None:
+            size = torch.empty((), dtype=dtype, device="meta").element_size()
+            whole = typed[dtype] = fresh[: fresh.numel() // size * size].view(dtype)
+        views.append(whole.as_strided(shape, strides, offset))
+    it = iter(views)
+    return _map_tensors(entry.output, lambda _: next(it))
 
 
 class _Reads(TorchDispatchMode):
@@ -452,31 +510,44 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _replay(entry: _Entry, tensors: list[torch.Tensor]) -> Reduction:
+def _replay(entry: _Entry, tensors: list[torch.Tensor], sanitize: bool = False) -> Reduction:
+    """Copy the inputs in, replay, and return the outputs (``sanitize``: the tokens copied in with
+    every NaN and infinity zeroed; the caller checks the originals)."""
     stream = torch.cuda.current_stream(tensors[0].device)
     # The buffers were made under inference mode; updating them needs it too.
     with torch.inference_mode():
         stream.wait_event(entry.done)  # an earlier caller's clone-out, perhaps on another stream
         for i in entry.copy:
-            _copy_in(entry.inputs[i], tensors[i])
+            if i == 0 and sanitize:  # the same single pass as a copy
+                torch.nan_to_num(
+                    _narrowed(tensors[0]), nan=0.0, posinf=0.0, neginf=0.0, out=_narrowed(entry.inputs[0])
+                )
+            else:
+                _copy_in(entry.inputs[i], tensors[i])
         entry.graph.replay()
-    # Outputs live in the graph's buffers, which the next replay overwrites: clone them, as
-    # ordinary tensors outside inference mode, as the eager call's would be.
-    out = _clone(entry.output)
+    # Outputs live in the graph's buffers, which the next replay overwrites: one clone of their
+    # packed bytes, ordinary tensors outside inference mode, as the eager call's would be.
+    out = _unpack(entry)
     entry.done.record(stream)
     return out
 
 
-def _clone(value: Any) -> Any:
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``value`` (a Reduction, dict, list, tuple, tensor, or other) with ``fn`` applied to every
+    tensor in it, in a fixed order (the same for the same structure)."""
     if isinstance(value, torch.Tensor):
-        return value.clone()
+        return fn(value)
     if isinstance(value, Reduction):
-        return Reduction(**{name: _clone(getattr(value, name)) for name in _field_names(Reduction)})
+        return Reduction(**{name: _map_tensors(getattr(value, name), fn) for name in _field_names(Reduction)})
     if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
+        return type(value)(_map_tensors(v, fn) for v in value)
     return value
+
+
+def _clone(value: Any) -> Any:
+    return _map_tensors(value, torch.Tensor.clone)
 
 
 def _evict() -> None:

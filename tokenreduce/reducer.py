@@ -27,7 +27,7 @@ from .reduction import Reduction
 from .requirements import Requirement, RequiresByStage, declare
 from .stages import ALL_STAGES, Stage
 from .sync import host_reads_free
-from .validation import check_mask, check_tokens
+from .validation import check_finite, check_mask, check_tokens, pending_sum
 
 #: Context fields that hold tensors (a reducer requiring one gets a clear error for anything else).
 _TENSOR_FIELDS = frozenset(
@@ -189,7 +189,11 @@ class Reducer(abc.ABC):
                 kept nor merged into others.
             context: extra inputs listed in ``requires`` (``required_context``).
         """
-        tokens = check_tokens(tokens)
+        tokens = check_tokens(tokens, finite=False)
+        # Finiteness: checked now off CUDA; on CUDA the sum is queued here and read only once the
+        # reduction is queued too where it replays a graph (tokenreduce.graphs), so the host's
+        # work for the call overlaps the GPU's instead of waiting for it, else before it runs.
+        total = pending_sum(tokens)
         # Without a mask every token is valid: the all-true mask is made only where it is read
         # (the identity, observers), not on the common path (a device allocation and fill less).
         valid = None if mask is None else check_mask(mask, tokens)
@@ -217,8 +221,10 @@ class Reducer(abc.ABC):
                 f"got {type(getattr(context, wrong[0])).__name__}"
             )
         if mask is None:
-            out = self._uniform(tokens, budget, context)
+            out = self._uniform(tokens, budget, context, total)
         else:
+            if total is not None:
+                check_finite(tokens, total=total)
             valid_counts = valid.sum(dim=1)
             counts = resolve_budgets(budget, valid_counts, rounding=self.ratio_rounding)
             if bool((counts == valid_counts).all()):
@@ -246,18 +252,23 @@ class Reducer(abc.ABC):
         context = replace(context, stage=context.stage or self.stage or self._default_stage(), uniform_count=None)
         return self._uniform(tokens, self.budget, context)
 
-    def _uniform(self, tokens: torch.Tensor, budget: Budget, context: ReductionContext) -> Reduction:
+    def _uniform(
+        self, tokens: torch.Tensor, budget: Budget, context: ReductionContext, total: torch.Tensor | None = None
+    ) -> Reduction:
         """Every row holds all N tokens, so every row keeps the same count, worked out on the host: no
-        device read here, and reducers may skip theirs (``uniform_count``)."""
+        device read here, and reducers may skip theirs (``uniform_count``). ``total``: the pending
+        finiteness check (:func:`~tokenreduce.validation.pending_sum`), or ``None``."""
         b, n, _ = tokens.shape
         t = resolve_budget(budget, n, rounding=self.ratio_rounding)
         if t == n:
+            if total is not None:
+                check_finite(tokens, total=total)
             return identity_reduction(tokens, check_mask(None, tokens), n)
         context.uniform_count = t
         # Float32 products on CUDA in TF32 unless configured otherwise (tokenreduce.precision);
         # eager, or replayed from a CUDA graph for graph_safe reducers on CUDA.
         with precision.reducer_matmul(tokens.device):
-            return graphs.reduce_uniform(self, tokens, t, context)
+            return graphs.reduce_uniform(self, tokens, t, context, total)
 
     def _default_stage(self) -> Stage:
         # The encoder-side default is the common case for direct tensor calls.
@@ -407,7 +418,9 @@ def merge_nearest(
         prescaled: ``tokens`` are float32, every row's largest magnitude is within
             ``[2^-40, 2^40]`` (or zero) and padded tokens are zero, as
             :func:`~tokenreduce.numerics.safe_scale` returns them: the rescaling pass (which
-            would then change nothing) is skipped.
+            would then change nothing) is skipped. On the CUDA formulations such tokens may
+            also be float16 or bfloat16: they are then never widened (the products take them
+            as they are, :func:`~tokenreduce.ops.wide_bmm`).
 
     Returns:
         ``(features (B, T, D) float32, sizes (B, T) float32, assignment (B, N))`` where
@@ -417,10 +430,11 @@ def merge_nearest(
     # Rows of extreme magnitude are divided by a power of two (exact; cosine similarities and
     # weighted means do not change), so the float32 sums cannot overflow.
     if prescaled:
-        x, scale = tokens.float(), tokens.new_ones(tokens.shape[0], 1, 1, dtype=torch.float32)
+        half = ops.cuda_formulas(tokens) and tokens.dtype in (torch.float16, torch.bfloat16)
+        x, scale = (tokens if half else tokens.float()), tokens.new_ones(tokens.shape[0], 1, 1, dtype=torch.float32)
     else:
         x, scale = safe_scale(tokens, valid)
-    kept = ops.gather_rows(x, indices) if kept_features is None else kept_features.float() / scale
+    kept = ops.gather_rows(x, indices).float() if kept_features is None else kept_features.float() / scale
     targets = slots if targets is None else (targets & slots)
     n, t = x.shape[1], indices.shape[1]
     keep_mask = ops.keep_mask_from(indices, slots, n)

@@ -11,7 +11,8 @@ from .errors import InvalidInputError
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_tokens(tokens: object, name: str = "tokens") -> torch.Tensor:
+def check_tokens(tokens: object, name: str = "tokens", *, finite: bool = True) -> torch.Tensor:
+    """``tokens`` if they are a non-empty float ``(B, N, D)`` tensor (and, with ``finite``, finite)."""
     if not isinstance(tokens, torch.Tensor):
         raise InvalidInputError(f"{name} must be a torch.Tensor of shape (B, N, D), got {type(tokens).__name__}")
     if tokens.dim() != 3:
@@ -20,16 +21,36 @@ def check_tokens(tokens: object, name: str = "tokens") -> torch.Tensor:
         raise InvalidInputError(f"{name} dtype must be one of float32/float16/bfloat16/float64, got {tokens.dtype}")
     if tokens.shape[0] == 0 or tokens.shape[2] == 0:
         raise InvalidInputError(f"{name} has an empty batch or feature dimension: {tuple(tokens.shape)}")
-    # This runs on every call, so first one plain sum: any NaN or inf makes it non-finite.
-    # Only a non-finite sum (bad input, or an overflow of finite values) pays for the
-    # elementwise check, which is several times slower on CPU. The sum is read once and
-    # tested on the host (one kernel and one device read, not two kernels and the read).
-    if not math.isfinite(float(tokens.detach().sum(dtype=torch.float32))) and not bool(torch.isfinite(tokens).all()):
+    if finite:
+        check_finite(tokens, name)
+    return tokens
+
+
+def pending_sum(tokens: torch.Tensor) -> torch.Tensor | None:
+    """The finiteness check of ``tokens``, started: on CUDA their float32 sum, queued and not read
+    (pass it to :func:`check_finite` once the work that follows is queued too: reading it then
+    stalls nothing); on other devices, where a read stalls no queue, the check itself (``None``)."""
+    if tokens.is_cuda:
+        return tokens.detach().sum(dtype=torch.float32)
+    check_finite(tokens)
+    return None
+
+
+def check_finite(tokens: torch.Tensor, name: str = "tokens", total: torch.Tensor | None = None) -> None:
+    """Raise :class:`InvalidInputError` if ``tokens`` hold a NaN or an infinity.
+
+    ``total``: their float32 sum, from :func:`pending_sum`. This runs on every call, so first one
+    plain sum: any NaN or inf makes it non-finite. Only a non-finite sum (bad input, or an
+    overflow of finite values) pays for the elementwise check, which is several times slower on
+    CPU. The sum is read once and tested on the host (one kernel and one device read).
+    """
+    if total is None:
+        total = tokens.detach().sum(dtype=torch.float32)
+    if not math.isfinite(float(total)) and not bool(torch.isfinite(tokens).all()):
         bad = (~torch.isfinite(tokens)).nonzero()[0].tolist()
         raise InvalidInputError(
             f"{name} contains NaN or inf (first at index {tuple(bad)}); reducers require finite features"
         )
-    return tokens
 
 
 def check_mask(mask: object, tokens: torch.Tensor, name: str = "mask") -> torch.Tensor:
