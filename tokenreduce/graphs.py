@@ -57,9 +57,11 @@ if TYPE_CHECKING:
 
 _limits: dict[str, int] = {
     "max_graphs": 16,
-    # 2^25 elements (128 MiB of float32 tokens, LLaVA-1.5's 576 x 4096 up to batch 14). Above
-    # it the GPU work outlasts its launches, and a graph would pin several times the input.
-    "max_elements": 2**25,
+    # 2^27 elements (LLaVA-NeXT's 2928 x 4096 tokens at batch 8, 256 MiB in bfloat16). Even there
+    # a replay pays: ApET at 2880 x 4096 x 8 takes 3.2 ms replayed, 4.2-7.2 ms launched from
+    # Python on H200 hosts of different speeds. A graph pins several times its input; max_bytes
+    # bounds the cache as a whole.
+    "max_elements": 2**27,
     "max_bytes": 4 * 2**30,
 }
 _MAX_FAILED = 1024  # remembered failed signatures (each a small tuple)
