@@ -421,7 +421,7 @@ def _pack(out: Reduction) -> tuple[torch.Tensor, tuple[tuple[torch.dtype, int, t
     offset = 0
     for i in order:
         v = leaves[i]
-        strides = tuple(torch.empty(v.shape, device="meta").stride())
+        strides = torch.empty(v.shape, device="meta").stride()
         spans[i] = (v.dtype, offset // v.element_size(), v.shape, strides)
         offset += v.numel() * v.element_size()
     parts = [leaves[i].reshape(-1).view(torch.uint8) for i in order]
@@ -433,15 +433,9 @@ def _pack(out: Reduction) -> tuple[torch.Tensor, tuple[tuple[torch.dtype, int, t
 def _unpack(entry: _Entry) -> Reduction:
     """The outputs of the last replay, as views into one fresh copy of its packed bytes."""
     fresh = entry.arena.clone()
-    typed: dict[torch.dtype, torch.Tensor] = {}
-    views = []
-    for dtype, offset, shape, strides in entry.plan:
-        whole = typed.get(dtype)
-        if whole is None:
-            size = torch.empty((), dtype=dtype, device="meta").element_size()
-            whole = typed[dtype] = fresh[: fresh.numel() // size * size].view(dtype)
-        views.append(whole.as_strided(shape, strides, offset))
-    it = iter(views)
+    n = fresh.numel()
+    typed = {dt: fresh[: n // dt.itemsize * dt.itemsize].view(dt) for dt in {p[0] for p in entry.plan}}
+    it = iter([typed[dt].as_strided(shape, strides, offset) for dt, offset, shape, strides in entry.plan])
     return _map_tensors(entry.output, lambda _: next(it))
 
 
