@@ -28,8 +28,9 @@ def check_tokens(tokens: object, name: str = "tokens", *, finite: bool = True) -
 
 def pending_sum(tokens: torch.Tensor) -> torch.Tensor | None:
     """The finiteness check of ``tokens``, started: on CUDA their float32 sum, queued and not read
-    (pass it to :func:`check_finite` once the work that follows is queued too: reading it then
-    stalls nothing); on other devices, where a read stalls no queue, the check itself (``None``)."""
+    (pass it to :func:`check_finite` once the work that follows is queued too, so the host's
+    work until then overlaps the GPU's); on other devices, where a read stalls no queue, the
+    check itself (``None``)."""
     if tokens.is_cuda:
         return tokens.detach().sum(dtype=torch.float32)
     check_finite(tokens)
