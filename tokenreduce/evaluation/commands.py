@@ -8,7 +8,8 @@ model); nothing is downloaded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -166,30 +167,52 @@ def eval_command(
         raise ConfigError("--tasks needs at least one lmms-eval task, e.g. --tasks gqa,pope")
     pipes = named_pipelines(pipeline_files, reducers, budgets, stage, layer)
     paths = list(include_path)
-    if model == TINY:
-        from accelerate import Accelerator
+    with _process_group_closed():
+        if model == TINY:
+            from accelerate import Accelerator
 
-        # Under accelerate launch, one process writes the files while the others wait. (An
-        # Accelerator, not a bare PartialState: the first one made fixes the shared state,
-        # and only Accelerator reads ACCELERATE_USE_CPU.)
-        with Accelerator().main_process_first():
-            model, task_dir = tiny_assets(Path(output_dir) / "_tiny", tasks=True)
-        paths.append(str(task_dir))
-    lim = check_limit(limit)
-    table, _ = run_benchmark(
-        model,
-        pipes,
-        task_list,
-        output_dir=output_dir,
-        include_path=paths or None,
-        include_defaults=default_tasks,
-        limit=lim,
-        batch_size=batch_size,
-        model_args=parse_pairs(model_args, "--model-arg"),
-        metrics=parse_pairs(metrics, "--metric"),
-        log_samples=log_samples,
-    )
+            # Under accelerate launch, one process writes the files while the others wait. (An
+            # Accelerator, not a bare PartialState: the first one made fixes the shared state,
+            # and only Accelerator reads ACCELERATE_USE_CPU.)
+            with Accelerator().main_process_first():
+                model, task_dir = tiny_assets(Path(output_dir) / "_tiny", tasks=True)
+            paths.append(str(task_dir))
+        lim = check_limit(limit)
+        table, _ = run_benchmark(
+            model,
+            pipes,
+            task_list,
+            output_dir=output_dir,
+            include_path=paths or None,
+            include_defaults=default_tasks,
+            limit=lim,
+            batch_size=batch_size,
+            model_args=parse_pairs(model_args, "--model-arg"),
+            metrics=parse_pairs(metrics, "--metric"),
+            log_samples=log_samples,
+        )
     return table
+
+
+@contextmanager
+def _process_group_closed() -> Iterator[None]:
+    """Destroy the data-parallel process group that the block started (accelerate's, under
+    ``torchrun``/``accelerate launch``) when it ends: a process that exits with its gloo group
+    still alive sometimes aborts at exit ("terminate called without an active exception",
+    SIGABRT), failing a run whose results were all written. A group that was already there
+    belongs to the caller and is left alone."""
+    import torch.distributed as dist
+
+    had = dist.is_available() and dist.is_initialized()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if not had and dist.is_available() and dist.is_initialized():
+            if ok:  # every rank got here: wait for the others' last collective before leaving
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def fidelity_command(
