@@ -70,6 +70,21 @@ def _order_keys(s):
 
 
 @triton.jit
+def _places(score_ptr, k, n_a, key, BLOCK_A: tl.constexpr, TILE_J: tl.constexpr):
+    """The places of the a's ``k`` (their keys ``key``) among the ``n_a`` scores at ``score_ptr``
+    in the stable descending order: how many a's come before each (a higher score, or an equal
+    one at an earlier place), counted per lane and summed once."""
+    tj = tl.arange(0, TILE_J)
+    before = tl.zeros([BLOCK_A, TILE_J], tl.int32)
+    for j0 in range(0, n_a, TILE_J):
+        j = j0 + tj
+        key_j = _order_keys(tl.load(score_ptr + j, mask=j < n_a, other=0.0))
+        ahead = (key_j[None, :] > key[:, None]) | ((key_j[None, :] == key[:, None]) & (j[None, :] < k[:, None]))
+        before += (ahead & (j < n_a)[None, :]).to(tl.int32)
+    return tl.sum(before, axis=1)
+
+
+@triton.jit
 def match_rounds_kernel(
     sim_ptr,  # (B, N, N) float32, contiguous: cosine similarities
     list_ptr,  # (B, W) int64, in place: the residual list in its current order, -1 padded
@@ -95,7 +110,6 @@ def match_rounds_kernel(
     k = tl.arange(0, BLOCK_A)
     ti = tl.arange(0, TILE_I)
     tn = tl.arange(0, TILE_N)
-    tj = tl.arange(0, TILE_J)
     stamp = tl.full([], 0, tl.int32)
     while (div > 0) & (rem > div):
         stamp += 1
@@ -130,14 +144,7 @@ def match_rounds_kernel(
         tl.debug_barrier()
         # 3. Each a's place in the stable descending order of the scores: the number of a's
         #    before it (a higher score, or an equal one at an earlier place).
-        key = _order_keys(tl.load(cbase + k, mask=k < n_a, other=0.0))
-        before = tl.zeros([BLOCK_A, TILE_J], tl.int32)  # counts per lane, summed once below
-        for j0 in range(0, n_a, TILE_J):
-            j = j0 + tj
-            key_j = _order_keys(tl.load(cbase + j, mask=j < n_a, other=0.0))
-            ahead = (key_j[None, :] > key[:, None]) | ((key_j[None, :] == key[:, None]) & (j[None, :] < k[:, None]))
-            before += (ahead & (j < n_a)[None, :]).to(tl.int32)
-        rank = tl.sum(before, axis=1)
+        rank = _places(cbase, k, n_a, _order_keys(tl.load(cbase + k, mask=k < n_a, other=0.0)), BLOCK_A, TILE_J)
         a_tok = tl.load(lbase + 2 * k, mask=k < n_a, other=-1)
         tl.debug_barrier()  # every read of the old list is done
         # 4. [a by decreasing score minus the first r, b in order, -1 for the r places freed].

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from .matching import _order_keys
+from .matching import _order_keys, _places
 
 #: The reducer dispatches its uniform case here only while this is True (the one switch: set it
 #: to False to send that case back to :func:`~tokenreduce_plugins.kernels.matching.match_rounds`).
@@ -108,16 +108,8 @@ def rebuild_kernel(
     ok = k < n_a
     cbase = score_ptr + row * W
     key = _order_keys(tl.load(cbase + k, mask=ok, other=0.0))
-    tj = tl.arange(0, TILE_J)
-    # This block's places in the stable descending order: the a's before each (a higher
-    # score, or an equal one at an earlier place), counted per lane and summed once.
-    before = tl.zeros([BLOCK_A, TILE_J], tl.int32)
-    for j0 in range(0, n_a, TILE_J):
-        j = j0 + tj
-        key_j = _order_keys(tl.load(cbase + j, mask=j < n_a, other=0.0))
-        ahead = (key_j[None, :] > key[:, None]) | ((key_j[None, :] == key[:, None]) & (j[None, :] < k[:, None]))
-        before += (ahead & (j < n_a)[None, :]).to(tl.int32)
-    rank = tl.sum(before, axis=1)
+    # This block's places in the stable descending order of the scores.
+    rank = _places(cbase, k, n_a, key, BLOCK_A, TILE_J)
     sbase = src_ptr + row * W
     dbase = dst_ptr + row * W
     a_tok = tl.load(sbase + 2 * k, mask=ok, other=-1)
