@@ -12,7 +12,7 @@ import torch
 from test_graph_safe import PAIRS, assert_identical, make_case
 
 import tokenreduce as tr
-from tokenreduce import Stage, graphs
+from tokenreduce import Stage, graphs, validation
 
 pytestmark = pytest.mark.gpu
 
@@ -175,4 +175,33 @@ def test_a_replay_checks_finiteness_after_its_work_and_stays_usable():
     # The outputs are views into one buffer per call: a later replay leaves an earlier result be.
     assert again.tokens.untyped_storage().data_ptr() == again.indices.untyped_storage().data_ptr()
     assert again.tokens.untyped_storage().data_ptr() != good.tokens.untyped_storage().data_ptr()
+    graphs.clear()
+
+
+def test_deferred_checks_read_replays_at_the_end_of_the_block():
+    # Inside deferred_checks() a replay queues its check and returns; the block reads every check
+    # at once at its end (or flush_checks()), raising the usual error; an eager first call reads at once.
+    graphs.clear()
+    reducer = tr.create("random", 16, stage="projector")
+    x = torch.randn(2, 64, 32, device="cuda")
+    reducer(x)  # capture
+    bad = x.clone()
+    bad[1, 7, 3] = float("nan")
+    with pytest.raises(tr.InvalidInputError, match="NaN or inf"):
+        with validation.deferred_checks():
+            out = reducer(bad)  # no read yet
+            assert out.indices.shape == (2, 16)
+            good = reducer(x)
+    with pytest.raises(tr.InvalidInputError, match="NaN or inf"):
+        with validation.deferred_checks():
+            reducer(bad)
+            validation.flush_checks()
+            pytest.fail("flush_checks() did not raise")
+    with validation.deferred_checks():
+        assert_identical(reducer(x), good)
+    graphs.clear()
+    with pytest.raises(tr.InvalidInputError, match="NaN or inf"):
+        with validation.deferred_checks():
+            reducer(bad)  # the first call of a shape runs eagerly: read before it runs
+            pytest.fail("an eager call deferred its check")
     graphs.clear()

@@ -103,7 +103,8 @@ def reduce_uniform(
     ``total``: the tokens' pending finiteness check (:func:`tokenreduce.validation.pending_sum`).
     An eager call reads it before it runs; a replay reads it once its work is queued (the host
     then waits for the GPU only at the end of the call), having copied the tokens in with
-    every NaN and infinity zeroed, so that no kernel of the graph ever sees one.
+    every NaN and infinity zeroed, so that no kernel of the graph ever sees one; inside
+    :func:`tokenreduce.validation.deferred_checks` it reads it with the block's other checks.
     """
     if not _eligible(reducer, tokens):
         return _eager(reducer, tokens, t, context, total)
@@ -130,8 +131,8 @@ def reduce_uniform(
             return out
         _graphs.move_to_end(key)
         out = _replay(entry, tensors, sanitize=total is not None)
-    if total is not None:
-        check_finite(tokens, total=total)
+    if total is not None:  # the graph saw the tokens with NaN and inf zeroed: the read may wait
+        check_finite(tokens, total=total, deferrable=True)
     return out
 
 

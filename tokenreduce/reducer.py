@@ -261,8 +261,8 @@ class Reducer(abc.ABC):
         b, n, _ = tokens.shape
         t = resolve_budget(budget, n, rounding=self.ratio_rounding)
         if t == n:
-            if total is not None:
-                check_finite(tokens, total=total)
+            if total is not None:  # nothing runs on the tokens here: the read may wait (deferred_checks)
+                check_finite(tokens, total=total, deferrable=True)
             return identity_reduction(tokens, check_mask(None, tokens), n)
         context.uniform_count = t
         # Float32 products on CUDA in TF32 unless configured otherwise (tokenreduce.precision);

@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 _ACCELERATOR_BRANCHES: ContextVar[bool] = ContextVar("tokenreduce_accelerator_branches", default=False)
 _patch_lock = threading.Lock()
+_host_tensor = torch.tensor
 
 
 class HostSyncError(RuntimeError):
@@ -41,6 +42,19 @@ def host_reads_free(t: torch.Tensor) -> bool:
     makes CPU tensors take the accelerator branches.
     """
     return t.device.type == "cpu" and not _ACCELERATOR_BRANCHES.get()
+
+
+def device_list(values: list[int], device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host values as a tensor on ``device``, without waiting for the device.
+
+    ``torch.tensor(values, device="cuda")`` copies synchronously: the host stops until every
+    kernel queued before it has run (a vision tower, say), and its launches after that are
+    exposed. A non-blocking copy from ordinary (pageable) memory is staged by the driver
+    before the call returns, so the temporary may go at once, and is ordered on the stream
+    like a kernel.
+    """
+    host = _host_tensor(values, dtype=dtype)  # not the name no_host_sync() guards: this copy is the sanctioned one
+    return host if torch.device(device).type == "cpu" else host.to(device, non_blocking=True)
 
 
 def _refuse(what: str) -> Any:
@@ -154,4 +168,4 @@ def no_host_sync() -> Iterator[None]:
 
 _MISSING = object()
 
-__all__ = ["HostSyncError", "host_reads_free", "no_host_sync"]
+__all__ = ["HostSyncError", "device_list", "host_reads_free", "no_host_sync"]

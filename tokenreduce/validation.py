@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -37,14 +40,66 @@ def pending_sum(tokens: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def check_finite(tokens: torch.Tensor, name: str = "tokens", total: torch.Tensor | None = None) -> None:
+# Inside deferred_checks(): the pending finiteness checks not read yet, ``(tokens, name, total)``.
+_DEFERRED: ContextVar[list | None] = ContextVar("tokenreduce_deferred_checks", default=None)
+
+
+@contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Within the block, a finiteness check that may wait (``deferrable``, with a queued sum) is
+    collected instead of read, and all are read together by :func:`flush_checks` or at the end of
+    the block (not when it raises).
+
+    For callers that queue several steps on the GPU before they need a result on the host (the
+    fast path: vision tower, reducers, decoder): each read would stop the host until the GPU
+    has caught up, and expose the launches after it. Only calls whose kernels never see the
+    bad values defer (a graph replay copies its tokens in with NaN and inf zeroed), so a bad
+    input still raises the same :class:`InvalidInputError`, once the work before the read is queued.
+    """
+    pending: list = []
+    token = _DEFERRED.set(pending)
+    try:
+        yield
+    except BaseException:
+        _DEFERRED.reset(token)
+        raise
+    _DEFERRED.reset(token)
+    _read(pending)
+
+
+def flush_checks() -> None:
+    """Read the checks :func:`deferred_checks` has collected so far (one device read for all)."""
+    pending = _DEFERRED.get()
+    if pending:
+        taken = pending[:]
+        pending.clear()
+        _read(taken)
+
+
+def _read(pending: list) -> None:
+    if not pending:
+        return
+    totals = torch.stack([total.to(pending[0][2].device) for _, _, total in pending]).tolist()
+    for (tokens, name, total), value in zip(pending, totals):
+        if not math.isfinite(value):
+            check_finite(tokens, name, total)
+
+
+def check_finite(tokens: torch.Tensor, name: str = "tokens", total: torch.Tensor | None = None,
+                 deferrable: bool = False) -> None:
     """Raise :class:`InvalidInputError` if ``tokens`` hold a NaN or an infinity.
 
     ``total``: their float32 sum, from :func:`pending_sum`. This runs on every call, so first one
     plain sum: any NaN or inf makes it non-finite. Only a non-finite sum (bad input, or an
     overflow of finite values) pays for the elementwise check, which is several times slower on
     CPU. The sum is read once and tested on the host (one kernel and one device read).
+    ``deferrable``: the caller's kernels never see bad values, so inside :func:`deferred_checks`
+    the read may wait until the block reads every check at once.
     """
+    pending = _DEFERRED.get() if deferrable and total is not None and total.is_cuda else None
+    if pending is not None:
+        pending.append((tokens, name, total))
+        return
     if total is None:
         total = tokens.detach().sum(dtype=torch.float32)
     if not math.isfinite(float(total)) and not bool(torch.isfinite(tokens).all()):

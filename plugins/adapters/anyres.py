@@ -26,6 +26,7 @@ from tokenreduce.adapter import StageRecord
 from tokenreduce.budget import resolve_budget
 from tokenreduce.pipeline import Step
 from tokenreduce.stages import Stage
+from tokenreduce.sync import device_list
 
 from .llava_base import Encoded, LlavaFamilyAdapter
 from .units import ContextSource, Units
@@ -131,8 +132,10 @@ def encode_anyres_images(
     parts = [(i, n, grid) for i, layout in enumerate(lay) for n, grid in (
         (layout.n_base, base_grid(layout.n_base) if layout.crop_grid is not None else base_grid(layout.n_content)),
         (layout.n_content - layout.n_base, layout.crop_grid)) if n > 0]
-    item = torch.tensor([i for i, _, _ in parts], device=dev)
-    units = Units([n for _, n, _ in parts], [g for _, _, g in parts], item, item, budgets=[None] * len(parts))
+    item_ids = [i for i, _, _ in parts]
+    item = device_list(item_ids, dev)
+    units = Units([n for _, n, _ in parts], [g for _, _, g in parts], item, item, budgets=[None] * len(parts),
+                  item_ids=item_ids)
     source = ContextSource(per_item={"text_embeds": text, "text_mask": text_mask} if text is not None else {})
     if vctx is not None:  # per content token, in packed order (base, then crops), like the features
         for key, att in (("cls_attention", vctx.cls_attention), (f"extra.{SHALLOW_CLS_KEY}", vctx.shallow_cls_attention)):
@@ -154,7 +157,7 @@ def encode_anyres_images(
             split = lens if total >= sum(lens) else split_budget(total, lens[0], lens[1] if len(lens) > 1 else 0)
             for u, b in zip(own, split):
                 budgets[u] = b
-        return Units(units.lens, units.grids, units.item, units.row, units.frames, budgets)
+        return Units(units.lens, units.grids, units.item, units.row, units.frames, budgets, units.item_ids)
 
     def per_image(units: Units, original: torch.Tensor) -> list[torch.Tensor]:
         """Each image's kept tokens as indices into its content, in output order."""
@@ -186,4 +189,4 @@ def encode_anyres_images(
         out, keep = assemble(layout, f, idx, adapter.inner.image_newline)
         pooler.append(out)
         keeps.append(keep)
-    return Encoded(keep=keeps, pooler=pooler)
+    return Encoded(keep=keeps, pooler=pooler, kept=[out.shape[0] for out in pooler])

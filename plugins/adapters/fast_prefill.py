@@ -42,6 +42,9 @@ from typing import Any
 
 import torch
 
+from tokenreduce.sync import device_list
+from tokenreduce.validation import flush_checks
+
 from . import compat
 
 MAX_GRAPHS = 8  # (batch, bucket) shapes kept per model; each holds a static cache
@@ -254,7 +257,7 @@ class FastPrefill:
         ]
         if position is None:  # as generate() numbers a left-padded prompt
             position = valid.long().sum(dim=1, keepdim=True)
-        ends = torch.tensor(eos, dtype=first.dtype, device=first.device)
+        ends = device_list(eos, first.device, first.dtype)
         done = torch.isin(first, ends).squeeze(1) if eos else torch.zeros(b, dtype=torch.bool, device=first.device)
         token, out = first, []
         for t in range(new - 1):
@@ -273,8 +276,7 @@ class FastPrefill:
                 self._step(entry, step)
             logits = step.logits
             if eos and t + 2 <= at_least:  # t + 2 tokens so far, counting this one: no end yet
-                logits = logits.clone()
-                logits[:, eos] = float("-inf")
+                logits = logits.index_fill(1, ends, float("-inf"))
             token = logits.argmax(-1, keepdim=True).to(first.dtype)
             token = token.masked_fill(done.unsqueeze(1), pad)
             out.append(token)
@@ -542,14 +544,15 @@ def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, featur
     media = adapter.media_mask(ids) if plan is not None else None
     with paused(adapter.decoder):  # the eager llm_layer hooks sit out the captured calls
         logits, _, padded = adapter.fast.run(embeds, valid, new, positions, plan, media)
+    flush_checks()  # the reducers' deferred finiteness reads: the prefill is queued, so they stall nothing
     eos = kw.get("eos_token_id", config.eos_token_id)
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     at_least = kw.get("min_new_tokens", config.min_new_tokens) or 0
+    ends = device_list(eos, logits.device)
     if at_least >= 1 and eos:  # as generate()'s MinNewTokensLengthLogitsProcessor: no end token yet
-        logits = logits.clone()
-        logits[:, eos] = float("-inf")
+        logits = logits.index_fill(1, ends, float("-inf"))  # (indexing by a list would copy it in, waiting)
     first = logits.argmax(-1, keepdim=True).to(ids.dtype)
-    if new == 1 or (eos and bool(torch.isin(first, torch.tensor(eos, device=first.device)).all())):
+    if new == 1 or (eos and bool(torch.isin(first, ends).all())):
         return torch.cat([prompt.to(first.device), first], dim=1)
     pad = kw.get("pad_token_id", config.pad_token_id)
     pad = pad if pad is not None else (eos[0] if eos else 0)

@@ -86,4 +86,5 @@ class Gemma3Adapter(LlavaFamilyAdapter):
         flat, units, original = self.reduce_units(tokens.flatten(0, 1), units, self.unit_context(vctx, text, text_mask), project)
         # The model splices one (images, tokens, D) tensor: kept tokens of every image, in order.
         pooler = flat.view(n, total, -1) if original is None else flat[None]
-        return {"image": Encoded(keep=list(keep_mask(original, n * total, flat.device).view(n, total)), pooler=pooler)}
+        keep = list(keep_mask(original, n * total, flat.device).view(n, total))
+        return {"image": Encoded(keep=keep, pooler=pooler, kept=list(units.lens))}

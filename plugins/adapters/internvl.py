@@ -112,7 +112,7 @@ class InternVLAdapter(LlavaFamilyAdapter):
             vctx.cls_token = vctx.cls_token[torch.tensor(tiles, device=shuffled.device).cumsum(0) - 1]
         item = torch.arange(len(tiles), device=shuffled.device)
         # An image is one unit: its tiles one after another (the tower's order), their grids stacked.
-        units = Units(lens, [(k * side, side) for k in tiles], item, item)
+        units = Units(lens, [(k * side, side) for k in tiles], item, item, item_ids=list(range(len(tiles))))
 
         def project(x: torch.Tensor, _units: Units, reduced: bool) -> torch.Tensor:
             # The stock projected features while nothing was removed: bit-identical to the model.
@@ -121,4 +121,4 @@ class InternVLAdapter(LlavaFamilyAdapter):
         flat, units, original = self.reduce_units(shuffled.flatten(0, 1), units, self.unit_context(vctx, text, text_mask), project)
         keep = keep_mask(original, sum(lens), flat.device)
         # One tensor, as the stock getter returns it: the forward scatters it over the placeholders in order.
-        return {"image": Encoded(keep=list(torch.split(keep, lens)), pooler=flat[None])}
+        return {"image": Encoded(keep=list(torch.split(keep, lens)), pooler=flat[None], kept=list(units.lens))}

@@ -64,4 +64,4 @@ class LlavaAdapter(LlavaFamilyAdapter):
             tokens.flatten(0, 1), Units.rows(n, total, grid, tokens.device), self.unit_context(vctx, text, text_mask), project
         )
         keep = keep_mask(original, n * total, flat.device).view(n, total)
-        return {"image": Encoded(keep=list(keep), pooler=list(torch.split(flat, units.lens)))}
+        return {"image": Encoded(keep=list(keep), pooler=list(torch.split(flat, units.lens)), kept=list(units.lens))}

@@ -25,6 +25,7 @@ How a pipeline runs on a stock model, without touching its modeling code:
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +33,13 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenreduce.errors import InvalidInputError
+from tokenreduce.validation import deferred_checks
 
 from . import compat
 from .engine import FamilyAdapter, bind, wrapper
 from .fast_prefill import fast_generate, refusal, split_plan
 from .graphed_tower import GraphedTower
-from .sequence import Shrink, item_rows, placeholder_keep, removed_before, text_after_last
+from .sequence import PromptFacts, Shrink, item_rows, placeholder_keep, removed_before, text_after_last
 from .units import ContextSource
 from .vision import VisionContext
 
@@ -52,10 +54,13 @@ class Encoded:
         keep: per item (image / video), ``(N_i,)`` bool over its stock placeholder sequence.
         pooler: what ``mm_encoder_outputs[modality].pooler_output`` must hold for the
             stock forward (a list of ``(T_i, D)`` for images, a tensor for videos).
+        kept: per item, how many of its placeholders stay (``keep[i].sum()``) where the family
+            knows it on the host (the engine's unit lengths); ``None``: read back when needed.
     """
 
     keep: list[torch.Tensor]
     pooler: Any
+    kept: list[int] | None = None
 
 
 class LlavaFamilyAdapter(FamilyAdapter):
@@ -147,13 +152,15 @@ class LlavaFamilyAdapter(FamilyAdapter):
             warnings.warn(f"tokenreduce fast path: this generate() runs eagerly: {why}", stacklevel=3)
             return self._orig_generate(**kw)
         prompt = kw["input_ids"]
-        kw, served = self.reduce_inputs(kw, for_generate=True)
-        if self.fast is not None:
-            why = refusal(self.model, kw)
-            plan, why = split_plan(self, kw, self.llm_grid()) if why is None else (None, why)
-            if why is None:
-                return fast_generate(self, kw, prompt, self.last_features, plan=plan)
-            warnings.warn(f"tokenreduce fast path: this generate() runs eagerly: {why}", stacklevel=3)
+        # The fast path reads the reducers' finiteness checks once the prefill is queued (fast_generate).
+        with deferred_checks() if self.fast is not None else nullcontext():
+            kw, served = self.reduce_inputs(kw, for_generate=True)
+            if self.fast is not None:
+                why = refusal(self.model, kw)
+                plan, why = split_plan(self, kw, self.llm_grid()) if why is None else (None, why)
+                if why is None:
+                    return fast_generate(self, kw, prompt, self.last_features, plan=plan)
+                warnings.warn(f"tokenreduce fast path: this generate() runs eagerly: {why}", stacklevel=3)
         short = kw["input_ids"].shape[1]
         # The pixel inputs may stay in the call (see reduce_inputs): its forwards must not
         # reduce them again.
@@ -203,16 +210,20 @@ class LlavaFamilyAdapter(FamilyAdapter):
                 "encoder-side reduction needs input_ids (the image placeholder tokens), got inputs_embeds only"
             )
         self._kw = kw
+        am = kw.get("attention_mask")
+        # Read before the tower is queued: then nothing after it waits for the GPU (see PromptFacts).
+        facts = PromptFacts.read(ids, am, [self.token_id(m) for m in self.modalities])
         encoded = self.encode(kw)
         self.last_keep = {m: e.keep for m, e in encoded.items()}
         self.last_features = {self.token_id(m): _flat(e.pooler) for m, e in encoded.items()}
         keep = torch.ones_like(ids, dtype=torch.bool)
         for modality, enc in encoded.items():
-            keep &= placeholder_keep(ids, self.token_id(modality), enc.keep, modality)
-        am = kw.get("attention_mask")
+            keep &= placeholder_keep(ids, self.token_id(modality), enc.keep, modality, facts.count(self.token_id(modality)))
+        known = all(e.kept is not None for e in encoded.values())
+        lengths = facts.lengths({self.token_id(m): e.kept for m, e in encoded.items()},
+                                {self.token_id(m): [k.numel() for k in e.keep] for m, e in encoded.items()}) if known else None
         # Old padding goes too: the shortened rows are padded afresh to the longest one.
-        right = am is not None and not bool(am[:, -1].bool().all())
-        shrink = Shrink.from_keep(keep if am is None else keep & am.bool(), right=right)
+        shrink = Shrink.from_keep(keep if am is None else keep & am.bool(), right=facts.right, lengths=lengths)
         new = {**kw, **shrink.tokens(kw, self.pad_id())}
         if am is not None or shrink.padded or self.positions == "original":
             new["attention_mask"] = shrink.take(am if am is not None else torch.ones_like(ids), 0)

@@ -126,8 +126,10 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
         # Back to videos: each video's kept tokens in order, then its newline (always kept).
         keep = keep_mask(original, b * f * per_frame, dev).view(b, f * per_frame)
         keep = torch.cat([keep, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
-        per_video = torch.zeros(b, dtype=torch.long, device=dev).index_add_(0, units.item, units.lengths(dev)).tolist()
+        per_video = [0] * b
+        for item, n in zip(units.items_on_host(), units.lens):
+            per_video[item] += n
         parts = []
         for chunk in torch.split(flat, per_video):
             parts += [chunk, inner.image_newline[None].to(chunk.dtype)]
-        return Encoded(keep=list(keep), pooler=torch.cat(parts).unsqueeze(0))
+        return Encoded(keep=list(keep), pooler=torch.cat(parts).unsqueeze(0), kept=[n + 1 for n in per_video])

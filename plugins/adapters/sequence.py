@@ -19,9 +19,71 @@ import torch
 
 from tokenreduce.errors import InvalidInputError
 from tokenreduce.ops import gather_rows
+from tokenreduce.sync import host_reads_free
 
 
-def placeholder_keep(input_ids: torch.Tensor, token_id: int, keeps: list[torch.Tensor], what: str = "image") -> torch.Tensor:
+@dataclass(frozen=True)
+class PromptFacts:
+    """What shortening a prompt needs to know on the host, read from the device in one go.
+
+    Read before the vision tower is queued, the read waits for nothing; and with the items'
+    kept counts (host values of the engine), the shortened rows' lengths follow without
+    reading anything after the tower (:meth:`lengths`), so the host keeps queueing while
+    the GPU runs the tower and the reducers.
+
+    Attributes:
+        real: real (unpadded) tokens per row.
+        placeholders: per placeholder id, its tokens per row, padding excluded.
+        stray: some placeholder sits in padding (then :meth:`lengths` cannot tell).
+        right: some row ends in padding (the caller padded on the right).
+    """
+
+    real: list[int]
+    placeholders: dict[int, list[int]]
+    stray: bool
+    right: bool
+
+    @classmethod
+    def read(cls, ids: torch.Tensor, mask: torch.Tensor | None, token_ids: list[int]) -> PromptFacts:
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        cols = [valid.sum(1), (~valid[:, -1]).long()]
+        for token_id in token_ids:
+            ph = ids == token_id
+            cols += [(ph & valid).sum(1), ph.sum(1)]
+        host = torch.stack(cols).tolist()  # the one device read
+        inside, every = host[2::2], host[3::2]
+        return cls(host[0], dict(zip(token_ids, inside)), inside != every, any(host[1]))
+
+    def count(self, token_id: int) -> int:
+        """Placeholders of ``token_id`` in the prompt."""
+        return sum(self.placeholders[token_id])
+
+    def lengths(self, kept: dict[int, list[int]], stock: dict[int, list[int]]) -> list[int] | None:
+        """Real tokens of each row once item ``i`` of placeholder id ``t`` keeps ``kept[t][i]`` of
+        its ``stock[t][i]`` placeholders (items fill the placeholders in row-major order);
+        ``None`` where the facts cannot tell (a placeholder in padding, an item across rows,
+        counts that do not match the prompt: the caller's own checks report those)."""
+        if self.stray:
+            return None
+        rows = list(self.real)
+        for token_id, kept_t in kept.items():
+            per_row = self.placeholders.get(token_id)
+            if per_row is None or sum(stock[token_id]) != sum(per_row):
+                return None
+            row, room = 0, per_row[0] if per_row else 0
+            for k, n in zip(kept_t, stock[token_id]):
+                while room == 0 and n > 0 and row + 1 < len(per_row):
+                    row += 1
+                    room = per_row[row]
+                if n > room:
+                    return None
+                room -= n
+                rows[row] -= n - k
+        return rows
+
+
+def placeholder_keep(input_ids: torch.Tensor, token_id: int, keeps: list[torch.Tensor], what: str = "image",
+                     count: int | None = None) -> torch.Tensor:
     """``(B, L)`` bool: which tokens survive, given each item's keep mask over its placeholders.
 
     Items (images, videos) fill the placeholder tokens in row-major order, the order in
@@ -32,12 +94,15 @@ def placeholder_keep(input_ids: torch.Tensor, token_id: int, keeps: list[torch.T
         input_ids: ``(B, L)``.
         token_id: the placeholder token id.
         keeps: per item, ``(N_i,)`` bool over its stock placeholder sequence.
+        count: the placeholders in ``input_ids`` where the caller knows it (:class:`PromptFacts`);
+            ``None``: counted here (a device read).
     """
     ph = input_ids == token_id
     flat = torch.cat([k.to(input_ids.device) for k in keeps]) if keeps else ph.new_zeros(0)
-    if int(ph.sum()) != flat.numel():
+    count = int(ph.sum()) if count is None else count
+    if count != flat.numel():
         raise InvalidInputError(
-            f"input_ids hold {int(ph.sum())} {what} placeholder tokens (id {token_id}) but the {len(keeps)} {what}(s) "
+            f"input_ids hold {count} {what} placeholder tokens (id {token_id}) but the {len(keeps)} {what}(s) "
             f"have {flat.numel()} features; the prompt and the pixel inputs do not match"
         )
     ordinal = (ph.flatten().long().cumsum(0) - 1).view_as(ph).clamp(min=0)
@@ -80,12 +145,21 @@ class Shrink:
     padded: bool
 
     @classmethod
-    def from_keep(cls, keep: torch.Tensor, right: bool = False) -> Shrink:
+    def from_keep(cls, keep: torch.Tensor, right: bool = False, lengths: list[int] | None = None) -> Shrink:
         """Gather index of the ``True`` columns of ``keep (B, L)``, shorter rows padded on the left
-        (or on the right when ``right``: for batches the caller padded on the right)."""
+        (or on the right when ``right``: for batches the caller padded on the right).
+
+        ``lengths``: ``keep.sum(1)`` where the caller knows it on the host (:meth:`PromptFacts.lengths`),
+        so that nothing is read back; on CPU, where a read is free, it is checked.
+        """
         b, n = keep.shape
         counts = keep.sum(dim=1)
-        length = int(counts.max()) if b else 0
+        if lengths is None:
+            lengths = counts.tolist()
+        elif host_reads_free(keep) and counts.tolist() != lengths:
+            raise RuntimeError(f"tokenreduce bug: the host-known row lengths {lengths} disagree with the keep "
+                               f"mask's {counts.tolist()}")
+        length = max(lengths, default=0)
         pad = length - counts
         slot_of = (0 if right else pad.unsqueeze(1)) + keep.long().cumsum(1) - 1
         # Dropped columns write to a spare slot ``length`` that is cut off.
@@ -93,7 +167,7 @@ class Shrink:
         index = torch.full((b, length + 1), -1, dtype=torch.long, device=keep.device)
         index.scatter_(1, target, torch.arange(n, device=keep.device).expand(b, n))
         index = index[:, :length]
-        return cls(index=index, slot=index >= 0, padded=bool((pad > 0).any()))
+        return cls(index=index, slot=index >= 0, padded=any(k < length for k in lengths))
 
     def take(self, x: torch.Tensor, fill: Any = 0) -> torch.Tensor:
         """``x[..., b, index[b]]`` along the last dim (batch on dim -2), ``fill`` at new padding."""

@@ -38,6 +38,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from tokenreduce.errors import InvalidInputError
+from tokenreduce.validation import deferred_checks, flush_checks
 
 from . import compat
 from .engine import FamilyAdapter, bind, wrapper
@@ -131,8 +132,9 @@ class ForwardServing(FamilyAdapter):
 
         out, units, kept = self.reduce_units(first if first is not None else flat, units, source, projected,
                                              lambda item: {"modality": modality, "item": item})
-        counts = torch.zeros(len(items), dtype=torch.long, device=out.device)
-        counts = counts.index_add_(0, units.item, units.lengths(out.device)).tolist()
+        counts = [0] * len(items)
+        for item, n in zip(units.items_on_host(), units.lens):
+            counts[item] += n
         return torch.split(out, counts), kept, token_mask, keep_mask(kept, total, out.device)
 
     # -- installing --------------------------------------------------------------------------
@@ -176,6 +178,12 @@ class ForwardServing(FamilyAdapter):
             return self._orig_generate(**kw)
         self.records.clear()
         prompt = kw["input_ids"]
+        with deferred_checks():  # read once the prefill is queued (fast_generate), or before the eager call
+            return self._fast_generate(kw, prompt)
+
+    def _fast_generate(self, kw: dict[str, Any], prompt: torch.Tensor) -> Any:
+        """The reduced prefill, then the fast path's prefill and decoding (or, where the call cannot
+        take it, the stock ``generate()``), inside :meth:`_generate`'s deferred checks."""
         short, state, _, full = self._prefill(compat.canonical_kwargs(dict(kw)), takes_outputs=True)
         if state is None:  # nothing removed: the stock ids of the whole prompt
             positions, next_position = full, after_prompt(full, short.get("attention_mask"))
@@ -186,7 +194,8 @@ class ForwardServing(FamilyAdapter):
                     for m, out in (short.get("mm_encoder_outputs") or {}).items() if out is not None}
         plan, why = split_plan(self, short, self.llm_grid(kw))
         if why is not None:  # the stock call reduces again, eagerly
-            warnings.warn(f"tokenreduce fast path: this generate() runs eagerly: {why}", stacklevel=3)
+            warnings.warn(f"tokenreduce fast path: this generate() runs eagerly: {why}", stacklevel=4)
+            flush_checks()
             return self._orig_generate(**kw)
         return fast_generate(self, short, prompt, features, positions, next_position, plan)
 

@@ -30,6 +30,7 @@ from tokenreduce import ReductionContext, Stage, StageRecord
 from tokenreduce.budget import Budget
 from tokenreduce.pipeline import Step
 from tokenreduce.reduction import Reduction
+from tokenreduce.sync import device_list
 
 Grid = tuple[int, int] | None
 # The adapter's reducer call: (step, tokens (G, N, D), mask or None, context, budget or None) -> (reduction, seconds).
@@ -52,6 +53,8 @@ class Units:
             stays with the unit through every step.
         budgets: per unit, a budget that overrides the step's (anyres parts split an
             image's budget), or empty: every unit takes the step's own.
+        item_ids: ``item`` on the host where the family knows it (``None``: read it back when
+            needed, a device synchronisation).
     """
 
     lens: list[int]
@@ -60,12 +63,13 @@ class Units:
     row: torch.Tensor
     frames: list[tuple[int, int] | None] = field(default_factory=list)
     budgets: list[Budget | None] = field(default_factory=list)
+    item_ids: list[int] | None = None
 
     @classmethod
     def rows(cls, n: int, length: int, grid: Grid, device: torch.device, row: torch.Tensor | None = None) -> Units:
         """``n`` units of ``length`` tokens each (one image per tower row), item ``i`` = unit ``i``."""
         item = torch.arange(n, device=device)
-        return cls([length] * n, [grid] * n, item, item if row is None else row)
+        return cls([length] * n, [grid] * n, item, item if row is None else row, item_ids=list(range(n)))
 
     @classmethod
     def from_grids(cls, items: list[tuple[int, tuple[int, int, int] | None]], per_video: bool, video: bool,
@@ -90,9 +94,9 @@ class Units:
             item_of += [i] * count
             frames += [((t, h * w) if per_video and video and h else None)] * count
         device = row_of_token.device
-        lengths = torch.tensor(lens, dtype=torch.long, device=device)
+        lengths = device_list(lens, device)
         rows = row_of_token[torch.cumsum(lengths, 0) - lengths]
-        return cls(lens, grids, torch.tensor(item_of, dtype=torch.long, device=device), rows, frames)
+        return cls(lens, grids, device_list(item_of, device), rows, frames, item_ids=item_of)
 
     def frame_count(self, u: int) -> int | None:
         """Frames of unit ``u`` when it is a whole video, else ``None``."""
@@ -103,7 +107,7 @@ class Units:
         return len(self.lens)
 
     def lengths(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.lens, dtype=torch.long, device=device)
+        return device_list(self.lens, device)
 
     def offsets(self, device: torch.device) -> torch.Tensor:
         lengths = self.lengths(device)
@@ -112,7 +116,11 @@ class Units:
     def after(self, lens_out: list[int]) -> Units:
         """The same units after a reduction to ``lens_out`` tokens (grids kept only where nothing was removed)."""
         grids = [g if n_out == n_in else None for g, n_in, n_out in zip(self.grids, self.lens, lens_out)]
-        return Units(lens_out, grids, self.item, self.row, self.frames, self.budgets)
+        return Units(lens_out, grids, self.item, self.row, self.frames, self.budgets, self.item_ids)
+
+    def items_on_host(self) -> list[int]:
+        """``item`` as a host list (read back from the device only where the family did not give it)."""
+        return self.item_ids if self.item_ids is not None else self.item.tolist()
 
 
 @dataclass
@@ -153,7 +161,7 @@ class ContextSource:
         for name, value in self.per_row.items():
             setattr(ctx, name, value[units.row[unit_ids]])
         if frames is not None:  # one whole video per row: the frame of each token, from its original place
-            per_frame = torch.tensor([units.frames[u][1] for u in ids], device=original.device)
+            per_frame = device_list([units.frames[u][1] for u in ids], original.device)
             local = original - offsets0[unit_ids].unsqueeze(1)
             ctx.frame_index = (local // per_frame.unsqueeze(1)).masked_fill(~valid, 0)
         return ctx
@@ -220,7 +228,7 @@ def run_step(step: Step, call: Call, flat: torch.Tensor, units: Units, source: C
     info: list[dict[str, Any]] = [{} for _ in range(units.count)]
     known: dict[int, int] = {}  # units whose kept count is known on the host
     for (grid, frames, budget), ids in groups.items():
-        ids_t = torch.tensor(ids, dtype=torch.long, device=device)
+        ids_t = device_list(ids, device)
         n_max = max(units.lens[u] for u in ids)
         equal = all(units.lens[u] == n_max for u in ids)
         arange = torch.arange(n_max, device=device)
@@ -322,10 +330,11 @@ def record(records: list[StageRecord], offsets0: torch.Tensor, info: Callable[[i
 
     def add(step: Step, res: StepResult, original: torch.Tensor) -> None:
         lens = res.units.lens
-        unit_of = torch.repeat_interleave(torch.arange(len(lens), device=original.device), res.units.lengths(original.device))
+        unit_of = torch.repeat_interleave(torch.arange(len(lens), device=original.device),
+                                          res.units.lengths(original.device), output_size=sum(lens))
         local = original - offsets0[unit_of]
         if info is not None:
-            for entry, item in zip(res.info, res.units.item.tolist()):
+            for entry, item in zip(res.info, res.units.items_on_host()):
                 entry.update(info(item))
         records.append(StageRecord(step.stage, step.reducer.name, None, res.lens_in, list(lens),
                                    list(torch.split(local, lens)), res.info, res.seconds))
@@ -337,6 +346,5 @@ def keep_mask(original: torch.Tensor | None, total: int, device: torch.device) -
     """``(total,)`` bool: which original flat tokens survive."""
     if original is None:
         return torch.ones(total, dtype=torch.bool, device=device)
-    keep = torch.zeros(total, dtype=torch.bool, device=device)
-    keep[original] = True
-    return keep
+    # index_fill_, not ``keep[original] = True``: that copies the scalar to the device, waiting for it.
+    return torch.zeros(total, dtype=torch.bool, device=device).index_fill_(0, original, True)
