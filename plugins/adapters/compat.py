@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -69,8 +70,26 @@ def check_supported(version: str | None = None) -> None:
 # -- keyword names -------------------------------------------------------------------------
 
 
+def signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature(fn)``, remembered per function: it takes tens of microseconds, and the
+    wrappers ask for it on every call (a bound method's is its function's, less ``self``)."""
+    func = getattr(fn, "__func__", fn)
+    cache = _BOUND if func is not fn else _PLAIN
+    try:
+        sig = cache.get(func)
+    except TypeError:  # not weakly referenceable: asked every time
+        return inspect.signature(fn)
+    if sig is None:
+        sig = cache[func] = inspect.signature(fn)
+    return sig
+
+
+_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
-    return dict(inspect.signature(fn).parameters)
+    return dict(signature(fn).parameters)
 
 
 def cache_name(fn: Callable[..., Any]) -> str:

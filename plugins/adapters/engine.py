@@ -91,7 +91,7 @@ LLM_FIELDS = frozenset({"attention", "keys", "text_keys", "text_embeds", "text_m
 
 def bind(fn: Callable[..., Any], args: tuple, kwargs: dict) -> dict:
     """All arguments of a call to ``fn`` by name (``**kwargs`` flattened)."""
-    sig = inspect.signature(fn)
+    sig = compat.signature(fn)
     bound = sig.bind_partial(*args, **kwargs)
     out = dict(bound.arguments)
     for name, p in sig.parameters.items():
