@@ -413,9 +413,11 @@ def test_merge_of_half_tokens_is_exact(dtype):
     assert torch.equal(counts, torch.stack([(target == s).sum(1) for s in range(5)], 1).float())
 
 
-@pytest.mark.parametrize("shape", [(3, 36, 4096), (2, 2, 5, 1024), (4, 64, 2048), (2, 65, 1024), (2, 8, 1000)])
+@pytest.mark.parametrize("shape", [(3, 36, 4096), (2, 2, 5, 1024), (4, 64, 2048), (2, 65, 1024), (2, 8, 1000),
+                                   (64, 4, 1024), (2, 32, 3, 1024)])
 def test_gram_split_along_the_features_sums_the_same_products(shape):
-    # Few rows, many features: blocks of 256 features (any other shape: one product).
+    # Few matrices of few rows, many features: blocks of 256 features (any other shape, 64
+    # matrices or more among them: one product).
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     want = x @ x.transpose(-1, -2)
     with ops.emulate_cuda_formulas():
@@ -423,7 +425,10 @@ def test_gram_split_along_the_features_sums_the_same_products(shape):
     assert got.shape == want.shape and got.dtype == torch.float32
     bound = 2**-20 * (x.abs() @ x.abs().transpose(-1, -2))
     assert bool(((got.double() - want).abs() <= bound).all())
-    assert torch.equal(ops.gram(x.float()), x.float() @ x.float().transpose(-1, -2))  # CPU: one product
+    one = x.float() @ x.float().transpose(-1, -2)
+    assert torch.equal(ops.gram(x.float()), one)  # CPU: one product
+    if x[..., 0, 0].numel() >= 64:
+        assert torch.equal(got, one)  # enough matrices to fill the GPU: one product there too
 
 
 @cuda

@@ -84,8 +84,10 @@ class _Entry:
     nbytes: int
     done: torch.cuda.Event  # recorded after the last clone-out; the next copy-in waits for it
     # Indices of the inputs copied in before a replay: every input the captured call reads
-    # (all of them but context tensors it provably never reads: _unread_inputs).
-    copy: tuple[int, ...]
+    # (all of them but context tensors it provably never reads: _unread_inputs), the tokens (0)
+    # on their own (copied in with NaN and inf zeroed), the others grouped by dtype: one
+    # _foreach_copy_ launch per group instead of one copy per tensor (_copy_groups).
+    copy: tuple[tuple[int, ...], ...]
     # Every output tensor, packed by the graph into one byte buffer (_pack): a replay's outputs
     # are one clone of it (one launch, not one per tensor) and views into that clone.
     arena: torch.Tensor
@@ -405,8 +407,16 @@ def _capture(run: Callable[..., Reduction], tensors: list[torch.Tensor]) -> _Ent
         unread = _unread_inputs(graph, static, out, reads.storages)
     torch.cuda.current_stream(dev).wait_stream(side)
     inputs = sum(s.untyped_storage().nbytes() for s in static)
-    copy = tuple(i for i in range(len(static)) if i not in unread)
+    copy = _copy_groups(static, [i for i in range(len(static)) if i not in unread])
     return _Entry(graph, static, out, pool + inputs, torch.cuda.Event(), copy, arena, plan)
+
+
+def _copy_groups(static: list[torch.Tensor], read: list[int]) -> tuple[tuple[int, ...], ...]:
+    """The inputs ``read`` in copy-in groups: the tokens (index 0) alone, the rest by dtype."""
+    groups: dict[Any, list[int]] = {}
+    for i in read:
+        groups.setdefault("tokens" if i == 0 else static[i].dtype, []).append(i)
+    return tuple(tuple(g) for g in groups.values())
 
 
 def _pack(out: Reduction) -> tuple[torch.Tensor, tuple[tuple[torch.dtype, int, torch.Size, tuple[int, ...]], ...]]:
@@ -514,13 +524,15 @@ def _replay(entry: _Entry, tensors: list[torch.Tensor], sanitize: bool = False) 
     # The buffers were made under inference mode; updating them needs it too.
     with torch.inference_mode():
         stream.wait_event(entry.done)  # an earlier caller's clone-out, perhaps on another stream
-        for i in entry.copy:
-            if i == 0 and sanitize:  # the same single pass as a copy
+        for group in entry.copy:
+            if group == (0,) and sanitize:  # the same single pass as a copy
                 torch.nan_to_num(
                     _narrowed(tensors[0]), nan=0.0, posinf=0.0, neginf=0.0, out=_narrowed(entry.inputs[0])
                 )
-            else:
-                _copy_in(entry.inputs[i], tensors[i])
+            elif len(group) == 1:
+                _copy_in(entry.inputs[group[0]], tensors[group[0]])
+            else:  # one launch for the group (a per-tensor loop where layouts rule the fused kernel out)
+                torch._foreach_copy_([_narrowed(entry.inputs[i]) for i in group], [_narrowed(tensors[i]) for i in group])
         entry.graph.replay()
     # Outputs live in the graph's buffers, which the next replay overwrites: one clone of their
     # packed bytes, ordinary tensors outside inference mode, as the eager call's would be.

@@ -78,18 +78,23 @@ def wide_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def gram(x: torch.Tensor) -> torch.Tensor:
     """``x @ x^T`` over the last two dims of ``x (..., M, K)``, in full float32 (no TF32).
 
-    CUDA formulation: with few rows and many features (``M <= 64``, ``K >= 1024``), the
-    product is split along the features into blocks of 256 whose products are summed.
-    cuBLAS's float32 kernels give such a shape a few tiles that each walk all ``K`` (profiled
-    on an H200: PruneVid's two such products, 16 x 36 x 36 x 4096, took 0.16 ms of its 0.69 ms
-    of GPU time); the blocks make it many short tiles. The same sums in another order. CPU:
-    one product.
+    CUDA formulation: with few matrices of few rows and many features (fewer than 64
+    matrices, ``M <= 64``, ``K >= 1024``), the product is split along the features into blocks
+    of 256 whose products are summed. cuBLAS's float32 kernels give such a shape one tile per
+    matrix that walks all ``K``, on a few of the GPU's streaming multiprocessors (profiled on an
+    H200: PruneVid's two such products at B = 1, 16 x 36 x 36 x 4096, took 0.16 ms of its 0.69 ms
+    of GPU time); the blocks make it many short tiles. The same sums in another order. From 64
+    matrices on, one tile per matrix already fills the GPU, and the split's copy of ``x`` into
+    blocks (its size in bytes, read and written) costs more than it saves: one product, as on CPU.
     """
     m, k = x.shape[-2], x.shape[-1]
     with full_float32(x.device):
-        if cuda_formulas(x) and m <= 64 and k >= 1024 and k % 256 == 0:
-            parts = x.reshape(-1, m, k // 256, 256).transpose(1, 2)  # (P, blocks, M, 256)
-            return torch.matmul(parts, parts.transpose(-1, -2)).sum(dim=1).view(*x.shape[:-1], m)
+        if cuda_formulas(x) and m <= 64 and k >= 1024 and k % 256 == 0 and x.numel() < 64 * m * k:
+            blocks = k // 256
+            # One copy into (P * blocks, M, 256); the product then reads its transpose by strides.
+            parts = x.reshape(-1, m, blocks, 256).transpose(1, 2).reshape(-1, m, 256)
+            grams = torch.bmm(parts, parts.transpose(1, 2)).view(-1, blocks, m, m)
+            return grams.sum(dim=1).view(*x.shape[:-1], m)
         return torch.matmul(x, x.transpose(-1, -2))
 
 
