@@ -229,7 +229,10 @@ def test_visionzip_float16_contextual_tokens_saturate_instead_of_overflowing():
     n, d = 40, 4
     x = torch.full((1, n, d), 33024.0)  # exact in float16
     x[0, :, 1] = -33024.0
-    ctx = ReductionContext(cls_attention=torch.linspace(1, 0, n)[None], keys=torch.randn(1, n, 3))
+    # Seeded keys: with unseeded ones, about one draw in fifty grouped the contextual tokens so
+    # that fewer than six of their sums overflow (the check below then failed by chance).
+    keys = torch.randn(1, n, 3, generator=torch.Generator().manual_seed(0))
+    ctx = ReductionContext(cls_attention=torch.linspace(1, 0, n)[None], keys=keys)
     reducer = VisionZip(20, contextual=8)
     half = reducer(x.half(), context=ctx)
     exact = reducer(x, context=ctx)  # float32: the sums themselves
