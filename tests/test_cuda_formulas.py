@@ -165,6 +165,20 @@ def test_safe_scale_in_one_pass_gives_the_bits_of_widening_dividing_and_masking(
     assert torch.equal(x, want_x) and torch.equal(x.signbit(), want_x.signbit())
 
 
+@pytest.mark.parametrize("peak", [2.0**41 * (1 - 2**-24), 2.0**40 * (1 + 2**-23), 2.0**-40 * (1 - 2**-24), 2.0**-149,
+                                  3e38, 2.0**40, 2.0**-40, 1.0])
+def test_safe_scale_brings_out_of_range_peaks_into_one_to_two_exactly(peak):
+    # Just below a power of two, float32's log2 rounds up to the integer (floor(log2) would
+    # then leave the peak in [0.5, 1)); frexp's exponent is exact. In range: scale 1.
+    tokens = torch.tensor([[[peak, -peak / 2], [0.0, peak / 4]]])
+    x, scale = safe_scale(tokens)
+    top = float(x.abs().max())
+    if 2.0**-40 <= peak <= 2.0**40:
+        assert float(scale) == 1.0 and top == peak
+    else:
+        assert 1.0 <= top < 2.0 and torch.equal(x * scale, tokens)
+
+
 # -- ApET's product forms --------------------------------------------------------------------------
 
 

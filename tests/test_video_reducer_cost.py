@@ -245,7 +245,8 @@ class _Launches(TorchDispatchMode):
 
 # Per call at the size (one video of 16 frames of 6x6, D=4096, B=1), CUDA formulations.
 # Before this rewrite (same count, CPU forms of the time): 526, 365, 289 and 138; after its first
-# pass 255, 243, 205 and 119; now 208, 209, 205 and 119.
+# pass 255, 243, 205 and 119; then 208, 209, 205 and 119; with four kernels fewer in
+# numerics.safe_scale, 205, 204, 202 and 115.
 BUDGETS = {"prunevid": 215, "holitom": 215, "fastvid": 215, "holitom-llm": 125}
 
 

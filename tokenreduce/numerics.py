@@ -35,17 +35,23 @@ def safe_scale(tokens: torch.Tensor, valid: torch.Tensor | None = None) -> tuple
 
     Three passes over the tokens: one reading them in their own dtype for the peak (widening
     is exact, and so are max and min), one writing the float32 quotient (widened as it is
-    read: the same bits as widening first), and the masking pass if there is padding.
+    read: the same bits as widening first), and the masking pass if there is padding. The
+    scale itself is a dozen small kernels on ``(B, N)`` and ``(B,)`` values (every one a
+    launch, which on a GPU costs more than its work): the peak stays in the tokens' dtype
+    until it is one value per row, and ``frexp`` gives its exponent exactly (``floor(log2)``
+    of a float32 just below a power of two can round up, leaving the peak in ``[0.5, 1)``).
     """
-    # max |x| as max(max x, -min x): one reduction, no elementwise |x| copy.
+    # max |x| as max(max x, -min x): one reduction, no elementwise |x| copy; exact in any dtype.
     lo, hi = torch.aminmax(tokens.detach(), dim=-1)  # a power-of-two scale: no gradient flows through it
-    peak = torch.maximum(hi.float(), lo.float().neg())
+    peak = torch.maximum(hi, lo.neg())
     if valid is not None:
-        peak = peak.masked_fill(~valid, 0.0)
-    peak = peak.amax(dim=1)
-    out_of_range = (peak > SAFE_PEAK) | ((peak < 1.0 / SAFE_PEAK) & (peak > 0))
-    exponent = torch.where(out_of_range, torch.floor(torch.log2(peak)), torch.zeros_like(peak))
-    scale = torch.exp2(exponent).view(-1, 1, 1)
+        peak = peak.masked_fill(~valid, 0)
+    peak = peak.amax(dim=1).float()  # rounding (float64 only) is monotonic: the max of the rounded values
+    # peak = m * 2^e with m in [0.5, 1), so floor(log2(peak)) = e - 1; frexp(0) gives e = 0.
+    # Out of range: above 2^40, or not zero and below 2^-40 (e <= -40).
+    _, e = torch.frexp(peak)
+    out_of_range = (peak > SAFE_PEAK) | (e < -39)
+    scale = torch.exp2((e - 1) * out_of_range).view(-1, 1, 1)
     # A division, not a product with 1/scale: 2^-127 (the inverse of the largest scale)
     # is subnormal in float32, while dividing by any power of two is exact. Half-precision
     # tokens divided by a float32 scale give a float32 quotient in one pass; wider ones are
