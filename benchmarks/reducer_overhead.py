@@ -41,6 +41,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,12 +264,7 @@ def time_paths(
 
     def timed(events: list[list[torch.cuda.Event]], eager: bool) -> None:
         for start, end in events:
-            if eager:
-                with graphs.eager():
-                    start.record()
-                    call()
-                    end.record()
-            else:
+            with graphs.eager() if eager else nullcontext():
                 start.record()
                 call()
                 end.record()

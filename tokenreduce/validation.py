@@ -60,11 +60,9 @@ def deferred_checks() -> Iterator[None]:
     token = _DEFERRED.set(pending)
     try:
         yield
-    except BaseException:
+    finally:
         _DEFERRED.reset(token)
-        raise
-    _DEFERRED.reset(token)
-    _read(pending)
+    _read(pending)  # not reached when the block raised
 
 
 def flush_checks() -> None:

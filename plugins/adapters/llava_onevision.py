@@ -126,9 +126,7 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
         # Back to videos: each video's kept tokens in order, then its newline (always kept).
         keep = keep_mask(original, b * f * per_frame, dev).view(b, f * per_frame)
         keep = torch.cat([keep, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
-        per_video = [0] * b
-        for item, n in zip(units.items_on_host(), units.lens):
-            per_video[item] += n
+        per_video = units.item_lengths(b)
         parts = []
         for chunk in torch.split(flat, per_video):
             parts += [chunk, inner.image_newline[None].to(chunk.dtype)]

@@ -132,9 +132,7 @@ class ForwardServing(FamilyAdapter):
 
         out, units, kept = self.reduce_units(first if first is not None else flat, units, source, projected,
                                              lambda item: {"modality": modality, "item": item})
-        counts = [0] * len(items)
-        for item, n in zip(units.items_on_host(), units.lens):
-            counts[item] += n
+        counts = units.item_lengths(len(items))
         return torch.split(out, counts), kept, token_mask, keep_mask(kept, total, out.device)
 
     # -- installing --------------------------------------------------------------------------

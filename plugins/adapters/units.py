@@ -122,6 +122,13 @@ class Units:
         """``item`` as a host list (read back from the device only where the family did not give it)."""
         return self.item_ids if self.item_ids is not None else self.item.tolist()
 
+    def item_lengths(self, items: int) -> list[int]:
+        """Tokens of each of ``items`` items, the sum over its units, on the host."""
+        out = [0] * items
+        for item, n in zip(self.items_on_host(), self.lens):
+            out[item] += n
+        return out
+
 
 @dataclass
 class ContextSource:
