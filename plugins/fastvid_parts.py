@@ -14,6 +14,7 @@ import torch
 from tokenreduce import ops
 
 from .prunevid_cluster import constant, gram_distances, positions
+from .ranking import stable_rank
 
 #: The official density uses the 4 nearest neighbours of a token (itself included).
 KNN = 4
@@ -23,8 +24,7 @@ def rank_desc(values: torch.Tensor, usable: torch.Tensor | None) -> torch.Tensor
     """Rank of each entry along the last dim, highest first (ties: lower index); unusable entries last
     (``None``: all usable)."""
     key = values if usable is None else values.masked_fill(~usable, float("-inf"))
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    return torch.empty_like(order).scatter_(-1, order, positions(order.shape[-1], order.device).expand_as(order))
+    return stable_rank(key, descending=True)
 
 
 def frame_blocks(

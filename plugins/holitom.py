@@ -28,6 +28,7 @@ from .holitom_ops import (
     window_gains,
 )
 from .prunevid_cluster import constant, first_true, gram_distances, position_gram, positions
+from .ranking import stable_rank
 
 #: ``context.extra`` key of the official ranking signal, when a caller or adapter has it: ``(B, N)``
 #: the attention each token receives in the vision tower's selected layer (averaged over heads
@@ -239,9 +240,7 @@ class HoliTom(Reducer):
         frame_gram = torch.matmul(x, x.transpose(-1, -2)) if fast else None  # (B, T, n, n)
         att = self._attention(x, ok, context, full, frame_gram)
         ranked = att.masked_fill(static if full else ~dynamic, float("-inf"))
-        att_order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-        slot = positions(n, dev).expand_as(att_order)
-        att_rank = torch.empty_like(att_order).scatter_(-1, att_order, slot)
+        att_rank = stable_rank(ranked, descending=True)
         # A frame without dynamic tokens (members) never selects the quotient by 0 below.
         n_dyn = dynamic.sum(dim=-1, keepdim=True, dtype=torch.float64)
         n_static = members.sum(dim=-1, keepdim=True, dtype=torch.float64)

@@ -14,6 +14,7 @@ import torch
 from tokenreduce import ops
 
 from .prunevid_cluster import SCAN_MAX_FRAMES, constant, gram_norms, positions
+from .ranking import stable_rank
 
 #: "No edge" in the segment DP's max-plus products: far below any total (gains are at most
 #: frames x tokens), and sums of a few of them stay far from the int64 limits.
@@ -191,8 +192,7 @@ def allocation_order(key: torch.Tensor, first: torch.Tensor, separation: float |
     ``key - separation / 4 * first`` (below ``2^-20`` the shift stays far above the keys' ulps,
     so it orders equal keys only)."""
     if separation is not None and separation >= 2.0**-20:
-        order = torch.sort(torch.add(key, first, alpha=-separation / 4), dim=1, stable=True).indices
-        return torch.empty_like(order).scatter_(1, order, positions(key.shape[1], key.device).expand_as(order))
+        return stable_rank(torch.add(key, first, alpha=-separation / 4))
     by_tie = torch.sort(first, dim=1, descending=True, stable=True).indices
     order = by_tie.gather(1, torch.sort(key.gather(1, by_tie), dim=1, stable=True).indices)
     return torch.empty_like(order).scatter_(1, order, positions(key.shape[1], key.device).expand_as(order))
@@ -257,8 +257,7 @@ def dpc_clusters(
     # always offers: the minimum is that over the group's members.
     delta = torch.where(denser, within, dist_max).amin(dim=2)
     score = (delta * density).masked_fill(outside, -inf)
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, idx.expand_as(order))
+    rank = stable_rank(score, descending=True)
     # Members score >= 0, others -inf: with clusters <= members, the first ranks are members.
     centre = rank < clusters.unsqueeze(1)
     # Non-centres' columns (and pairs across the mask) read inf: a token whose least entry is inf

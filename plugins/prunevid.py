@@ -25,6 +25,7 @@ from .prunevid_cluster import (
     positions,
     refine_segments,
 )
+from .ranking import stable_order
 
 #: Official setting (scripts/eval.sh, PLLaVA-7B): decoder layer 10's attention prunes its output,
 #: i.e. the input of layer 11 here; alpha = 0.4 of the video tokens kept there.
@@ -331,7 +332,7 @@ class PruneVid(Reducer):
         # (Negative: none; the running sums below are >= 0 anyway.)
         need = gain.sum(dim=1) + (counts - valid_count)
         inf = constant("inf", 0, sim.device, lambda: torch.full((), float("inf"), device=sim.device))
-        order = torch.sort(torch.where(static, sim, inf).view(b, -1), dim=1, stable=True).indices
+        order = stable_order(torch.where(static, sim, inf).view(b, -1))
         gain = gain.gather(1, order)
         # In that order the static positions (gain > 0) come first; those reached before the need is met stay.
         stays = (gain > 0) & (gain.cumsum(dim=1) - gain >= need.unsqueeze(1))

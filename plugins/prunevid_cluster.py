@@ -14,35 +14,14 @@ import math
 
 import torch
 
+from .constants import constant, positions
+from .ranking import rank_and_order, stable_order, stable_rank
+
 #: Cosine similarity of a zero vector is 0 (its norm is clamped), as :func:`tokenreduce.ops.normalize`.
 NORM_EPS = 1e-12
 #: Longest video (frames) whose segment refinement runs as a scan over state tables
 #: (``(T + 1)^2`` states a frame); longer ones step through the frames.
 SCAN_MAX_FRAMES = 64
-
-
-# Index tensors that depend only on a size (aranges, triangular masks, state tables), made once per
-# (name, size, device) and kept: in a replayed CUDA graph each one made per call is a kernel. Read
-# only (never written, never returned as an output); past the cap they are made per call again.
-_CONSTANTS: dict[tuple, torch.Tensor] = {}
-_MAX_CONSTANTS = 256
-
-
-def constant(name: str, size: int, device: torch.device, make) -> torch.Tensor:
-    """The tensor ``make()`` builds for ``(name, size)`` on ``device``, made once and kept (read only)."""
-    key = (name, size, torch.device(device))
-    value = _CONSTANTS.get(key)
-    if value is None:
-        with torch.inference_mode(False):  # an ordinary tensor, usable in and out of inference mode
-            value = make()
-        if len(_CONSTANTS) < _MAX_CONSTANTS:
-            _CONSTANTS[key] = value
-    return value
-
-
-def positions(n: int, device: torch.device) -> torch.Tensor:
-    """``(n,)`` long ``0 .. n-1`` (kept: :func:`constant`)."""
-    return constant("arange", n, device, lambda: torch.arange(n, device=device))
 
 
 def first_true(flags: torch.Tensor, t: int, slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,7 +30,7 @@ def first_true(flags: torch.Tensor, t: int, slots: torch.Tensor | None = None) -
 
     One stable sort of the flags (set first, in position order), not a sort of positions
     keyed by a mask (no fill, no select)."""
-    first = torch.sort(flags, dim=1, descending=True, stable=True).indices[:, :t]
+    first = stable_order(flags, descending=True)[:, :t]
     return first if slots is None else first.masked_fill(~slots, -1)
 
 
@@ -138,8 +117,7 @@ def dpc_knn(
         # Pairs across the mask read inf, above dist_max, which a token's own entry (never
         # higher) always offers: the minimum is that over its set's members.
         score = (torch.where(higher, within, dist_max).amin(dim=2) * density).masked_fill(outside, float("-inf"))
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices  # ties: lower index
-    rank = torch.empty_like(order).scatter_(1, order, idx.expand(p, n))
+    rank, order = rank_and_order(score, descending=True)  # ties: lower index
     # Valid tokens score >= 0, invalid ones -inf: with clusters <= the valid count, the centres
     # (the first ranks) are valid tokens.
     cut = clusters.view(p, 1, 1) if isinstance(clusters, torch.Tensor) else clusters
@@ -290,7 +268,4 @@ def apportion(total: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     base = torch.div(q, wsum, rounding_mode="floor")
     rem = torch.remainder(q, wsum)  # q - base * wsum (q >= 0, wsum >= 1)
     left = total - base.sum(dim=1)
-    order = torch.sort(rem, dim=1, descending=True, stable=True).indices
-    g = weights.shape[1]
-    rank = torch.empty_like(order).scatter_(1, order, positions(g, weights.device).expand_as(order))
-    return base + (rank < left.unsqueeze(1))
+    return base + (stable_rank(rem, descending=True) < left.unsqueeze(1))

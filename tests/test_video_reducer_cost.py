@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenreduce as tr
 from tokenreduce import ReductionContext, Stage, ops
-from tokenreduce_plugins import prunevid_cluster
+from tokenreduce_plugins import constants, prunevid_cluster
 from tokenreduce_plugins.holitom_ops import _best_totals, _best_totals_by_frame, segment_starts
 from tokenreduce_plugins.prunevid_cluster import dpc_knn, refine_segments
 
@@ -201,7 +201,7 @@ def test_cached_index_tensors_serve_calls_in_and_out_of_inference_mode():
     for name in VIDEO:
         x, context, stage = video_case(name, 3, 1, 5, 3, 8, torch.float32, False)
         reducer = tr.create(name, 20, stage=stage)
-        prunevid_cluster._CONSTANTS.clear()
+        constants._CONSTANTS.clear()
         with torch.inference_mode():  # the constants are made here
             first = reducer(x, context=context)
         x = x.clone().requires_grad_(True)  # then used by a call that records autograd

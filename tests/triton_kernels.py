@@ -32,12 +32,13 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 
 def import_kernels(*names: str) -> tuple:
-    """``(triton, module, ...)`` for ``tokenreduce_plugins.kernels.<name>``: compiled on CUDA, else interpreted
-    (the calling test module is skipped where Triton does not import)."""
+    """``(triton, module, ...)`` for ``tokenreduce_plugins.kernels.<name>`` (or a dotted module path):
+    compiled on CUDA, else interpreted (the calling test module is skipped where Triton does not import)."""
 
     def load() -> tuple:
         triton = pytest.importorskip("triton")
-        return (triton, *(importlib.import_module(f"tokenreduce_plugins.kernels.{n}") for n in names))
+        paths = (n if "." in n else f"tokenreduce_plugins.kernels.{n}" for n in names)
+        return (triton, *(importlib.import_module(p) for p in paths))
 
     if CUDA:
         return load()

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
+
 #: Rows whose largest magnitude lies in ``[1 / SAFE_PEAK, SAFE_PEAK]`` are not rescaled:
 #: a sum of a million such tokens or a squared norm of 4096 of their entries stays finite
 #: and normal in float32.
@@ -40,7 +42,15 @@ def safe_scale(tokens: torch.Tensor, valid: torch.Tensor | None = None) -> tuple
     launch, which on a GPU costs more than its work): the peak stays in the tokens' dtype
     until it is one value per row, and ``frexp`` gives its exponent exactly (``floor(log2)``
     of a float32 just below a power of two can round up, leaving the peak in ``[0.5, 1)``).
+    On CUDA, where Triton imports (and no gradient is wanted), two fused kernels give the
+    same bits (:mod:`tokenreduce.scale_kernels`).
     """
+    if fused.triton_wanted(tokens) and not (tokens.requires_grad and torch.is_grad_enabled()):
+        from . import scale_kernels  # imports Triton: only once a CUDA tensor asks
+
+        done = scale_kernels.safe_scale(tokens, valid)
+        if done is not None:
+            return done
     # max |x| as max(max x, -min x): one reduction, no elementwise |x| copy; exact in any dtype.
     lo, hi = torch.aminmax(tokens.detach(), dim=-1)  # a power-of-two scale: no gradient flows through it
     peak = torch.maximum(hi, lo.neg())

@@ -8,19 +8,21 @@ package's other modules serve other reducers).
 
 :func:`fused_wanted` says whether a reducer should use them: the tensors are on CUDA,
 Triton imports, and the environment variable ``TOKENREDUCE_NO_TRITON`` is unset (or
-empty, or ``0``). Everything else (CPU, no Triton, the variable set) runs the torch loop.
+empty, or ``0``). Everything else (CPU, no Triton, the variable set) runs the torch loop: the gate is the
+core's (:func:`tokenreduce.fused.triton_wanted`), shared with the core's own kernels.
 Triton is imported only when a CUDA tensor asks, so CPU-only use never pays its import.
 """
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
 
+from tokenreduce import fused
+
 #: Set (to anything but ``""`` or ``"0"``) to run the torch loops on CUDA too.
-DISABLE_ENV = "TOKENREDUCE_NO_TRITON"
+DISABLE_ENV = fused.DISABLE_ENV
 
 _greedy: ModuleType | None = None
 _import_failed = False
@@ -28,9 +30,7 @@ _import_failed = False
 
 def fused_wanted(x: torch.Tensor) -> bool:
     """Whether the fused kernels should run on ``x``: CUDA, Triton importable, not disabled."""
-    if not x.is_cuda or os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return False
-    return greedy_module() is not None
+    return fused.triton_wanted(x) and greedy_module() is not None
 
 
 def greedy_module() -> ModuleType | None:
