@@ -14,40 +14,24 @@ and p90 of each form in milliseconds, and the median saving. Needs CUDA and Trit
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import tokenreduce
-from tokenreduce import Stage, fused, graphs
+from tokenreduce import fused, graphs
 
 from .common import command_line, run_meta, summarize, write_json
-from .reducer_overhead import _shape, synthetic_context, video_context
+from .reducer_overhead import _shape, cuda_case
 
-#: Reducers whose calls the kernels change (safe_scale: most; the ranks: the video reducers).
-DEFAULT_REDUCERS = ("apet-llava", "holitom", "prunevid", "fastvid", "tome", "visionzip", "random")
-
-
-def _setup(name: str, n: int, b: int, d: int) -> tuple[Any, torch.Tensor, Any]:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randn(b, n, d, generator=gen, device="cuda").to(torch.bfloat16)
-    cls = tokenreduce.get_registry().reducers[name].cls
-    stage = Stage.PROJECTOR if Stage.PROJECTOR in cls.stages else sorted(cls.stages)[0]
-    context = synthetic_context(tokens, stage, gen)
-    reducer = tokenreduce.create(name, max(1, round(n / 9)), stage=stage)
-    if "frames" in reducer.required_context:
-        context = video_context(context, n)
-    if reducer.attention_query != "text" and context.attention is not None:
-        context = dataclasses.replace(context, attention=context.attention[:, -1:])
-    return reducer, tokens, context
+#: Reducers whose calls the kernels change (safe_scale: most; ranks: video reducers, DART; DPC: PruneVid, HoliTom).
+DEFAULT_REDUCERS = ("apet-llava", "holitom", "prunevid", "fastvid", "dart", "tome", "visionzip", "random")
 
 
 def compare(name: str, n: int, b: int, d: int, *, rounds: int, block: int, warmup: int) -> dict[str, Any]:
     """Milliseconds per call with the kernels (``fused``) and with torch ops only (``torch``)."""
-    reducer, tokens, context = _setup(name, n, b, d)
+    reducer, tokens, context = cuda_case(name, n, b, d)
     forms = {"torch": "1", "fused": ""}
     times: dict[str, list[float]] = {k: [] for k in forms}
     before = os.environ.get(fused.DISABLE_ENV)

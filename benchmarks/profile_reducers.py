@@ -13,32 +13,21 @@ synthetic ones.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import tokenreduce
-from tokenreduce import Stage, graphs
+from tokenreduce import graphs
 
 from .common import summarize, time_call
-from .reducer_overhead import synthetic_context, video_context
+from .reducer_overhead import cuda_case
 
 
 def profile_one(name: str, n: int, b: int, d: int, *, calls: int = 5, top: int = 12) -> dict:
     """Kernel breakdown of ``calls`` eager calls of ``name`` at its first published stage."""
-    reducer_cls = tokenreduce.get_registry().reducers[name].cls
-    stage = Stage.PROJECTOR if Stage.PROJECTOR in reducer_cls.stages else sorted(reducer_cls.stages)[0]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randn(b, n, d, generator=gen, device="cuda").to(torch.bfloat16)
-    context = synthetic_context(tokens, stage, gen)
-    reducer = tokenreduce.create(name, max(1, round(n / 9)), stage=stage)
-    if "frames" in reducer.required_context:
-        context = video_context(context, n)
-    if reducer.attention_query != "text" and context.attention is not None:
-        context = dataclasses.replace(context, attention=context.attention[:, -1:])
+    reducer, tokens, context = cuda_case(name, n, b, d)
 
     def call():
         return reducer(tokens, context=context)
@@ -60,7 +49,7 @@ def profile_one(name: str, n: int, b: int, d: int, *, calls: int = 5, top: int =
     rows = sorted(kernels.items(), key=lambda kv: -kv[1][0])
     return {
         "reducer": name,
-        "stage": stage.value,
+        "stage": reducer.stage.value,
         "N": n,
         "B": b,
         "D": d,

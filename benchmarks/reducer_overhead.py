@@ -151,6 +151,23 @@ def synthetic_context(tokens: torch.Tensor, stage: Stage, gen: torch.Generator) 
     )
 
 
+def cuda_case(name: str, n: int, b: int, d: int) -> tuple[Any, torch.Tensor, ReductionContext]:
+    """``(reducer, tokens, context)``: ``name`` at its first published stage keeping N/9 of ``b`` rows
+    of ``n`` random bfloat16 CUDA tokens of width ``d``, with the context an adapter would give
+    (video frames for video reducers, the last text token's attention row for the others)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randn(b, n, d, generator=gen, device="cuda").to(torch.bfloat16)
+    cls = tokenreduce.get_registry().reducers[name].cls
+    stage = Stage.PROJECTOR if Stage.PROJECTOR in cls.stages else sorted(cls.stages)[0]
+    context = synthetic_context(tokens, stage, gen)
+    reducer = tokenreduce.create(name, max(1, round(n / 9)), stage=stage)
+    if "frames" in reducer.required_context:
+        context = video_context(context, n)
+    if reducer.attention_query != "text" and context.attention is not None:
+        context = dataclasses.replace(context, attention=context.attention[:, -1:])
+    return reducer, tokens, context
+
+
 def points(cfg: OverheadConfig, cuda: bool) -> list[dict[str, Any]]:
     """Grid points in priority order: CUDA first, then by N, B, D, dtype."""
     out = []

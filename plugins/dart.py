@@ -11,6 +11,8 @@ from tokenreduce import KEYS, TEXT, TEXT_KEYS, Reducer, ReducerParams, Stage, ma
 from tokenreduce.errors import InvalidInputError
 from tokenreduce.numerics import safe_scale
 
+from .ranking import stable_order
+
 
 class DARTParams(ReducerParams):
     pivot_image_tokens: int = Field(default=4, ge=1, description="Image pivots (kept; published 4).")
@@ -79,7 +81,9 @@ class DART(Reducer):
     On CUDA all pivots' cosine similarities come from one product divided by the norms
     (:func:`tokenreduce.ops.cosine_similarity`, TF32 as :mod:`tokenreduce.precision` sets)
     and L1 norms from one reduction: equal up to float32 rounding, so near-equal
-    similarities or norms can order differently.
+    similarities or norms can order differently. With Triton each pivot's stable sort is one
+    counting kernel (:mod:`tokenreduce_plugins.ranking`): the same order, except that
+    similarities ``-0.0`` and ``+0.0`` tie as on CPU (CUDA's radix sort orders them).
 
     Stages: ``projector``, ``llm_layer``.
 
@@ -208,7 +212,7 @@ class DART(Reducer):
                     sim = (ops.normalize(pivots[:, j : j + 1]) @ x_unit.transpose(1, 2))[:, 0]  # (B, N) cosine
                 # Most dissimilar first; ties to the lower index (a stable sort, as topk_per_row).
                 masked = torch.where(free[:, :n], -sim, lowest)
-                order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :quota_max]
+                order = stable_order(masked, descending=True)[:, :quota_max]
                 free.scatter_(1, torch.where(slots_all[:, j], order, spare), False)
             kept = valid & ~free[:, :n]
 

@@ -136,6 +136,9 @@ class FastVID(Reducer):
       DTM's cosine similarities are the tokens' product (TF32, as other similarities) over
       those norms. The same method up to rounding: a near-tie (equal densities, scores or
       similarities) can resolve differently than on CPU, which keeps the elementwise forms.
+      With Triton, the stable sorts that rank tokens and the scale run as fused kernels
+      (:mod:`tokenreduce_plugins.ranking`): the same results, except that equal keys ``-0.0``
+      and ``+0.0`` keep their positions as on CPU (CUDA's radix sort puts ``-0.0`` first).
 
     Vectorised over the batch: segment boundaries, anchor frames and per-frame counts are
     masks and counts on the device; the densities are computed per frame on a ``(B, F,

@@ -135,6 +135,10 @@ class HoliTom(Reducer):
       members' sums with their weights, computed at the kept slots only. The same method up
       to rounding: a near-tie (a similarity at ``tau``, equal densities or scores) can
       resolve differently than on CPU, which keeps the elementwise forms and direct distances.
+      With Triton, the stable sorts that rank tokens, the scale and the clustering after the
+      densities run as fused kernels (:mod:`tokenreduce_plugins.ranking`): the same results,
+      except that equal keys ``-0.0`` and ``+0.0`` keep their positions as on CPU (CUDA's
+      radix sort puts ``-0.0`` first).
     * Token order: every kept token stays at its place in the video (a static token at its
       segment's first frame), so indices are ascending, as the official ``grid`` newline
       layout (LLaVA-Video) orders them; the official ``one_token`` layout (LLaVA-OneVision)

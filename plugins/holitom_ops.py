@@ -14,7 +14,7 @@ import torch
 from tokenreduce import ops
 
 from .prunevid_cluster import SCAN_MAX_FRAMES, constant, gram_norms, positions
-from .ranking import stable_rank
+from .ranking import fused_centres, stable_rank
 
 #: "No edge" in the segment DP's max-plus products: far below any total (gains are at most
 #: frames x tokens), and sums of a few of them stay far from the int64 limits.
@@ -248,6 +248,9 @@ def dpc_clusters(
         f"dpc_neg_neighbours/{cap}", length, dev, lambda: -positions(length + 1, dev).clamp(min=1, max=cap).float()
     )
     density = torch.exp(sq / neg_k[neighbours].view(-1, 1))
+    done = fused_centres(dist, density, member, clusters, by_rank=False)
+    if done is not None:  # the rest as one kernel (CUDA, Triton): the same bits
+        return done[1], done[0]
     # [g, i, j]: j denser than i, the earlier one on equal densities.
     lower = constant("lower", length, dev, lambda: idx.view(1, -1) < idx.view(-1, 1))
     dj, di = density.unsqueeze(1), density.unsqueeze(2)

@@ -120,6 +120,10 @@ class PruneVid(Reducer):
       products with the reciprocal. The same method up to rounding: a near-tie (a similarity
       at ``tau``, equal densities or scores) can resolve differently than on CPU, which keeps
       the elementwise forms.
+      With Triton, the stable sorts that rank tokens, the scale and the clustering after the
+      densities run as fused kernels (:mod:`tokenreduce_plugins.ranking`): the same results,
+      except that equal keys ``-0.0`` and ``+0.0`` keep their positions as on CPU (CUDA's
+      radix sort puts ``-0.0`` first).
 
     ``info``: ``segment`` (``(B, T)`` segment of each frame), ``static`` and ``group``
     (per token: at a static position; its group, frame ``t`` for dynamic tokens, ``T +

@@ -15,7 +15,7 @@ import math
 import torch
 
 from .constants import constant, positions
-from .ranking import rank_and_order, stable_order, stable_rank
+from .ranking import fused_centres, rank_and_order, stable_order, stable_rank
 
 #: Cosine similarity of a zero vector is 0 (its norm is clamped), as :func:`tokenreduce.ops.normalize`.
 NORM_EPS = 1e-12
@@ -98,10 +98,6 @@ def dpc_knn(
     if mask is None:
         near = torch.topk(dist, min(k, n), dim=2, largest=False).values
         density = torch.exp(near.square().sum(dim=2) / -min(k, n))  # (-a) / b = a / (-b), exactly
-        dj, di = density.unsqueeze(1), density.unsqueeze(2)
-        higher = torch.where(lower, dj >= di, dj > di)
-        dist_max = dist.amax(dim=(1, 2)).view(p, 1, 1)
-        score = torch.where(higher, dist, dist_max).amin(dim=2) * density
     else:
         outside = ~mask
         apart = outside.unsqueeze(2) | outside.unsqueeze(1)
@@ -111,8 +107,15 @@ def dpc_knn(
         neg_k = constant(f"dpc_neg_k/{k}", n, dev, lambda: -positions(n + 1, dev).clamp(min=1, max=k).float())
         sq = near.nan_to_num(posinf=0.0).square().sum(dim=2)  # the inf beyond a small set's members: 0
         density = torch.exp(sq / neg_k[mask.sum(dim=1)].unsqueeze(1))
-        dj, di = density.unsqueeze(1), density.unsqueeze(2)
-        higher = torch.where(lower, dj >= di, dj > di)
+    done = fused_centres(dist, density, mask, clusters, by_rank=True)
+    if done is not None:  # the rest as one kernel (CUDA, Triton): the same bits
+        return done
+    dj, di = density.unsqueeze(1), density.unsqueeze(2)
+    higher = torch.where(lower, dj >= di, dj > di)
+    if mask is None:
+        dist_max = dist.amax(dim=(1, 2)).view(p, 1, 1)
+        score = torch.where(higher, dist, dist_max).amin(dim=2) * density
+    else:
         dist_max = dist.masked_fill(apart, 0.0).amax(dim=(1, 2)).view(p, 1, 1)
         # Pairs across the mask read inf, above dist_max, which a token's own entry (never
         # higher) always offers: the minimum is that over its set's members.

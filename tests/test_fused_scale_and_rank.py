@@ -22,13 +22,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from triton_kernels import CUDA, DEVICE, cuda_only, import_kernels, numpy_mark, skip_unless_interpreted, torch_loop
 
-triton, scale_kernels, rank = import_kernels("tokenreduce.scale_kernels", "rank")
+triton, scale_kernels, rank, dpc = import_kernels("tokenreduce.scale_kernels", "rank", "dpc")
 
 import tokenreduce as tr  # noqa: E402
 from tokenreduce import fused, graphs, numerics  # noqa: E402
 from tokenreduce.sync import no_host_sync  # noqa: E402
+from tokenreduce_plugins.holitom_ops import dpc_clusters  # noqa: E402
+from tokenreduce_plugins.prunevid_cluster import dpc_knn  # noqa: E402
 
-skip_unless_interpreted(triton, [scale_kernels._peak_kernel, scale_kernels._divide_kernel, rank.stable_rank_kernel])
+skip_unless_interpreted(
+    triton, [scale_kernels._peak_kernel, scale_kernels._divide_kernel, rank.stable_rank_kernel, dpc.dpc_centres_kernel]
+)
 pytestmark = numpy_mark(triton)
 
 PROPS = settings(max_examples=30 if not CUDA else 80, deadline=None, derandomize=True, database=None)
@@ -117,54 +121,126 @@ def test_fused_rank_declines_long_rows_and_empty_tensors():
     assert rank.stable_rank_order(torch.zeros(3, dtype=torch.complex64, device=DEVICE), False) is None
 
 
+@st.composite
+def clustering(draw):
+    """``(dist, mask, clusters, k)``: distances of tied points (rounded coordinates, duplicates), made a
+    little asymmetric (as Gram forms can be), a mask or none, centres per set (a tensor or an int)."""
+    p, n = draw(st.integers(1, 4)), draw(st.sampled_from([1, 2, 5, 16, 36, 50, 128]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = torch.randn(p, n, 3, generator=gen)
+    if draw(st.booleans()):
+        x = x.round()  # equal distances, equal densities
+    dist = torch.cdist(x, x)
+    if draw(st.booleans()):
+        dist = dist + 1e-3 * torch.rand(p, n, n, generator=gen) * (dist > 0)
+    mask = None
+    if draw(st.booleans()):
+        mask = torch.rand(p, n, generator=gen) > draw(st.sampled_from([0.0, 0.3, 0.8]))
+    members = mask.sum(dim=1) if mask is not None else torch.full((p,), n)
+    if draw(st.booleans()):
+        clusters = (torch.rand(p, generator=gen) * (members + 1)).long().clamp(max=members)
+    else:
+        clusters = draw(st.integers(0, int(members.min())))
+    return dist.to(DEVICE), None if mask is None else mask.to(DEVICE), clusters, draw(st.integers(1, 7))
+
+
+def _forced(function, *args, **kwargs):
+    """``function`` with the fusion gate open (the interpreted kernels on CPU), and the kernel's calls."""
+    calls = []
+    real = dpc.dpc_centres
+    with (
+        mock.patch.object(fused, "triton_wanted", lambda v: True),
+        mock.patch.object(dpc, "dpc_centres", lambda *a, **k: calls.append(1) or real(*a, **k)),
+    ):
+        return function(*args, **kwargs), calls
+
+
+@PROPS
+@given(case=clustering())
+def test_fused_dpc_centres_equal_prunevids_torch_ops(case):
+    dist, mask, clusters, k = case
+    clusters = clusters.to(DEVICE) if isinstance(clusters, torch.Tensor) else clusters
+    with torch_loop():
+        want = dpc_knn(None, mask, clusters, k, dist=dist)
+    got, calls = _forced(dpc_knn, None, mask, clusters, k, dist=dist)
+    assert calls
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@PROPS
+@given(case=clustering())
+def test_fused_dpc_centres_equal_holitoms_torch_ops(case):
+    dist, mask, clusters, k = case
+    p, n, _ = dist.shape
+    member = mask if mask is not None else torch.ones(p, n, dtype=torch.bool, device=DEVICE)
+    clusters = torch.as_tensor(clusters).expand(p).clamp(max=member.sum(dim=1).cpu()).to(DEVICE)
+    neighbours = clusters.clamp(min=1)
+    with torch_loop():
+        want = dpc_clusters(None, member, clusters, neighbours, dist=dist, max_neighbours=k)
+    got, calls = _forced(dpc_clusters, None, member, clusters, neighbours, dist=dist, max_neighbours=k)
+    assert calls
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_fused_dpc_centres_decline_large_sets():
+    dist = torch.zeros(1, dpc.MAX_N + 1, dpc.MAX_N + 1, device=DEVICE)
+    assert dpc.dpc_centres(dist, dist[:, 0], None, 1, by_rank=True) is None
+
+
 # -- the reducers through the kernels --------------------------------------------------------------
 
 
-VIDEO = ("prunevid", "holitom", "fastvid")
+#: Reducers whose calls run the kernels, at their published stage.
+REDUCERS = {
+    "prunevid": tr.Stage.PROJECTOR,
+    "holitom": tr.Stage.PROJECTOR,
+    "fastvid": tr.Stage.PROJECTOR,
+    "tome": tr.Stage.PROJECTOR,
+    "dart": tr.Stage.LLM_LAYER,
+    "apet-llava": tr.Stage.PROJECTOR,
+}
+
+
+def _case(name: str, dtype: torch.dtype, device: str):
+    from test_graph_safe import make_case
+
+    stage = REDUCERS[name]
+    x, context, budget, params = make_case(
+        name, stage, b=2, side=8, frames=4, d=24, dtype=dtype, seed=1, duplicate=False, budget=0.25, device=device
+    )
+    return tr.create(name, budget, stage=stage, **params), x, context
 
 
 @pytest.mark.skipif(CUDA, reason="CUDA runs the compiled kernels: the test below")
-@pytest.mark.parametrize("name", [*VIDEO, "tome"])
+@pytest.mark.parametrize("name", [n for n in REDUCERS if not n.startswith("apet")])  # ApET scales so on CUDA only
 def test_reducers_dispatch_to_the_interpreted_kernels_and_keep_the_same_results(name):
-    """On CPU, with the gate forced open, ``numerics.safe_scale`` and the video reducers' ranks run the
+    """On CPU, with the gate forced open, ``numerics.safe_scale``, the ranks and the DPC centres run the
     interpreted kernels; every output equals the torch form's (CPU's sort: signed zeros equal)."""
-    from test_video_reducer_cost import outputs, same, video_case
+    from test_video_reducer_cost import outputs, same
 
-    case = "prunevid" if name == "tome" else name
-    x, context, stage = video_case(case, 1, 2, 8, 4, 24, torch.bfloat16, False)
-    reducer = tr.create(name, 24, stage=stage)
-    if name == "tome":
-        context = tr.ReductionContext()
+    reducer, x, context = _case(name, torch.bfloat16, "cpu")
     want = reducer(x, context=context)
     calls = []
-    real = (scale_kernels.safe_scale, rank.stable_rank_order)
+    real = (scale_kernels.safe_scale, rank.stable_rank_order, dpc.dpc_centres)
     with (
         mock.patch.object(fused, "triton_wanted", lambda v: True),
         mock.patch.object(scale_kernels, "safe_scale", lambda *a: calls.append("scale") or real[0](*a)),
         mock.patch.object(rank, "stable_rank_order", lambda *a: calls.append("rank") or real[1](*a)),
+        mock.patch.object(dpc, "dpc_centres", lambda *a, **k: calls.append("dpc") or real[2](*a, **k)),
     ):
         got = reducer(x, context=context)
-    assert "scale" in calls and (name == "tome" or "rank" in calls)
+    assert "scale" in calls
+    assert ("rank" in calls) == (name != "tome")
+    assert ("dpc" in calls) == (name in ("prunevid", "holitom"))
     same(outputs(got), outputs(want), name)
-
-
-def _video(name: str, b: int, dtype: torch.dtype):
-    from test_video_reducer_cost import video_case
-
-    x, context, stage = video_case(name, 0, b, 16, 6, 64, dtype, False)
-    context = type(context)(**{k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in vars(context).items()})
-    return x.cuda(), context, stage
 
 
 @cuda_only
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", [*VIDEO, "apet-llava", "tome"])
+@pytest.mark.parametrize("name", list(REDUCERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reducers_keep_the_same_tokens_with_and_without_the_kernels(name, dtype):
-    x, context, stage = _video(name if name in VIDEO else "prunevid", 2, dtype)
-    if name not in VIDEO:
-        context, stage = tr.ReductionContext(), tr.Stage.PROJECTOR
-    reducer = tr.create(name, 64, stage=stage)
+    reducer, x, context = _case(name, dtype, "cuda")
     with graphs.eager():
         got = reducer(x, context=context)
         with torch_loop():
