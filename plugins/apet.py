@@ -424,7 +424,7 @@ def _projection_errors(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Tensor
     chol, _ = torch.linalg.cholesky_ex(s @ s.transpose(1, 2) + ridge.view(-1, 1, 1) * eye)
     w = torch.linalg.solve_triangular(chol, s, upper=False)  # (B, k, D)
     if x.dtype in (torch.float16, torch.bfloat16):
-        z = _split_product(w, x)
+        z = _three_term_product(w, x)
     else:
         with ops.full_float32(x.device):
             z = (w.float() @ x.transpose(1, 2)).double()  # (B, k, N)
@@ -435,7 +435,7 @@ def _projection_errors(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Tensor
     return torch.where(keep, e2, 0.0).sqrt().float()
 
 
-def _split_product(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _three_term_product(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``w @ x^T`` ``(B, k, N)`` float64 for float64 ``w (B, k, D)`` and half-precision ``x (B, N, D)``.
 
     ``w``, scaled per row by a power of two to below 1, is split into three terms of ``x``'s

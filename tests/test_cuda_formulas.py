@@ -388,10 +388,10 @@ def _half_operands(dtype, seed, scale=1.0):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_split_product_keeps_float32_precision_of_the_wide_operand(dtype, seed):
+def test_three_term_product_keeps_float32_precision_of_the_wide_operand(dtype, seed):
     # ApET's projection: a float64 basis split into three half terms, times half tokens.
     a, w = _half_operands(dtype, seed, 3.0)
-    got = apet_module._split_product(w * 1e-3, a)  # any magnitude: scaled by a power of two first
+    got = apet_module._three_term_product(w * 1e-3, a)  # any magnitude: scaled by a power of two first
     want = (w * 1e-3) @ a.double().transpose(1, 2)
     scale = (w * 1e-3).abs().sum(-1, keepdim=True) * a.double().abs().amax()
     assert bool(((got - want).abs() <= 2**-20 * scale).all())
