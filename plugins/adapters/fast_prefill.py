@@ -234,11 +234,12 @@ class FastPrefill:
         self.last_key = key
         return entry.logits, entry.cache, padded
 
-    def decode(self, entry_key: tuple, first: torch.Tensor, valid: torch.Tensor, new: int, eos: list[int], pad: int,
+    def decode(self, entry_key: tuple, first: torch.Tensor, valid: torch.Tensor, new: int, ends: torch.Tensor, pad: int,
                at_least: int = 0, position: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy decoding after :meth:`run`: ``new - 1`` tokens after ``first (B, 1)``, each step replayed.
 
-        ``valid (B, bucket)``: the prompt's real slots (left-padded to the bucket); ``position``:
+        ``valid (B, bucket)``: the prompt's real slots (left-padded to the bucket); ``ends``: the
+        end token ids, ``int64`` on the device (the caller's copy; none: empty); ``position``:
         ``(B, 1)`` or ``(A, B, 1)`` the position id of the first decoded token's input (default:
         after the prompt's real tokens, as ``generate()`` numbers them). As
         ``generate()``: a row that emitted an end token gets ``pad`` afterwards, decoding
@@ -257,7 +258,7 @@ class FastPrefill:
         ]
         if position is None:  # as generate() numbers a left-padded prompt
             position = valid.long().sum(dim=1, keepdim=True)
-        ends = device_list(eos, first.device, first.dtype)
+        eos = ends.numel() > 0  # a host-known size
         done = torch.isin(first, ends).squeeze(1) if eos else torch.zeros(b, dtype=torch.bool, device=first.device)
         token, out = first, []
         for t in range(new - 1):
@@ -558,5 +559,5 @@ def fast_generate(adapter: Any, kw: dict[str, Any], prompt: torch.Tensor, featur
     pad = pad if pad is not None else (eos[0] if eos else 0)
     full_valid = torch.nn.functional.pad(valid, (padded - ids.shape[1], 0), value=False)
     with paused(adapter.decoder):
-        answer = adapter.fast.decode(adapter.fast.last_key, first, full_valid, new, eos, pad, at_least, next_position)
+        answer = adapter.fast.decode(adapter.fast.last_key, first, full_valid, new, ends, pad, at_least, next_position)
     return torch.cat([prompt.to(first.device), first, answer], dim=1)
